@@ -1,0 +1,325 @@
+"""The memory store: one DuckDB file per data directory, Arrow in and out, one writer at a time.
+
+Reads open short-lived read-only connections (or reuse this process's writer connection); writes go
+through `MemoryStore.writer()`, which takes an exclusive file lock, opens the database read-write and
+commits everything done inside the `with` block as one transaction. Every read and write names a
+namespace; `validate_namespace` keeps names safe to use as folder names too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from stores import schema
+
+DB_FILE = "memstage.duckdb"
+LOCK_FILE = "memstage.lock"
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StoreError(Exception):
+    """A problem with the store that the user can act on; the message says what and where."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the writer lock."""
+
+
+class NamespaceError(StoreError):
+    """A namespace name that is malformed or names nothing stored."""
+
+
+def validate_namespace(namespace: str) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+        raise NamespaceError(
+            f"invalid namespace {namespace!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return namespace
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("MEMSTAGE_HOME", "~/.memstage")).expanduser()
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class Writer:
+    """The open write transaction handed out by `MemoryStore.writer()`."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self.conn = conn
+
+    def insert(self, table: str, rows: pa.Table, *, replace: bool = False) -> int:
+        """Insert rows of `table`'s schema; existing primary keys are kept (or replaced with `replace`).
+
+        Returns the number of rows that were new (not already stored by primary key)."""
+        if rows.num_rows == 0:
+            return 0
+        rows = conform(rows, schema.TABLES[table])
+        keys = schema.PRIMARY_KEYS[table]
+        self.conn.register("_incoming", rows)
+        try:
+            join = " AND ".join(f"t.{k} = i.{k}" for k in keys)
+            new = self.conn.execute(
+                f"SELECT count(*) FROM _incoming i WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {join})"
+            ).fetchone()[0]
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            cols = ", ".join(f'"{c}"' for c in rows.column_names)
+            self.conn.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+        finally:
+            self.conn.unregister("_incoming")
+        return int(new)
+
+    def delete(self, table: str, namespace: str, ids: Sequence[str], *, key: str = "id") -> int:
+        if not ids:
+            return 0
+        validate_namespace(namespace)
+        self.conn.register("_ids", pa.table({"id": pa.array(list(ids), pa.string())}))
+        try:
+            n = self.conn.execute(
+                f"SELECT count(*) FROM {table} WHERE namespace = ? AND {key} IN (SELECT id FROM _ids)",
+                [namespace],
+            ).fetchone()[0]
+            self.conn.execute(
+                f"DELETE FROM {table} WHERE namespace = ? AND {key} IN (SELECT id FROM _ids)", [namespace]
+            )
+        finally:
+            self.conn.unregister("_ids")
+        return int(n)
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
+        return self.conn.execute(sql, params or [])
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        return self.conn.execute(sql, params or []).fetch_arrow_table()
+
+
+class MemoryStore:
+    """Handle on a data directory: `memstage.duckdb`, the writer lock and the index artifacts."""
+
+    def __init__(self, home: Path | str | None = None, *, lock_timeout_s: float = 0.0) -> None:
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.home / DB_FILE
+        self.lock_path = self.home / LOCK_FILE
+        self.lock_timeout_s = lock_timeout_s
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._mutex = threading.RLock()
+        if not self.db_path.exists():
+            with self.writer():
+                pass
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({str(self.home)!r})"
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Writer]:
+        """One transaction under the exclusive writer lock; rolled back if the block raises."""
+        with self._mutex:
+            if self._conn is not None:
+                raise StoreError("nested writer() in one process: commit the open transaction first")
+            lock_fd = self._acquire_lock()
+            try:
+                conn = duckdb.connect(str(self.db_path))
+                try:
+                    self._migrate(conn)
+                    self._conn = conn
+                    conn.execute("BEGIN TRANSACTION")
+                    try:
+                        yield Writer(conn)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                finally:
+                    self._conn = None
+                    conn.close()
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                os.close(lock_fd)
+
+    def _acquire_lock(self) -> int:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown process"
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"another writer holds {self.lock_path} ({holder}); wait for it to finish, "
+                        f"or point --home / MEMSTAGE_HOME at another data directory"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {now_utc().isoformat(timespec='seconds')}".encode(), 0)
+        return fd
+
+    def _migrate(self, conn: duckdb.DuckDBPyConnection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        row = conn.execute("SELECT value FROM schema_meta WHERE key = 'version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > schema.SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.db_path} has schema version {version}, newer than this memstage "
+                f"({schema.SCHEMA_VERSION}); upgrade memstage"
+            )
+        if version == schema.SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN TRANSACTION")
+        if version == 0:
+            for name in schema.TABLES:
+                conn.execute(schema.create_table_sql(name))
+            version = 1
+        for target, statements in schema.MIGRATIONS:
+            if target > version:
+                for sql in statements:
+                    conn.execute(sql)
+                version = target
+        conn.execute(
+            "INSERT OR REPLACE INTO schema_meta VALUES ('version', ?)", [str(schema.SCHEMA_VERSION)]
+        )
+        conn.execute("COMMIT")
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self._mutex:
+            if self._conn is not None:  # this process is writing: read inside its transaction
+                yield self._conn.cursor()
+                return
+        deadline = time.monotonic() + max(self.lock_timeout_s, 30.0)
+        while True:
+            try:
+                conn = duckdb.connect(str(self.db_path), read_only=True)
+                break
+            except duckdb.IOException as exc:  # a writer in another process has the file open
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(f"cannot read {self.db_path}: {exc}") from exc
+                time.sleep(0.05)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Run a read-only SQL query; callers put `namespace = ?` in it."""
+        with self._reader() as conn:
+            return conn.execute(sql, params or []).fetch_arrow_table()
+
+    def namespaces(self) -> list[str]:
+        t = self.query(
+            "SELECT DISTINCT namespace FROM events UNION SELECT DISTINCT namespace FROM memories ORDER BY 1"
+        )
+        return sorted(t.column("namespace").to_pylist())
+
+    def require_namespace(self, namespace: str) -> str:
+        validate_namespace(namespace)
+        n = self.query("SELECT count(*) AS n FROM memories WHERE namespace = ?", [namespace])
+        if n.column("n")[0].as_py() == 0:
+            known = self.namespaces()
+            hint = f"; known: {', '.join(known[:20])}" if known else "; the store is empty (run `memstage ingest`)"
+            raise NamespaceError(f"namespace {namespace!r} has no memories in {self.home}{hint}")
+        return namespace
+
+    def events(self, namespace: str, ids: Sequence[str] | None = None) -> pa.Table:
+        validate_namespace(namespace)
+        if ids is None:
+            return self.query("SELECT * FROM events WHERE namespace = ? ORDER BY session, seq", [namespace])
+        return self.query(
+            "SELECT * FROM events WHERE namespace = ? AND id IN (SELECT unnest(?)) ORDER BY session, seq",
+            [namespace, list(ids)],
+        )
+
+    def memories(
+        self, namespace: str, *, level: int | None = None, status: str | None = "active", current: bool = True
+    ) -> pa.Table:
+        """Memories of a namespace; by default the active, currently valid ones."""
+        validate_namespace(namespace)
+        where, params = ["namespace = ?"], [namespace]
+        if level is not None:
+            where.append("level = ?")
+            params.append(level)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if current:
+            where.append("valid_to IS NULL")
+        return self.query(
+            f"SELECT * FROM memories WHERE {' AND '.join(where)} ORDER BY level, session, event_time, id", params
+        )
+
+    def counts(self, namespace: str | None = None) -> dict[str, Any]:
+        """Rows per table, and memories per level, for one namespace or all."""
+        ns_where, params = ("WHERE namespace = ?", [namespace]) if namespace else ("", [])
+        out: dict[str, Any] = {}
+        for table in schema.TABLES:
+            out[table] = self.query(f"SELECT count(*) AS n FROM {table} {ns_where}", params).column("n")[0].as_py()
+        levels = self.query(
+            f"SELECT level, status, count(*) AS n FROM memories {ns_where} GROUP BY ALL ORDER BY ALL", params
+        ).to_pylist()
+        out["memories_by_level"] = {
+            f"L{r['level']}/{r['status']}": r["n"] for r in levels
+        }
+        return out
+
+    # ---- index artifacts ---------------------------------------------------------------------
+
+    def index_dir(self, namespace: str) -> Path:
+        path = self.home / "indexes" / validate_namespace(namespace)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def current_indexes(self, namespace: str) -> pa.Table:
+        validate_namespace(namespace)
+        return self.query(
+            "SELECT * FROM index_manifest WHERE namespace = ? AND current ORDER BY level, kind", [namespace]
+        )
+
+    def models_dir(self) -> Path:
+        path = self.home / "models"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remove_namespace_files(self, namespace: str) -> None:
+        shutil.rmtree(self.home / "indexes" / validate_namespace(namespace), ignore_errors=True)
+
+
+def conform(rows: pa.Table, target: pa.Schema) -> pa.Table:
+    """Reorder/cast `rows` to `target`; missing nullable columns become nulls, extra columns are an error."""
+    extra = set(rows.column_names) - set(target.names)
+    if extra:
+        raise StoreError(f"columns not in the schema: {sorted(extra)}")
+    cols = []
+    for field in target:
+        if field.name in rows.column_names:
+            cols.append(rows.column(field.name).cast(field.type))
+        else:
+            cols.append(pa.nulls(rows.num_rows, field.type))
+    return pa.Table.from_arrays(cols, schema=target)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True, ensure_ascii=False)
