@@ -1,0 +1,103 @@
+"""The stage contract: what every memory operation returns, and how its changes are recorded in `ops`.
+
+A stage is a plain function `(store, namespace, *, flow_run_id, ...) -> StageResult` (or a pure
+function over Arrow tables that such a function calls). It computes first, then commits all of its
+changes — the rows and their `ops` records — in one `store.writer()` transaction, so a killed run
+leaves either everything or nothing, and a rerun on an unchanged store changes nothing (changed=0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from stores.schema import MEMORIES, OPS
+from stores.store import now_utc, to_json
+
+
+@dataclass
+class StageResult:
+    """What a stage run did: the JSON that `memstage run STAGE --json` prints and the Prefect artifact shows."""
+
+    stage: str
+    namespace: str
+    changed: int = 0
+    figures: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "namespace": self.namespace,
+            "changed": self.changed,
+            **self.figures,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+@contextmanager
+def timed(result: StageResult) -> Iterator[StageResult]:
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        result.duration_s = time.perf_counter() - start
+
+
+def content_hash(*parts: Any, length: int = 24) -> str:
+    """Stable id from content: the same parts always give the same id (re-ingest is a no-op)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, default=str, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:length]
+
+
+def row_json(row: dict[str, Any] | None) -> str | None:
+    """A memory row as it goes into `ops.before/after`: embeddings left out (they are derived, and big)."""
+    if row is None:
+        return None
+    return to_json({k: v for k, v in row.items() if k != "embedding"})
+
+
+def make_op(
+    *,
+    namespace: str,
+    memory_id: str,
+    stage: str,
+    action: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    reason: str,
+    flow_run_id: str | None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    at = at or now_utc()
+    return {
+        "op_id": content_hash(namespace, memory_id, stage, action, row_json(after), flow_run_id, at.isoformat()),
+        "namespace": namespace,
+        "memory_id": memory_id,
+        "stage": stage,
+        "action": action,
+        "before": row_json(before),
+        "after": row_json(after),
+        "reason": reason,
+        "flow_run_id": flow_run_id,
+        "at": at,
+    }
+
+
+def ops_table(ops: Sequence[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(ops), schema=OPS)
+
+
+def memories_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=MEMORIES)

@@ -1,0 +1,228 @@
+"""Index: level-0 memories from events, embeddings for every memory that lacks one, and per-level indexes.
+
+Three steps, each safe to rerun: `materialise_level0` turns new events into level-0 memories;
+`embed_missing` fills the `embedding` of memories whose text is new or changed (stages that change
+a memory's text set its embedding to null); `build_indexes` writes, for every level, a FAISS index
+and a BM25 index as versioned artifacts with a manifest row — skipped when the level's fingerprint
+(the set of ids and texts) is unchanged, so a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from gpu.encoder import DIMS, MODEL_NAME
+from gpu.lexical_index import LexicalIndex
+from gpu.vector_index import VectorIndex
+from stores.schema import INDEX_MANIFEST
+from stores.store import MemoryStore, now_utc
+from tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
+
+Embed = Callable[[Sequence[str]], np.ndarray]
+CountTokens = Callable[[Sequence[str]], list[int]]
+EMBED_CHUNK = 512
+
+
+def level0_id(event_id: str) -> str:
+    return "m0-" + event_id
+
+
+def level0_text(speaker: str, text: str, metadata: dict[str, Any]) -> str:
+    """The memory a turn becomes: who said it, what, and what an image they shared showed."""
+    out = f"{speaker}: {text}"
+    caption = metadata.get("blip_caption")
+    if caption:
+        out += f" [shared an image: {caption}]"
+    return out
+
+
+def materialise_level0(
+    store: MemoryStore, namespace: str, *, count_tokens: CountTokens, flow_run_id: str | None = None
+) -> StageResult:
+    """One active level-0 memory per event that has none yet (never recreating one a stage archived)."""
+    result = StageResult("index.level0", namespace)
+    with timed(result):
+        new = store.query(
+            """SELECT e.* FROM events e WHERE e.namespace = ?
+               AND NOT EXISTS (SELECT 1 FROM memories m WHERE m.namespace = e.namespace AND m.id = 'm0-' || e.id)
+               ORDER BY e.session, e.seq""",
+            [namespace],
+        ).to_pylist()
+        if not new:
+            return result
+        texts = [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in new]
+        tokens = count_tokens(texts)
+        at = now_utc()
+        rows, ops = [], []
+        for ev, text, n_tok in zip(new, texts, tokens, strict=True):
+            row = {
+                "id": level0_id(ev["id"]),
+                "namespace": namespace,
+                "level": 0,
+                "text": text,
+                "tokens": n_tok,
+                "embedding": None,
+                "parent": None,
+                "event_ids": [ev["id"]],
+                "session": ev["session"],
+                "speaker": ev["speaker"],
+                "event_time": ev["event_time"],
+                "version": 1,
+                "valid_from": ev["event_time"] or at,
+                "valid_to": None,
+                "superseded_by": None,
+                "importance": 0.5,
+                "access_count": 0,
+                "last_access": None,
+                "status": "active",
+                "metadata": ev["metadata"],
+                "created_at": at,
+                "updated_at": at,
+            }
+            rows.append(row)
+            ops.append(
+                make_op(
+                    namespace=namespace, memory_id=row["id"], stage="index", action="insert", before=None,
+                    after=row, reason="level-0 memory for a new event", flow_run_id=flow_run_id, at=at,
+                )
+            )
+        with store.writer() as w:
+            result.changed = w.insert("memories", memories_table(rows))
+            w.insert("ops", ops_table(ops))
+    result.figures = {"level0_created": result.changed}
+    return result
+
+
+def embed_missing(store: MemoryStore, namespace: str, embed: Embed, *, progress: Callable[[int], None] | None = None) -> int:
+    """Embed the active memories whose embedding is null; returns how many were embedded."""
+    todo = store.query(
+        "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
+        [namespace],
+    )
+    ids, texts = todo.column("id").to_pylist(), todo.column("text").to_pylist()
+    done = 0
+    for start in range(0, len(ids), EMBED_CHUNK):
+        chunk_ids, chunk_texts = ids[start : start + EMBED_CHUNK], texts[start : start + EMBED_CHUNK]
+        vectors = embed(chunk_texts)
+        emb = pa.table(
+            {
+                "id": pa.array(chunk_ids, pa.string()),
+                "embedding": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32())),
+            }
+        )
+        with store.writer() as w:
+            w.conn.register("_emb", emb)
+            w.execute(
+                "UPDATE memories SET embedding = _emb.embedding FROM _emb WHERE memories.namespace = ? AND memories.id = _emb.id",
+                [namespace],
+            )
+            w.conn.unregister("_emb")
+        done += len(chunk_ids)
+        if progress:
+            progress(len(chunk_ids))
+    return done
+
+
+def level_fingerprint(ids: Sequence[str], texts: Sequence[str]) -> str:
+    return content_hash(sorted(zip(ids, texts, strict=True)), length=32)
+
+
+def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> StageResult:
+    """Write the dense and lexical index of every level whose memories changed since its current version."""
+    result = StageResult("index.build", namespace)
+    with timed(result):
+        mem = store.query(
+            """SELECT id, level, text, embedding FROM memories
+               WHERE namespace = ? AND status = 'active' AND valid_to IS NULL ORDER BY level, id""",
+            [namespace],
+        )
+        current = {(r["level"], r["kind"]): r for r in store.current_indexes(namespace).to_pylist()}
+        levels = sorted(set(mem.column("level").to_pylist()) | {lvl for lvl, _ in current})
+        new_rows, retired, written = [], [], []
+        directory = store.index_dir(namespace)
+        for level in levels:
+            part = mem.filter(pa.compute.equal(mem.column("level"), level))
+            ids, texts = part.column("id").to_pylist(), part.column("text").to_pylist()
+            fp = level_fingerprint(ids, texts)
+            old = current.get((level, "dense"))
+            if old is not None and old["fingerprint"] == fp:
+                continue
+            embeddings = part.column("embedding").to_pylist()
+            if any(e is None for e in embeddings):
+                raise RuntimeError(f"{namespace} level {level}: memories without embeddings; run embed_missing first")
+            version = (old["version"] + 1) if old else 1
+            vec = VectorIndex(DIMS, backend="faiss-cpu")
+            if ids:
+                vec.add(ids, np.asarray(embeddings, dtype=np.float32))
+            dense_path = directory / f"dense-L{level}-v{version}.faiss"
+            lex_path = directory / f"lexical-L{level}-v{version}"
+            vec.save(dense_path)
+            LexicalIndex(ids, texts).save(lex_path)
+            written += [dense_path, lex_path]
+            for kind, path in (("dense", dense_path), ("lexical", lex_path)):
+                new_rows.append(
+                    {
+                        "namespace": namespace, "level": level, "kind": kind, "version": version,
+                        "path": str(path.relative_to(store.home)), "count": len(ids), "model": MODEL_NAME,
+                        "fingerprint": fp, "created_at": now_utc(), "current": True,
+                    }
+                )
+                if (level, kind) in current:
+                    retired.append(current[(level, kind)])
+        if new_rows:
+            with store.writer() as w:
+                for r in retired:
+                    w.execute(
+                        "UPDATE index_manifest SET current = false WHERE namespace = ? AND level = ? AND kind = ? AND version = ?",
+                        [namespace, r["level"], r["kind"], r["version"]],
+                    )
+                w.insert("index_manifest", pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST))
+            remove_stale_artifacts(store, namespace)
+        result.changed = len(new_rows) // 2
+        result.figures = {"levels_rebuilt": sorted({r["level"] for r in new_rows}), "memories_indexed": mem.num_rows}
+    return result
+
+
+def remove_stale_artifacts(store: MemoryStore, namespace: str) -> list[Path]:
+    """Delete index files no current manifest row points at (old versions hold old, maybe forgotten, text)."""
+    import shutil
+
+    keep = {store.home / p for p in store.current_indexes(namespace).column("path").to_pylist()}
+    keep |= {Path(str(p) + ".ids.json") for p in keep}
+    removed = []
+    for path in store.index_dir(namespace).iterdir():
+        if path not in keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+    return removed
+
+
+def run_index(
+    store: MemoryStore,
+    namespace: str,
+    *,
+    embed: Embed,
+    count_tokens: CountTokens,
+    flow_run_id: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> StageResult:
+    """The whole index stage for one namespace: level-0 memories, embeddings, indexes."""
+    result = StageResult("index", namespace)
+    with timed(result):
+        created = materialise_level0(store, namespace, count_tokens=count_tokens, flow_run_id=flow_run_id)
+        embedded = embed_missing(store, namespace, embed, progress=progress)
+        built = build_indexes(store, namespace, flow_run_id=flow_run_id)
+    result.changed = created.changed + embedded + built.changed
+    result.figures = {
+        "level0_created": created.changed,
+        "embedded": embedded,
+        "indexes_rebuilt": built.changed,
+        "memories_indexed": built.figures.get("memories_indexed", 0),
+    }
+    return result
