@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-KV = tuple[torch.Tensor, torch.Tensor]  # one layer's (keys, values), each [batch=1, kv_heads, tokens, head_dim]
+KV = tuple[
+    torch.Tensor, torch.Tensor
+]  # one layer's (keys, values), each [batch=1, kv_heads, tokens, head_dim]
 
 
 @dataclass(eq=False)

@@ -1,0 +1,405 @@
+"""Answer generation behind one `Generator` interface: transformers (with our prefix KV cache), vLLM, OpenAI HTTP.
+
+Every engine takes chat messages and returns a `GenerationResult` that reports prompt tokens,
+tokens served from a prefix cache, time to first token, total time and decode speed, so the same
+figures can be compared across engines. `make_generator` picks one by name; the transformers engine
+on the embedded SmolLM2 model is the default, on CUDA when present (MEMSTAGE_DEVICE overrides).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpu.encoder import pick_device
+
+Message = dict[str, str]
+OnText = Callable[[str], None]  # receives each new piece of answer text as it is produced
+ENGINES = ("transformers", "openai", "vllm")
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from a prefix cache
+    completion_tokens: int
+    ttft_s: float  # request start to the first answer token
+    total_s: float
+    finish_reason: str = "stop"  # stop | length
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time after the first (prefill excluded)."""
+        decode_s = self.total_s - self.ttft_s
+        if self.completion_tokens > 1 and decode_s > 0:
+            return (self.completion_tokens - 1) / decode_s
+        return self.completion_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def usage(self) -> dict[str, float | int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_ms": round(self.ttft_s * 1000, 2),
+            "total_ms": round(self.total_s * 1000, 2),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+        }
+
+
+class Generator(ABC):
+    """An answer engine. Implementations hold their model (or client) and are reused across calls."""
+
+    name: str
+
+    @abstractmethod
+    def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        on_text: OnText | None = None,
+    ) -> GenerationResult: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model or connection."""
+
+
+# ---- transformers ---------------------------------------------------------------------------------
+
+
+class TransformersGenerator(Generator):
+    """A causal LM in-process, greedy (or sampled) decoding with the prefix KV cache of `gpu.kv_cache`."""
+
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        from gpu.kv_cache import PrefixKVCache
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.kv_cache = PrefixKVCache(cache_bytes)
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self._lock = threading.Lock()  # one forward at a time; the cache is per engine, not global
+
+    @classmethod
+    def load(
+        cls, model_dir: Path | str, device: str | None = None, *, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> TransformersGenerator:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = pick_device(device)
+        dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev)
+        return cls(model, tok, cache_bytes=cache_bytes)
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The model's own chat template, ending with the assistant's turn opening."""
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        on_text: OnText | None = None,
+        use_cache: bool = True,
+    ) -> GenerationResult:
+        start = time.perf_counter()
+        ids = self.prompt_ids(messages)
+        pieces: list[str] = []
+
+        def emit(out_ids: list[int]) -> None:
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            done = "".join(pieces)
+            if len(text) > len(done) and not text.endswith("\ufffd"):  # wait out split multi-byte chars
+                pieces.append(text[len(done) :])
+                if on_text is not None:
+                    on_text(pieces[-1])
+
+        out, stats = self.generate_ids(
+            ids,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            use_cache=use_cache,
+            on_token=emit,
+            start=start,
+        )
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        if on_text is not None and len(text) > len("".join(pieces)):
+            on_text(text[len("".join(pieces)) :])
+        stats.text = text
+        return stats
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        use_cache: bool = True,
+        on_token: Callable[[list[int]], None] | None = None,
+        start: float | None = None,
+    ) -> tuple[list[int], GenerationResult]:
+        """Token-level generation: the new token ids and the timing; `use_cache=False` bypasses reuse."""
+        import torch
+
+        from gpu.kv_cache import PrefixMatch
+
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        start = time.perf_counter() if start is None else start
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        with self._lock, torch.inference_mode():
+            # Leave at least the last prompt token to compute: its logits give the first answer token.
+            match = (
+                self.kv_cache.match(prompt_ids, limit=len(prompt_ids) - 1)
+                if use_cache
+                else PrefixMatch.empty()
+            )
+            cache = match.dynamic_cache(self.num_layers, reserve=max_new_tokens)
+            x = torch.tensor([list(prompt_ids[match.length :])], device=self.device)
+            logits = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            tok = self._pick(logits[0, -1], temperature)
+            sync()
+            ttft = time.perf_counter() - start
+            if use_cache:  # the prompt's KV is now in the layers' buffers; the tree copies the new span
+                self.kv_cache.insert(prompt_ids, [(layer.keys, layer.values) for layer in cache.layers])
+            out: list[int] = []
+            finish = "length"
+            while True:
+                if tok in self.eos_ids:
+                    finish = "stop"
+                    break
+                out.append(tok)
+                if on_token is not None:
+                    on_token(out)
+                if len(out) >= max_new_tokens:
+                    break
+                x = torch.tensor([[tok]], device=self.device)
+                logits = self.model(input_ids=x, past_key_values=cache, use_cache=True).logits
+                tok = self._pick(logits[0, -1], temperature)
+            sync()
+        total = time.perf_counter() - start
+        return out, GenerationResult(
+            text="",
+            prompt_tokens=len(prompt_ids),
+            cached_tokens=match.length,
+            completion_tokens=len(out),
+            ttft_s=ttft,
+            total_s=total,
+            finish_reason=finish,
+        )
+
+    @staticmethod
+    def _pick(logits: Any, temperature: float) -> int:
+        import torch
+
+        if temperature <= 0:
+            return int(torch.argmax(logits).item())
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1).item())
+
+
+# ---- OpenAI-compatible HTTP ------------------------------------------------------------------------
+
+
+class OpenAIHTTPGenerator(Generator):
+    """Chat completions over any OpenAI-compatible server (vLLM, SGLang, memstage serve), streamed."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        from openai import OpenAI
+
+        base_url = base_url or os.environ.get("MEMSTAGE_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ValueError("the openai engine needs base_url (or MEMSTAGE_OPENAI_BASE_URL)")
+        self.client = OpenAI(
+            base_url=base_url,
+            api_key=api_key or os.environ.get("OPENAI_API_KEY") or "memstage",
+            timeout=timeout_s,
+            max_retries=1,
+        )
+        self.model = model or os.environ.get("MEMSTAGE_OPENAI_MODEL") or self._first_model()
+        self.extra_body = extra_body or {}
+
+    def _first_model(self) -> str:
+        models = self.client.models.list().data
+        if not models:
+            raise RuntimeError("the server lists no models; pass model=")
+        return models[0].id
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        on_text: OnText | None = None,
+        user: str | None = None,
+    ) -> GenerationResult:
+        start = time.perf_counter()
+        kwargs: dict[str, Any] = {"user": user} if user else {}
+        stream = self.client.chat.completions.create(
+            model=self.model,
+            messages=list(messages),  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=self.extra_body or None,
+            **kwargs,
+        )
+        ttft, pieces, usage, finish = None, [], None, "stop"
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                delta = choice.delta.content if choice.delta else None
+                if delta:
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                    pieces.append(delta)
+                    if on_text is not None:
+                        on_text(delta)
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+        total = time.perf_counter() - start
+        details = getattr(usage, "prompt_tokens_details", None) if usage else None
+        return GenerationResult(
+            text="".join(pieces),
+            prompt_tokens=int(usage.prompt_tokens) if usage else 0,
+            cached_tokens=int(getattr(details, "cached_tokens", 0) or 0),
+            # Without usage from the server, count stream chunks: one token each on vLLM/SGLang.
+            completion_tokens=int(usage.completion_tokens) if usage else len(pieces),
+            ttft_s=ttft if ttft is not None else total,
+            total_s=total,
+            finish_reason=finish,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ---- vLLM in-process --------------------------------------------------------------------------------
+
+
+class VLLMGenerator(Generator):
+    """`vllm.LLM` in-process with automatic prefix caching: batch generation on GPU workers."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, **llm_kwargs: Any) -> None:
+        try:
+            import vllm  # lazy: a CUDA-only dependency that is absent on CPU hosts
+        except ImportError as exc:
+            raise RuntimeError("the vllm engine needs `pip install vllm` on a CUDA host") from exc
+        self._vllm = vllm
+        llm_kwargs.setdefault("enable_prefix_caching", True)
+        self.llm = vllm.LLM(model=model, **llm_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        on_text: OnText | None = None,
+    ) -> GenerationResult:
+        return self.generate_batch(
+            [messages], max_tokens=max_tokens, temperature=temperature, on_text=on_text
+        )[0]
+
+    def generate_batch(
+        self,
+        batch: Sequence[Sequence[Message]],
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        on_text: OnText | None = None,
+    ) -> list[GenerationResult]:
+        """All prompts in one `LLM.generate` call; vLLM shares cached prefixes across them."""
+        start = time.perf_counter()
+        params = self._vllm.SamplingParams(temperature=temperature, max_tokens=max_tokens)
+        prompts = [
+            self.tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False)
+            for m in batch
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        total = time.perf_counter() - start
+        results = []
+        for out in outputs:
+            comp = out.outputs[0]
+            metrics = getattr(out, "metrics", None)
+            first = getattr(metrics, "first_token_time", None)
+            arrival = getattr(metrics, "arrival_time", None)
+            ttft = first - arrival if first and arrival else total
+            if on_text is not None:
+                on_text(comp.text)
+            results.append(
+                GenerationResult(
+                    text=comp.text,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
+                    completion_tokens=len(comp.token_ids),
+                    ttft_s=ttft,
+                    total_s=total,
+                    finish_reason=comp.finish_reason or "stop",
+                )
+            )
+        return results
+
+
+# ---- factory ----------------------------------------------------------------------------------------
+
+
+def make_generator(
+    engine: str | None, models_root: Path | str, device: str | None = None, **opts: Any
+) -> Generator:
+    """`transformers` (default; MEMSTAGE_GENERATOR overrides), `openai` (opts: base_url, model) or `vllm`."""
+    engine = engine or os.environ.get("MEMSTAGE_GENERATOR") or "transformers"
+    if engine == "transformers":
+        from gpu.tokenizer import ensure_converted
+
+        return TransformersGenerator.load(ensure_converted(Path(models_root)), device, **opts)
+    if engine in ("openai", "http"):
+        return OpenAIHTTPGenerator(**opts)
+    if engine == "vllm":
+        model = opts.pop("model", None)
+        if model is None:
+            from gpu.tokenizer import ensure_converted
+
+            model = str(ensure_converted(Path(models_root)))
+        if device and not device.startswith("cuda"):
+            raise ValueError("the vllm engine runs on CUDA only")
+        return VLLMGenerator(model, **opts)
+    raise ValueError(f"unknown generator engine {engine!r}; choose one of {ENGINES}")
