@@ -107,7 +107,7 @@ class Writer:
         return self.conn.execute(sql, params or [])
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        return self.conn.execute(sql, params or []).to_arrow_table()
+        return self.conn.sql(sql, params=list(params or [])).to_arrow_table()
 
 
 class MemoryStore:
@@ -227,7 +227,7 @@ class MemoryStore:
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run a read-only SQL query; callers put `namespace = ?` in it."""
         with self._reader() as conn:
-            return conn.execute(sql, params or []).to_arrow_table()
+            return conn.sql(sql, params=list(params or [])).to_arrow_table()
 
     def namespaces(self) -> list[str]:
         t = self.query(
