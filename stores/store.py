@@ -299,7 +299,9 @@ class MemoryStore:
         )
 
     def models_dir(self) -> Path:
-        path = self.home / "models"
+        """Converted model files: under the data directory, or MEMSTAGE_MODELS to share one copy between several."""
+        override = os.environ.get("MEMSTAGE_MODELS")
+        path = Path(override).expanduser() if override else self.home / "models"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -101,3 +101,23 @@ def ops_table(ops: Sequence[dict[str, Any]]) -> pa.Table:
 
 def memories_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=MEMORIES)
+
+
+def record_run(store: Any, result: StageResult, *, flow_run_id: str | None, status: str = "ok") -> None:
+    """Append a stage run to the `runs` table (what the dashboards plot over time)."""
+    from stores.schema import RUNS
+
+    started = now_utc()
+    row = {
+        "run_id": content_hash(result.stage, result.namespace, flow_run_id, started.isoformat()),
+        "flow_run_id": flow_run_id,
+        "stage": result.stage,
+        "namespace": result.namespace,
+        "started_at": started,
+        "duration_s": result.duration_s,
+        "changed": result.changed,
+        "figures": to_json(result.figures),
+        "status": status,
+    }
+    with store.writer() as w:
+        w.insert("runs", pa.Table.from_pylist([row], schema=RUNS))

@@ -99,34 +99,52 @@ def materialise_level0(
     return result
 
 
-def embed_missing(store: MemoryStore, namespace: str, embed: Embed, *, progress: Callable[[int], None] | None = None) -> int:
-    """Embed the active memories whose embedding is null; returns how many were embedded."""
+def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the active memories whose embedding is null: new, or text changed by a stage."""
     todo = store.query(
         "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
         [namespace],
     )
-    ids, texts = todo.column("id").to_pylist(), todo.column("text").to_pylist()
-    done = 0
-    for start in range(0, len(ids), EMBED_CHUNK):
-        chunk_ids, chunk_texts = ids[start : start + EMBED_CHUNK], texts[start : start + EMBED_CHUNK]
-        vectors = embed(chunk_texts)
-        emb = pa.table(
-            {
-                "id": pa.array(chunk_ids, pa.string()),
-                "embedding": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32())),
-            }
-        )
-        with store.writer() as w:
-            w.conn.register("_emb", emb)
+    return todo.column("id").to_pylist(), todo.column("text").to_pylist()
+
+
+def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.string()),
+            "embedding": pa.array(list(np.asarray(vectors, dtype=np.float32)), pa.list_(pa.float32())),
+        }
+    )
+
+
+def commit_embeddings(store: MemoryStore, namespace: str, embeddings: pa.Table) -> int:
+    """Store computed embeddings (a derived column: no `ops` row, the memory's content is unchanged)."""
+    if embeddings.num_rows == 0:
+        return 0
+    with store.writer() as w:
+        w.conn.register("_emb", embeddings)
+        try:
             w.execute(
-                "UPDATE memories SET embedding = _emb.embedding FROM _emb WHERE memories.namespace = ? AND memories.id = _emb.id",
+                "UPDATE memories SET embedding = _emb.embedding FROM _emb "
+                "WHERE memories.namespace = ? AND memories.id = _emb.id",
                 [namespace],
             )
+        finally:
             w.conn.unregister("_emb")
-        done += len(chunk_ids)
+    return embeddings.num_rows
+
+
+def embed_missing(
+    store: MemoryStore, namespace: str, embed: Embed, *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Embed the active memories whose embedding is null, in chunks; returns how many were embedded."""
+    ids, texts = pending_embeddings(store, namespace)
+    for start in range(0, len(ids), EMBED_CHUNK):
+        chunk = ids[start : start + EMBED_CHUNK]
+        commit_embeddings(store, namespace, embeddings_table(chunk, embed(texts[start : start + EMBED_CHUNK])))
         if progress:
-            progress(len(chunk_ids))
-    return done
+            progress(len(chunk))
+    return len(ids)
 
 
 def level_fingerprint(ids: Sequence[str], texts: Sequence[str]) -> str:

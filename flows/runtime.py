@@ -1,0 +1,147 @@
+"""Where runs report and where tasks run: one Prefect API for the driver and every Ray worker, and Ray itself.
+
+Without PREFECT_API_URL, memstage starts one temporary Prefect server per process (Prefect's
+ephemeral mode) and hands its URL to the Ray workers, so they report to it instead of each starting
+their own (the 0.2 s-per-task cost measured in ENVIRONMENT.md). With PREFECT_API_URL, runs go to that
+server and show in its UI. Ray is local and in-process by default, or the cluster at RAY_ADDRESS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Set before Prefect is imported anywhere: no telemetry (no network here), quiet, offline models.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# The temporary server takes 7-18 s to come up on a busy 2-core machine; Prefect's default wait is 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+RUNNERS = ("auto", "ray", "local")
+log = logging.getLogger("memstage")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a flow runs: the data directory, and whether its tasks go to Ray or stay in-process."""
+
+    home: Path
+    runner: str = "auto"  # auto: Ray for batch flows; for one ad-hoc query Ray only if RAY_ADDRESS is set
+
+    def use_ray(self, *, batch: bool) -> bool:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"unknown runner {self.runner!r}; choose one of {RUNNERS}")
+        if self.runner == "auto":
+            return batch or bool(os.environ.get("RAY_ADDRESS"))
+        return self.runner == "ray"
+
+
+_server: Any = None
+_server_thread: threading.Thread | None = None
+
+
+def prefect_api_url(*, wait: bool = True) -> str:
+    """The API every run of this process (and its Ray workers) reports to; starts a temporary one if none.
+
+    With wait=False the server is started in a background thread and its URL returned at once, so
+    Ray can start at the same time (each takes seconds on a small machine)."""
+    global _server, _server_thread  # one temporary server per process, like Prefect's own ephemeral mode
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    if _server is None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        _server = SubprocessASGIServer()
+        if _server.port is None:
+            _server.port = _server.find_available_port()
+        _server_thread = threading.Thread(target=_server.start, name="prefect-server", daemon=True)
+        _server_thread.start()
+    if wait and _server_thread is not None:
+        _server_thread.join()
+    return _server.api_url
+
+
+@contextlib.contextmanager
+def prefect_settings(config: RuntimeConfig | None = None, *, use_ray: bool = False) -> Iterator[str]:
+    """Run the enclosed flows against `prefect_api_url()`; Ray workers inherit it through the task context.
+
+    Starts the temporary Prefect server and (with use_ray) Ray side by side."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = prefect_api_url(wait=False)
+    if use_ray and config is not None:
+        ensure_ray(config)
+    url = prefect_api_url(wait=True)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+def ensure_ray(config: RuntimeConfig) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray once per process, telling workers which Prefect API to use."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {
+        "PREFECT_API_URL": prefect_api_url(wait=False),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MEMSTAGE_HOME": str(config.home),
+    }
+    for key in ("MEMSTAGE_DEVICE", "MEMSTAGE_VECTOR_BACKEND", "MEMSTAGE_MODELS", "PREFECT_LOGGING_LEVEL"):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    address = os.environ.get("RAY_ADDRESS") or None
+    log.info("starting Ray %s", f"client of {address}" if address else "locally")
+    ray.init(
+        address=address,
+        namespace="memstage",
+        runtime_env={"env_vars": env_vars},
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
+def task_runner(config: RuntimeConfig, *, batch: bool) -> Any:
+    """RayTaskRunner on the Ray that `ensure_ray` started, or Prefect's in-process thread pool."""
+    if config.use_ray(batch=batch):
+        from prefect_ray import RayTaskRunner
+
+        ensure_ray(config)
+        return RayTaskRunner(address=os.environ.get("RAY_ADDRESS") or None)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max(2, os.cpu_count() or 2))
+
+
+def stage_task(**options: Any) -> Any:
+    """Prefect's @task with memstage's defaults: no input hashing (inputs are Arrow tables; stages are
+    idempotent by design, so Prefect's result cache would only cost time)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    options.setdefault("cache_policy", NO_CACHE)
+    return task(**options)
+
+
+def flow_run_id() -> str | None:
+    """The id of the flow run we are inside, for `ops` rows; None outside Prefect."""
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # noqa: BLE001 - no run context (plain function call)
+        return None

@@ -1,0 +1,143 @@
+"""Long-lived state of a worker: the loaded encoder, tokenizer, retriever and generator of one data directory.
+
+`MemoryServices` loads each model once, lazily. In Ray mode it lives in a named actor (one per data
+directory, found again by name, detached on a real cluster so a later query finds it warm); in
+local mode one instance is kept per process. Tasks reach it through `services(config)`, so a second
+query in the same worker never reloads a model or an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from flows.runtime import RuntimeConfig, ensure_ray
+from stores.store import MemoryStore
+
+
+class MemoryServices:
+    """Lazily loaded models and indexes for one data directory."""
+
+    def __init__(self, home: str, threads: int | None = None) -> None:
+        import torch
+
+        # Ray sets OMP threads to the actor's CPU share; the encoder is the real cost, let it use the cores.
+        torch.set_num_threads(threads or int(os.environ.get("MEMSTAGE_THREADS", os.cpu_count() or 1)))
+        self.store = MemoryStore(home)
+        self._lock = threading.Lock()
+        self._encoder = None
+        self._counter = None
+        self._retriever = None
+        self._generators: dict[str, Any] = {}
+
+    def ping(self) -> str:
+        return str(self.store.home)
+
+    @property
+    def encoder(self) -> Any:
+        with self._lock:
+            if self._encoder is None:
+                from gpu.encoder import Encoder
+
+                self._encoder = Encoder()
+            return self._encoder
+
+    @property
+    def counter(self) -> Any:
+        with self._lock:
+            if self._counter is None:
+                from gpu.tokenizer import TokenCounter
+
+                self._counter = TokenCounter(self.store.models_dir())
+            return self._counter
+
+    @property
+    def retriever(self) -> Any:
+        if self._retriever is None:
+            from tasks.retrieve import Retriever
+
+            self._retriever = Retriever(self.store, self.encoder, self.counter)
+        return self._retriever
+
+    def generator(self, engine: str = "transformers") -> Any:
+        with self._lock:
+            if engine not in self._generators:
+                from gpu.generator import make_generator
+
+                self._generators[engine] = make_generator(engine, self.store.models_dir())
+            return self._generators[engine]
+
+    def warm(self, *, generator: str | None = None) -> None:
+        """Load what a query needs (overlaps with Prefect's start-up when called from a thread)."""
+        _ = self.retriever
+        if generator:
+            self.generator(generator)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.encode(texts)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self.counter.count_many(texts)
+
+    def retrieve(self, namespace: str, question: str, budget: int, **options: Any) -> dict[str, Any]:
+        return self.retriever.retrieve(namespace, question, budget, **options)
+
+    def answer(self, retrieval: dict[str, Any], engine: str = "transformers", **options: Any) -> dict[str, Any]:
+        from tasks.generate import answer_question
+
+        return answer_question(self.generator(engine), retrieval, **options)
+
+
+class _ActorProxy:
+    """Calls a MemoryServices actor as if it were local (blocking)."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def __getattr__(self, name: str) -> Any:
+        import ray
+
+        method = getattr(self._actor, name)
+        return lambda *a, **kw: ray.get(method.remote(*a, **kw))
+
+
+_local: dict[str, MemoryServices] = {}
+_local_lock = threading.Lock()
+
+
+def actor_name(home: str) -> str:
+    return "memstage-services-" + hashlib.sha1(home.encode()).hexdigest()[:12]
+
+
+def services(config: RuntimeConfig, *, use_ray: bool) -> Any:
+    """The services of `config.home`: a Ray actor (created on first use) or this process's instance."""
+    home = str(config.home)
+    if not use_ray:
+        with _local_lock:
+            if home not in _local:
+                _local[home] = MemoryServices(home)
+            return _local[home]
+    import ray
+
+    ensure_ray(config)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    actor = (
+        ray.remote(MemoryServices)
+        .options(
+            name=actor_name(home),
+            namespace="memstage",
+            get_if_exists=True,
+            lifetime="detached" if on_cluster else None,
+            num_cpus=1,
+            num_gpus=gpus,
+            max_concurrency=4,
+        )
+        .remote(home)
+    )
+    return _ActorProxy(actor)
