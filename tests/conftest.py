@@ -1,0 +1,59 @@
+"""Shared fixtures: one encoder and one token counter per test session, a fresh store per test.
+
+The generator's model is converted once per machine into a shared cache (MEMSTAGE_MODELS), not once
+per temporary data directory, so tests that make many stores stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MEMSTAGE_MODELS", str(Path.home() / ".cache" / "memstage-models"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+LOCOMO = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
+SAMPLE = REPO / "flows" / "samples" / "sample_conversation.jsonl"
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from gpu.encoder import Encoder
+
+    return Encoder(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def token_counter():
+    from gpu.tokenizer import TokenCounter
+
+    return TokenCounter(Path(os.environ["MEMSTAGE_MODELS"]))
+
+
+@pytest.fixture
+def store(tmp_path):
+    from stores.store import MemoryStore
+
+    return MemoryStore(tmp_path / "home")
+
+
+@pytest.fixture
+def locomo_path() -> Path:
+    if not LOCOMO.exists():
+        pytest.skip(f"LoCoMo data not found at {LOCOMO}")
+    return LOCOMO
+
+
+@pytest.fixture
+def indexed_sample(store, encoder, token_counter):
+    """A store holding the bundled sample conversation (namespace 'demo'), ingested and indexed."""
+    from tasks.index import run_index
+    from tasks.ingest import commit_events, parse_file
+
+    commit_events(store, *parse_file(SAMPLE, "jsonl"))
+    run_index(store, "demo", embed=encoder.encode, count_tokens=token_counter.count_many)
+    return store
