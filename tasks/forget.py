@@ -1,0 +1,396 @@
+"""Forget: per-namespace retention policies (soft, undoable) and hard deletion of a subject's data.
+
+Soft forget archives level-0 memories (status 'archived'; `restore` undoes it from `ops`): those whose
+events passed the TTL, those whose retention R = exp(-t / S) fell under `min_retention`, and the
+lowest-R ones beyond the namespace's `capacity`. As in MemoryBank, t is the age since the last access
+(or the event) in days and the strength S grows with access count and importance.
+
+Hard forget (`forget_hard`) is not undoable: it deletes matching events, memories, the summaries and
+topic nodes built from them, quarantine rows, the text of their ops rows (one ops row per deleted
+memory says what went, without the text), rebuilds or drops the index artifacts, and rewrites the
+DuckDB file so no free page keeps the bytes; then it byte-searches every file under the data dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - tasks.index.build_indexes uses pa.compute without importing it
+
+from stores.compact import find_bytes, rewrite_database
+from stores.store import MemoryStore, now_utc, validate_namespace
+from tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
+from tasks.index import Embed, build_indexes, embed_missing, remove_stale_artifacts
+
+POLICY_FILE = "policies.json"
+DEFAULT_POLICY: dict[str, Any] = {
+    "ttl_days": None,  # events older than this (by event time): their level-0 memories archived
+    "ttl_hard": False,  # and, when true, the events and memories hard-deleted instead
+    "min_retention": None,  # archive level-0 memories whose retention R falls below this
+    "capacity": None,  # at most this many active level-0 memories; the lowest-R beyond it archived
+    "strength_days": 30.0,  # S of a never-used memory of importance 0.5
+    "clock": "wall",  # "wall", or "latest_event": ages counted from the namespace's newest event (replays)
+}
+_HEX = re.compile(r"[0-9a-f]{24}")
+
+
+class ForgetError(ValueError):
+    """A forget request that cannot be carried out as given."""
+
+
+# ---- policies --------------------------------------------------------------------------------
+
+
+def _policy_path(store: MemoryStore) -> Path:
+    return store.home / POLICY_FILE
+
+
+def load_policy(store: MemoryStore, namespace: str) -> dict[str, Any]:
+    """DEFAULT_POLICY, overridden by the file's "default", then by its entry for the namespace."""
+    validate_namespace(namespace)
+    path = _policy_path(store)
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    policy = {
+        **DEFAULT_POLICY,
+        **stored.get("default", {}),
+        **stored.get("namespaces", {}).get(namespace, {}),
+    }
+    unknown = set(policy) - set(DEFAULT_POLICY)
+    if unknown:
+        raise ForgetError(f"{path}: unknown policy keys {sorted(unknown)}; known: {sorted(DEFAULT_POLICY)}")
+    return policy
+
+
+def save_policy(store: MemoryStore, namespace: str, policy: dict[str, Any]) -> dict[str, Any]:
+    validate_namespace(namespace)
+    unknown = set(policy) - set(DEFAULT_POLICY)
+    if unknown:
+        raise ForgetError(f"unknown policy keys {sorted(unknown)}; known: {sorted(DEFAULT_POLICY)}")
+    path = _policy_path(store)
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored.setdefault("namespaces", {}).setdefault(namespace, {}).update(policy)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return load_policy(store, namespace)
+
+
+def retention(m: dict[str, Any], now: datetime, strength_days: float) -> float:
+    """Ebbinghaus retention exp(-t/S): t days since last access (or the event), S grows with use and importance."""
+    last = m["last_access"] or m["event_time"] or m["created_at"] or now
+    t = max((now - last).total_seconds() / 86400.0, 0.0)
+    importance = m["importance"] if m["importance"] is not None else 0.5
+    s = strength_days * (1 + (m["access_count"] or 0)) * (0.5 + importance)
+    return math.exp(-t / s)
+
+
+# ---- soft forget -----------------------------------------------------------------------------
+
+
+def run_forget(
+    store: MemoryStore,
+    namespace: str,
+    *,
+    now: datetime | None = None,
+    embed: Embed | None = None,
+    flow_run_id: str | None = None,
+) -> StageResult:
+    """Apply the namespace's policy: archive what it says to forget (undoable with `restore`)."""
+    result = StageResult("forget", namespace)
+    with timed(result):
+        policy = load_policy(store, namespace)
+        mem = [
+            m
+            for m in store.memories(namespace, level=0, status="active", current=False).to_pylist()
+            if not json.loads(m["metadata"] or "{}").get("pinned")
+        ]
+        if now is None:
+            if policy["clock"] == "latest_event":
+                latest = store.query(
+                    "SELECT max(event_time) AS t FROM events WHERE namespace = ?", [namespace]
+                )
+                now = latest.column("t")[0].as_py() or now_utc()
+            else:
+                now = now_utc()
+        reasons: dict[str, str] = {}
+        if policy["ttl_days"] is not None:
+            cutoff = now.timestamp() - float(policy["ttl_days"]) * 86400
+            if policy["ttl_hard"]:
+                hard = forget_hard(
+                    store,
+                    namespace,
+                    before=datetime.fromtimestamp(cutoff, now.tzinfo),
+                    embed=embed,
+                    flow_run_id=flow_run_id,
+                )
+                result.figures["ttl_hard_deleted"] = hard.changed
+                mem = [
+                    m
+                    for m in store.memories(namespace, level=0, status="active", current=False).to_pylist()
+                    if not json.loads(m["metadata"] or "{}").get("pinned")
+                ]
+            for m in mem:
+                if m["event_time"] is not None and m["event_time"].timestamp() < cutoff:
+                    reasons[m["id"]] = f"TTL: event older than {policy['ttl_days']} days"
+        scored = sorted(
+            (
+                (retention(m, now, float(policy["strength_days"])), m["id"])
+                for m in mem
+                if m["id"] not in reasons
+            ),
+        )
+        if policy["min_retention"] is not None:
+            for r, mid in scored:
+                if r < float(policy["min_retention"]):
+                    reasons[mid] = f"retention {r:.3f} below {policy['min_retention']}"
+        if policy["capacity"] is not None:
+            kept = [(r, mid) for r, mid in scored if mid not in reasons]
+            excess = len(kept) - int(policy["capacity"])
+            for r, mid in kept[: max(excess, 0)]:
+                reasons[mid] = f"capacity {policy['capacity']}: among the {excess} lowest retention ({r:.3f})"
+        at = now_utc()
+        by_id = {m["id"]: m for m in mem}
+        rows, ops = [], []
+        for mid, why in sorted(reasons.items()):
+            old = by_id[mid]
+            new = {**old, "status": "archived", "updated_at": at}
+            rows.append(new)
+            ops.append(
+                make_op(
+                    namespace=namespace,
+                    memory_id=mid,
+                    stage="forget",
+                    action="archive",
+                    before=old,
+                    after=new,
+                    reason=why + "; undo with restore",
+                    flow_run_id=flow_run_id,
+                    at=at,
+                )
+            )
+        if rows:
+            with store.writer() as w:
+                w.insert("memories", memories_table(rows), replace=True)
+                w.insert("ops", ops_table(ops))
+        result.changed = len(rows) + result.figures.get("ttl_hard_deleted", 0)
+        result.figures.update({"archived": len(rows), "considered": len(mem), "policy": policy})
+    return result
+
+
+def restore(
+    store: MemoryStore, namespace: str, memory_ids: list[str], *, flow_run_id: str | None = None
+) -> StageResult:
+    """Undo soft forgetting: memories archived by the forget stage become active again, and pinned
+    (the policy will not archive them again)."""
+    result = StageResult("restore", namespace)
+    with timed(result):
+        validate_namespace(namespace)
+        archived = store.query(
+            """SELECT m.* FROM memories m WHERE m.namespace = ? AND m.status = 'archived' AND m.id IN (SELECT unnest(?))
+               AND EXISTS (SELECT 1 FROM ops o WHERE o.namespace = m.namespace AND o.memory_id = m.id
+                           AND o.stage = 'forget' AND o.action = 'archive')""",
+            [namespace, list(memory_ids)],
+        ).to_pylist()
+        at = now_utc()
+        rows, ops = [], []
+        for old in archived:
+            meta = {**json.loads(old["metadata"] or "{}"), "pinned": True}
+            new = {**old, "status": "active", "metadata": json.dumps(meta, sort_keys=True), "updated_at": at}
+            rows.append(new)
+            ops.append(
+                make_op(
+                    namespace=namespace,
+                    memory_id=old["id"],
+                    stage="forget",
+                    action="restore",
+                    before=old,
+                    after=new,
+                    reason="restored by request; pinned against the policy",
+                    flow_run_id=flow_run_id,
+                    at=at,
+                )
+            )
+        if rows:
+            with store.writer() as w:
+                w.insert("memories", memories_table(rows), replace=True)
+                w.insert("ops", ops_table(ops))
+        result.changed = len(rows)
+        result.figures = {
+            "restored": [r["id"] for r in rows],
+            "not_restorable": sorted(set(memory_ids) - {r["id"] for r in rows}),
+        }
+    return result
+
+
+# ---- hard forget -----------------------------------------------------------------------------
+
+
+def _matches(value: str | None, subject: str | None) -> bool:
+    return bool(subject) and value is not None and subject.lower() in value.lower()
+
+
+def forget_hard(
+    store: MemoryStore,
+    namespace: str,
+    *,
+    subject: str | None = None,
+    before: datetime | None = None,
+    all: bool = False,  # noqa: A002 - mirrors the --all flag
+    embed: Embed | None = None,
+    flow_run_id: str | None = None,
+) -> StageResult:
+    """Delete a subject's (or an era's, or a namespace's) data everywhere it lives. NOT undoable."""
+    validate_namespace(namespace)
+    if sum(x is not None and x is not False for x in (subject, before, all or None)) != 1:
+        raise ForgetError("give exactly one of subject, before or all")
+    if subject is not None and len(subject.strip()) < 3:
+        raise ForgetError(
+            "subject must be at least 3 characters (a shorter one would match nearly everything)"
+        )
+    result = StageResult("forget.hard", namespace)
+    with timed(result):
+        events = store.query(
+            "SELECT id, text, metadata, event_time FROM events WHERE namespace = ?", [namespace]
+        ).to_pylist()
+        mem = store.query(
+            "SELECT id, level, text, metadata, event_ids, event_time, parent, superseded_by FROM memories WHERE namespace = ?",
+            [namespace],
+        ).to_pylist()
+
+        def selected(text: str | None, meta: str | None, when: datetime | None) -> bool:
+            if all:
+                return True
+            if subject is not None:
+                return _matches(text, subject) or _matches(meta, subject)
+            return when is not None and when < before
+
+        gone_events = {e["id"] for e in events if selected(e["text"], e["metadata"], e["event_time"])}
+        gone0 = {
+            m["id"]
+            for m in mem
+            if m["level"] == 0
+            and (
+                selected(m["text"], m["metadata"], m["event_time"]) or gone_events & set(m["event_ids"] or [])
+            )
+        }
+        gone_events |= {e for m in mem if m["id"] in gone0 for e in (m["event_ids"] or [])}
+        # summaries and topics built from deleted items go too (consolidate rebuilds them from what is left)
+        gone_hi = {
+            m["id"]
+            for m in mem
+            if m["level"] >= 1
+            and (
+                selected(m["text"], m["metadata"], None if before else m["event_time"])
+                or gone_events & set(m["event_ids"] or [])
+            )
+        }
+        gone = gone0 | gone_hi
+        hexes = {h for i in gone | gone_events for h in _HEX.findall(i)}
+        at = now_utc()
+        forget_id = content_hash(namespace, "forget-hard", at.isoformat())
+        how = "all" if all else ("subject" if subject is not None else f"before {before:%Y-%m-%d}")
+        ops_rows = store.query(
+            "SELECT op_id, memory_id, before, after, reason FROM ops WHERE namespace = ?", [namespace]
+        ).to_pylist()
+        scrub = [
+            o["op_id"]
+            for o in ops_rows
+            if o["memory_id"] in gone
+            or any(
+                _matches(o[c], subject) or (o[c] and hexes & set(_HEX.findall(o[c])))
+                for c in ("before", "after", "reason")
+            )
+        ]
+        quarantine = store.query(
+            'SELECT id, raw, "at" FROM quarantine WHERE namespace = ?', [namespace]
+        ).to_pylist()
+        gone_quarantine = [
+            q["id"] for q in quarantine if all or _matches(q["raw"], subject) or (before and q["at"] < before)
+        ]
+        dangling = [
+            m for m in mem if m["id"] not in gone and (m["parent"] in gone or m["superseded_by"] in gone)
+        ]
+        reason = f"hard forget ({how}, request {forget_id}): text deleted everywhere; NOT undoable"
+        new_ops = [
+            make_op(
+                namespace=namespace,
+                memory_id=mid,
+                stage="forget",
+                action="delete",
+                before=None,
+                after=None,
+                reason=reason,
+                flow_run_id=flow_run_id,
+                at=at,
+            )
+            for mid in sorted(gone)
+        ]
+        with store.writer() as w:
+            w.delete("events", namespace, sorted(gone_events))
+            w.delete("memories", namespace, sorted(gone))
+            w.delete("quarantine", namespace, gone_quarantine)
+            w.conn.register("_scrub", pa.table({"id": pa.array(scrub, pa.string())}))
+            w.execute(
+                "UPDATE ops SET before = NULL, after = NULL, reason = ? WHERE namespace = ? AND op_id IN (SELECT id FROM _scrub)",
+                [f"[redacted by hard forget {forget_id}]", namespace],
+            )
+            w.conn.unregister("_scrub")
+            for m in dangling:  # links to deleted nodes are cut; a superseded memory keeps its valid_to
+                w.execute(
+                    """UPDATE memories SET parent = CASE WHEN parent IN (SELECT unnest(?)) THEN NULL ELSE parent END,
+                       superseded_by = CASE WHEN superseded_by IN (SELECT unnest(?)) THEN NULL ELSE superseded_by END
+                       WHERE namespace = ? AND id = ?""",
+                    [sorted(gone), sorted(gone), namespace, m["id"]],
+                )
+            if subject is not None:
+                w.execute(
+                    "UPDATE runs SET figures = NULL WHERE namespace = ? AND contains(lower(figures), lower(?))",
+                    [namespace, subject],
+                )
+            w.insert("ops", ops_table(new_ops))
+        result.figures = {
+            "undoable": False,
+            "mode": how,
+            "events_deleted": len(gone_events),
+            "memories_deleted": len(gone0),
+            "summaries_deleted": len(gone_hi),
+            "ops_redacted": len(scrub),
+            "quarantine_deleted": len(gone_quarantine),
+            "links_cut": len(dangling),
+        }
+        result.figures["indexes"] = _rebuild_indexes(store, namespace, embed, flow_run_id)
+        result.figures["database"] = rewrite_database(store)
+        if subject is not None:
+            result.figures["files_still_containing_subject"] = [
+                str(p.relative_to(store.home)) for p in find_bytes(store.home, subject)
+            ]
+        result.changed = len(gone_events) + len(gone) + len(gone_quarantine)
+    return result
+
+
+def _rebuild_indexes(store: MemoryStore, namespace: str, embed: Embed | None, flow_run_id: str | None) -> str:
+    """Indexes hold the deleted text (and BM25 its words): rebuild them, or drop them when embeddings are missing."""
+    if embed is not None:
+        embed_missing(store, namespace, embed)
+    missing = (
+        store.query(
+            "SELECT count(*) AS n FROM memories WHERE namespace = ? AND status = 'active' AND valid_to IS NULL AND embedding IS NULL",
+            [namespace],
+        )
+        .column("n")[0]
+        .as_py()
+    )
+    if missing == 0:
+        build_indexes(store, namespace, flow_run_id=flow_run_id)
+        remove_stale_artifacts(store, namespace)
+        return "rebuilt"
+    with store.writer() as w:
+        w.execute("UPDATE index_manifest SET current = false WHERE namespace = ?", [namespace])
+    store.remove_namespace_files(namespace)
+    return "dropped (memories without embeddings; the next index run rebuilds them)"
