@@ -228,6 +228,56 @@ def restore(
     return result
 
 
+def forget_soft(
+    store: MemoryStore,
+    namespace: str,
+    *,
+    subject: str | None = None,
+    before: datetime | None = None,
+    all: bool = False,  # noqa: A002 - mirrors the --all flag
+    flow_run_id: str | None = None,
+) -> StageResult:
+    """Archive the active memories that match (undoable with `restore`); nothing is deleted."""
+    validate_namespace(namespace)
+    if sum(x is not None and x is not False for x in (subject, before, all or None)) != 1:
+        raise ForgetError("give exactly one of subject, before or all")
+    result = StageResult("forget.soft", namespace)
+    with timed(result):
+        mem = store.memories(namespace, status="active", current=False).to_pylist()
+        hit = [
+            m
+            for m in mem
+            if all
+            or (subject is not None and (_matches(m["text"], subject) or _matches(m["metadata"], subject)))
+            or (before is not None and m["event_time"] is not None and m["event_time"] < before)
+        ]
+        at = now_utc()
+        rows, ops = [], []
+        for old in hit:
+            new = {**old, "status": "archived", "updated_at": at}
+            rows.append(new)
+            ops.append(
+                make_op(
+                    namespace=namespace,
+                    memory_id=old["id"],
+                    stage="forget",
+                    action="archive",
+                    before=old,
+                    after=new,
+                    reason="forgotten by request (soft); undo with restore",
+                    flow_run_id=flow_run_id,
+                    at=at,
+                )
+            )
+        if rows:
+            with store.writer() as w:
+                w.insert("memories", memories_table(rows), replace=True)
+                w.insert("ops", ops_table(ops))
+        result.changed = len(rows)
+        result.figures = {"archived": len(rows), "undoable": True}
+    return result
+
+
 # ---- hard forget -----------------------------------------------------------------------------
 
 

@@ -135,8 +135,6 @@ def run_update(
             stated.sort(key=order)
             holders: list[tuple[dict[str, Any], str]] = []  # current statements of the same object
             for m, obj in stated:
-                if m["id"] in rows and rows[m["id"]]["valid_to"] is not None:
-                    continue  # already superseded through another relation in this run
                 changed_from = [(h, o) for h, o in holders if not _same(o, obj)]
                 if not changed_from:
                     holders.append((m, obj))
@@ -153,7 +151,11 @@ def run_update(
                 for (h, old_obj), sim in zip(changed_from, sims, strict=True):
                     old = rows.get(h["id"], h)
                     when = m["event_time"] or at
-                    old_row = {**old, "valid_to": when, "superseded_by": m["id"], "updated_at": at}
+                    if old["valid_to"] is not None and old["valid_to"] <= when:
+                        # already superseded through another of its facts in this run: the earlier end stands
+                        old_row = {**old, "updated_at": at}
+                    else:
+                        old_row = {**old, "valid_to": when, "superseded_by": m["id"], "updated_at": at}
                     rows[h["id"]] = old_row
                     reason = (
                         f"{speaker} {relation}: {old_obj!r} -> {obj!r}, stated by {m['id']} on {when:%Y-%m-%d} "
