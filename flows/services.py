@@ -107,6 +107,7 @@ class _ActorProxy:
 
 
 _local: dict[str, MemoryServices] = {}
+_actors: dict[str, _ActorProxy] = {}
 _local_lock = threading.Lock()
 
 
@@ -117,27 +118,34 @@ def actor_name(home: str) -> str:
 def services(config: RuntimeConfig, *, use_ray: bool) -> Any:
     """The services of `config.home`: a Ray actor (created on first use) or this process's instance."""
     home = str(config.home)
-    if not use_ray:
-        with _local_lock:
+    with _local_lock:
+        if not use_ray:
             if home not in _local:
                 _local[home] = MemoryServices(home)
             return _local[home]
+        if home not in _actors:
+            _actors[home] = _ActorProxy(_get_or_create_actor(config))
+        return _actors[home]
+
+
+def _get_or_create_actor(config: RuntimeConfig) -> Any:
     import ray
 
     ensure_ray(config)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
-    actor = (
+    # Detached: the actor must outlive the handle of whichever task created it (a non-detached actor
+    # dies with its last reference, and every task would reload the models). A local Ray takes it
+    # down at shutdown; on a cluster it stays warm for the next flow run.
+    return (
         ray.remote(MemoryServices)
         .options(
-            name=actor_name(home),
+            name=actor_name(str(config.home)),
             namespace="memstage",
             get_if_exists=True,
-            lifetime="detached" if on_cluster else None,
+            lifetime="detached",
             num_cpus=1,
             num_gpus=gpus,
             max_concurrency=4,
         )
-        .remote(home)
+        .remote(str(config.home))
     )
-    return _ActorProxy(actor)
