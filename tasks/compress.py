@@ -31,262 +31,27 @@ _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'&-]*")
 
 # Words that carry no fact on their own: a sentence made only of these (plus stopwords and names of
 # the two speakers) is a pleasantry and is dropped.
-FILLER = set(
-    [
-        "hey",
-        "hi",
-        "hello",
-        "hiya",
-        "yo",
-        "wow",
-        "whoa",
-        "oh",
-        "ooh",
-        "ah",
-        "aw",
-        "aww",
-        "awww",
-        "haha",
-        "hahaha",
-        "lol",
-        "omg",
-        "yeah",
-        "yes",
-        "yep",
-        "yup",
-        "no",
-        "nope",
-        "ok",
-        "okay",
-        "sure",
-        "thanks",
-        "thank",
-        "congrats",
-        "congratulations",
-        "cool",
-        "awesome",
-        "great",
-        "amazing",
-        "nice",
-        "good",
-        "glad",
-        "happy",
-        "fantastic",
-        "wonderful",
-        "incredible",
-        "lovely",
-        "sweet",
-        "fun",
-        "funny",
-        "interesting",
-        "exciting",
-        "excited",
-        "love",
-        "loved",
-        "lovely",
-        "totally",
-        "really",
-        "so",
-        "very",
-        "super",
-        "just",
-        "actually",
-        "literally",
-        "definitely",
-        "absolutely",
-        "pretty",
-        "quite",
-        "bye",
-        "goodbye",
-        "care",
-        "soon",
-        "see",
-        "talk",
-        "chat",
-        "catch",
-        "later",
-        "hear",
-        "heard",
-        "hearing",
-        "glad",
-        "sounds",
-        "sound",
-        "seems",
-        "seem",
-        "like",
-        "stuff",
-        "things",
-        "thing",
-        "new",
-        "up",
-        "much",
-        "anything",
-        "something",
-        "everything",
-        "well",
-        "kind",
-        "guess",
-        "mean",
-        "know",
-        "think",
-        "feel",
-        "feeling",
-        "doing",
-        "going",
-        "been",
-        "lot",
-        "lots",
-        "tell",
-        "bet",
-        "sorry",
-        "true",
-        "right",
-        "dear",
-        "buddy",
-        "man",
-        "girl",
-        "friend",
-        "inspiring",
-        "inspired",
-        "powerful",
-        "proud",
-        "appreciate",
-        "appreciated",
-        "means",
-        "meant",
-        "keep",
-        "hope",
-        "hoping",
-        "wish",
-        "luck",
-    ]
-)
-STOPWORDS = set(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "but",
-        "if",
-        "then",
-        "than",
-        "that",
-        "this",
-        "these",
-        "those",
-        "it",
-        "its",
-        "it's",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "being",
-        "been",
-        "am",
-        "i",
-        "i'm",
-        "i've",
-        "i'd",
-        "i'll",
-        "me",
-        "my",
-        "mine",
-        "myself",
-        "you",
-        "you're",
-        "you've",
-        "you'd",
-        "you'll",
-        "your",
-        "yours",
-        "yourself",
-        "we",
-        "we're",
-        "our",
-        "us",
-        "they",
-        "them",
-        "their",
-        "he",
-        "she",
-        "him",
-        "her",
-        "his",
-        "to",
-        "of",
-        "in",
-        "on",
-        "at",
-        "for",
-        "with",
-        "about",
-        "from",
-        "by",
-        "as",
-        "into",
-        "over",
-        "after",
-        "before",
-        "what",
-        "what's",
-        "whats",
-        "how",
-        "how's",
-        "who",
-        "whom",
-        "which",
-        "when",
-        "where",
-        "why",
-        "there",
-        "here",
-        "do",
-        "does",
-        "did",
-        "don't",
-        "doesn't",
-        "didn't",
-        "can",
-        "can't",
-        "could",
-        "would",
-        "should",
-        "will",
-        "won't",
-        "have",
-        "has",
-        "had",
-        "having",
-        "not",
-        "all",
-        "any",
-        "some",
-        "more",
-        "most",
-        "too",
-        "also",
-        "again",
-        "still",
-        "even",
-        "ever",
-        "every",
-        "way",
-        "that's",
-        "there's",
-        "here's",
-        "let's",
-        "gonna",
-        "wanna",
-        "got",
-        "get",
-        "gets",
-        "getting",
-    ]
-)
+_FILLER_WORDS = """
+hey hi hello hiya yo wow whoa oh ooh ah aw aww awww haha hahaha lol omg yeah yes yep yup no nope ok
+okay sure thanks thank congrats congratulations cool awesome great amazing nice good glad happy
+fantastic wonderful incredible lovely sweet fun funny interesting exciting excited love loved
+totally really so very super just actually literally definitely absolutely pretty quite bye goodbye
+care soon see talk chat catch later hear heard hearing sounds sound seems seem like stuff things
+thing new up much anything something everything well kind guess mean know think feel feeling doing
+going been lot lots tell bet sorry true right dear buddy man girl friend inspiring inspired powerful
+proud appreciate appreciated means meant keep hope hoping wish luck
+"""
+FILLER = set(_FILLER_WORDS.split())
+_STOPWORDS_WORDS = """
+a an the and or but if then than that this these those it its it's is are was were be being been am
+i i'm i've i'd i'll me my mine myself you you're you've you'd you'll your yours yourself we we're
+our us they them their he she him her his to of in on at for with about from by as into over after
+before what what's whats how how's who whom which when where why there here do does did don't
+doesn't didn't can can't could would should will won't have has had having not all any some more
+most too also again still even ever every way that's there's here's let's gonna wanna got get gets
+getting
+"""
+STOPWORDS = set(_STOPWORDS_WORDS.split())
 INTENSIFIERS = re.compile(
     r"\b(?:really|so|very|totally|super|just|actually|literally|definitely|absolutely|truly)\s+(?=[a-z])",
     re.I,
@@ -491,7 +256,13 @@ def clean_sentence(sentence: str, names: set[str]) -> str:
 
 
 def compress_text(
-    text: str, *, speaker: str | None, other: str | None, when: datetime | None, resolve: bool = True
+    text: str,
+    *,
+    speaker: str | None,
+    other: str | None,
+    when: datetime | None,
+    resolve: bool = True,
+    pin: bool = True,
 ) -> str:
     """The rule-based compression of one level-0 memory text (see the module docstring)."""
     m = _PREFIX.match(text)
@@ -512,7 +283,7 @@ def compress_text(
         cleaned = [c for c in (clean_sentence(s, names) for s in sentences) if len(c.split()) >= 2]
         kept = [min(cleaned, key=len)] if cleaned else [body.strip()]
     out = " ".join(k if k[-1:] in ".?" else k + "." for k in kept)
-    out = pin_dates(out, when)
+    out = pin_dates(out, when if pin else None)
     if caption:
         out += f" [image: {caption}]"
     if resolve and spk:
@@ -574,11 +345,14 @@ def run_compress(
         for m in todo:
             others = [s for s in speakers.get(m["session"], []) if s != m["speaker"]]
             other = others[0] if len(others) == 1 else None
-            full = compress_text(m["text"], speaker=m["speaker"], other=other, when=m["event_time"])
-            plain = compress_text(
-                m["text"], speaker=m["speaker"], other=other, when=m["event_time"], resolve=False
-            )
-            cands = [full, plain]
+            # Preferred first; a pinned date costs tokens, so without it when that is what keeps the text shorter.
+            cands = [
+                compress_text(
+                    m["text"], speaker=m["speaker"], other=other, when=m["event_time"], resolve=r, pin=p
+                )
+                for r, p in ((True, True), (False, True), (True, False), (False, False))
+            ]
+            full = cands[0]
             if rewrite is not None:
                 llm = rewrite(full)
                 if _keeps_facts(llm, full):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -171,7 +171,7 @@ def run_update(
                             after=old_row,
                             reason=reason,
                             flow_run_id=flow_run_id,
-                            at=at,
+                            at=at + timedelta(microseconds=len(ops)),  # op ids hash `at`: one per op
                         )
                     )
                 ops.append(
@@ -184,7 +184,7 @@ def run_update(
                         after=new_row,
                         reason=f"{speaker} {relation} is now {obj!r}; supersedes {', '.join(h['id'] for h, _ in changed_from)}",
                         flow_run_id=flow_run_id,
-                        at=at,
+                        at=at + timedelta(microseconds=len(ops)),
                     )
                 )
                 rows[m["id"]] = new_row

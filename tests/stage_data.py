@@ -16,7 +16,12 @@ ALICE = [
     ("s1", "Alice", "Hey Bob! Good to see you! How have you been?", "2023-05-01T10:00:00Z"),
     ("s1", "Bob", "Hi Alice! Great, thanks. What's new with you?", "2023-05-01T10:01:00Z"),
     ("s1", "Alice", "I live in Boston now and I work at Acme Robotics.", "2023-05-01T10:02:00Z"),
-    ("s1", "Alice", "I adopted a dog named Pixel yesterday. He is 3 years old.", "2023-05-01T10:03:00Z"),
+    (
+        "s1",
+        "Alice",
+        "Hey Bob, oh wow, guess what! So good to see you again! I adopted a dog named Pixel yesterday. He is 3 years old.",
+        "2023-05-01T10:03:00Z",
+    ),
     ("s1", "Bob", "Pixel is a great name! I have 2 cats myself.", "2023-05-01T10:04:00Z"),
     ("s1", "Alice", "Pixel loves long walks by the river every morning.", "2023-05-01T10:05:00Z"),
     ("s1", "Alice", "Pixel loves long walks by the river every single morning.", "2023-05-01T10:06:00Z"),

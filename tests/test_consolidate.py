@@ -15,7 +15,7 @@ def test_near_duplicates_merge_into_the_earliest(store, encoder, token_counter):
         store, "alice", embed=encoder.encode, count_tokens=token_counter.count_many, flow_run_id="run-1"
     )
     assert r.figures["merged_duplicates"] == 1
-    walks = by_text(store, "alice", "long walks")
+    walks = by_text(store, "alice", "long walks", level=0)
     survivor = [m for m in walks if m["status"] == "active"]
     archived = [m for m in walks if m["status"] == "archived"]
     assert len(survivor) == 1 and len(archived) == 1
@@ -45,7 +45,7 @@ def test_session_nodes_link_children_and_rerun_is_noop(store, encoder, token_cou
 
 
 def test_new_turns_replace_the_session_node_without_deleting(store, encoder, token_counter):
-    load(store, "alice", ALICE[:6], token_counter.count_many)
+    load(store, "alice", ALICE[:5], token_counter.count_many)
     consolidate(store, "alice", embed=encoder.encode, count_tokens=token_counter.count_many)
     old = store.memories("alice", level=1).to_pylist()[0]
     load(store, "alice", ALICE, token_counter.count_many)
