@@ -1,0 +1,167 @@
+"""KV reuse on CPU: time to first token with the prefix cache against without, over a LoCoMo question stream.
+
+One conversation becomes one namespace (ingest, index and consolidate stages, called as plain
+functions); 50 of its questions are retrieved with `tasks.retrieve` at a 1,000-token budget and
+answered by the transformers engine twice each in the same run: cold (cache bypassed) and with reuse.
+Prints one JSON object (`ttft_ms_cold_p50`, `ttft_ms_reuse_p50`, `ttft_ratio`, `cached_token_share`,
+...) on stdout with --json, and a short table on stderr. Skips cleanly when the data file is absent.
+
+    python bench/kv_reuse.py --data ../shared/data/locomo/locomo-dev.json --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_namespace(data: Path, conversation: str, home: Path, models: Path):
+    """A store with one LoCoMo conversation ingested, indexed and consolidated; its retriever."""
+    from gpu.encoder import Encoder
+    from gpu.tokenizer import TokenCounter
+    from stores.store import MemoryStore
+    from tasks.consolidate import run_consolidate
+    from tasks.index import run_index
+    from tasks.ingest import commit_events, parse_file
+    from tasks.retrieve import Retriever
+
+    sample = next(s for s in json.loads(data.read_text()) if s["sample_id"] == conversation)
+    home.mkdir(parents=True, exist_ok=True)
+    conv = home / "conv.json"
+    conv.write_text(json.dumps([sample]))
+    store = MemoryStore(home)
+    events, quarantine = parse_file(conv, "locomo")
+    commit_events(store, events, quarantine)
+    encoder = Encoder("cpu")
+    counter = TokenCounter(models)
+    run_index(store, conversation, embed=encoder.encode, count_tokens=counter.count_many)
+    run_consolidate(store, conversation, embed=encoder.encode, count_tokens=counter.count_many)
+    run_index(store, conversation, embed=encoder.encode, count_tokens=counter.count_many)
+    return store, Retriever(store, encoder, counter), counter, sample
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/locomo/locomo-dev.json")
+    ap.add_argument("--conversation", default="conv-26")
+    ap.add_argument("--questions", type=int, default=50)
+    ap.add_argument("--budget", type=int, default=1000)
+    ap.add_argument("--standing-budget", type=int, default=1500)
+    ap.add_argument("--layout", choices=("stable", "window"), default="window")
+    ap.add_argument("--window-tokens", type=int, default=4000)
+    ap.add_argument("--cold-every", type=int, default=5, help="time the cold path on every n-th question")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--models", type=Path, default=None, help="models folder (default: the store's)")
+    ap.add_argument("--dry", action="store_true", help="prompt token shares only, no generation")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if not args.data.exists():
+        print(json.dumps({"skipped": f"no data at {args.data}"}))
+        return 0
+
+    import torch
+
+    from gpu.generator import TransformersGenerator
+    from gpu.tokenizer import ensure_converted
+    from tasks.generate import EvidenceWindow, build_messages, standing_block
+
+    t_setup = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        models = args.models or home / "models"
+        model_dir = ensure_converted(models)
+        store, retriever, counter, sample = build_namespace(args.data, args.conversation, home, models)
+        ns = args.conversation
+        standing = standing_block(store.memories(ns), args.standing_budget, counter.count)
+        qs = [q["question"] for q in sample["qa"] if q.get("category") in (1, 2, 3, 4)][: args.questions]
+        gen = TransformersGenerator.load(model_dir, "cpu")
+        window = EvidenceWindow(args.window_tokens) if args.layout == "window" else None
+        setup_s = time.perf_counter() - t_setup
+
+        rows, seen = [], []
+        for i, q in enumerate(qs):
+            retrieval = retriever.retrieve(ns, q, args.budget)
+            messages = build_messages(retrieval, standing=standing, window=window)
+            ids = gen.prompt_ids(messages)
+            row = {
+                "prompt_tokens": len(ids),
+                "shared_prefix": max((common_prefix(ids, s) for s in seen), default=0),
+            }
+            seen.append(ids)
+            if not args.dry:
+                if i % args.cold_every == 0:
+                    cold = gen.generate(messages, max_tokens=args.max_tokens, use_cache=False)
+                    row["ttft_ms_cold"] = cold.ttft_s * 1e3
+                    row["cold_text"] = cold.text
+                reuse = gen.generate(messages, max_tokens=args.max_tokens, use_cache=True)
+                row.update(
+                    ttft_ms_reuse=reuse.ttft_s * 1e3, cached_tokens=reuse.cached_tokens, text=reuse.text
+                )
+                print(
+                    f"q{i:02d} prompt {len(ids):5d} cached {reuse.cached_tokens:5d} "
+                    f"cold {row.get('ttft_ms_cold', float('nan')):8.1f} ms reuse {row['ttft_ms_reuse']:7.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            rows.append(row)
+
+    prompt_total = sum(r["prompt_tokens"] for r in rows)
+    out = {
+        "conversation": ns,
+        "questions": len(rows),
+        "budget": args.budget,
+        "layout": args.layout,
+        "standing_tokens": counter.count(standing) if standing else 0,
+        "prompt_tokens_p50": statistics.median(r["prompt_tokens"] for r in rows),
+        # Without generation: the share of prompt tokens that begin like an earlier prompt (the bound).
+        "shared_prefix_share": round(sum(r["shared_prefix"] for r in rows) / prompt_total, 4),
+        "setup_s": round(setup_s, 1),
+        "threads": torch.get_num_threads(),
+    }
+    if window is not None:
+        out["window_tokens"], out["window_resets"] = args.window_tokens, window.resets
+    if not args.dry:
+        cold = [r["ttft_ms_cold"] for r in rows if "ttft_ms_cold" in r]
+        reuse = [r["ttft_ms_reuse"] for r in rows]
+        out.update(
+            ttft_ms_cold_p50=round(statistics.median(cold), 1),
+            ttft_ms_reuse_p50=round(statistics.median(reuse), 1),
+            ttft_ratio=round(statistics.median(cold) / statistics.median(reuse), 2),
+            # Same questions only: the ratio of medians over the questions timed both ways.
+            ttft_ratio_paired_p50=round(
+                statistics.median(
+                    r["ttft_ms_cold"] / r["ttft_ms_reuse"] for r in rows if "ttft_ms_cold" in r
+                ),
+                2,
+            ),
+            cached_token_share=round(sum(r["cached_tokens"] for r in rows) / prompt_total, 4),
+            cold_timed=len(cold),
+            answers_identical=f"{sum(r['text'] == r['cold_text'] for r in rows if 'cold_text' in r)}/{len(cold)}",
+            kv_cache=gen.kv_cache.stats.as_dict(),
+        )
+    print(
+        "\n".join(f"{k:24s} {v}" for k, v in out.items() if k not in ("kv_cache",)),
+        file=sys.stderr,
+    )
+    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
