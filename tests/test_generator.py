@@ -1,0 +1,170 @@
+"""Generator engines: transformers answers and streams; the HTTP engine against a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi import Request  # module level: FastAPI resolves the string annotations here
+
+from gpu.generator import GenerationResult, OpenAIHTTPGenerator, make_generator
+
+
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The suite's shared model cache when conftest sets one, else one folder per test session.
+    return Path(os.environ.get("MEMSTAGE_MODELS") or tmp_path_factory.getbasetemp() / "models")
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    return make_generator("transformers", models_root(tmp_path_factory), device="cpu")
+
+
+def serve_in_thread(app) -> tuple[str, object]:
+    """Start uvicorn on a free loopback port; returns (base_url, server)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1", server
+
+
+def test_transformers_engine_answers_and_streams(generator) -> None:
+    pieces: list[str] = []
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = generator.generate(msgs, max_tokens=16, on_text=pieces.append)
+    assert isinstance(r, GenerationResult) and "Paris" in r.text
+    assert "".join(pieces) == r.text
+    u = r.usage()
+    assert set(u) >= {"prompt_tokens", "cached_tokens", "ttft_ms", "total_ms", "tokens_per_s"}
+    assert u["prompt_tokens"] > 10 and 0 < u["ttft_ms"] <= u["total_ms"] and r.completion_tokens > 0
+    again = generator.generate(msgs, max_tokens=16)
+    assert again.text == r.text and again.cached_tokens == again.prompt_tokens - 1
+
+
+@pytest.fixture(scope="module")
+def fake_openai_server():
+    """A small OpenAI-compatible server (FastAPI, SSE) that reports usage like vLLM does."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    seen: list[dict] = []
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "t"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append(body)
+        words = ["Hello", " from", " the", " server."]
+
+        def events():
+            for w in words:
+                c = {
+                    "id": "x",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+                }
+                yield f"data: {json.dumps(c)}\n\n"
+            end = {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            }
+            yield f"data: {json.dumps(end)}\n\n"
+            usage = {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body["model"],
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 40,
+                    "completion_tokens": 4,
+                    "total_tokens": 44,
+                    "prompt_tokens_details": {"cached_tokens": 32},
+                },
+            }
+            yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    url, server = serve_in_thread(app)
+    yield url, seen
+    server.should_exit = True
+
+
+def test_http_engine_streams_and_reads_usage(fake_openai_server) -> None:
+    url, seen = fake_openai_server
+    gen = make_generator("openai", "unused", base_url=url)
+    assert isinstance(gen, OpenAIHTTPGenerator) and gen.model == "tiny"  # first model the server lists
+    pieces: list[str] = []
+    r = gen.generate([{"role": "user", "content": "hi"}], max_tokens=8, on_text=pieces.append, user="alpha")
+    assert r.text == "Hello from the server." and pieces == ["Hello", " from", " the", " server."]
+    assert (r.prompt_tokens, r.cached_tokens, r.completion_tokens) == (40, 32, 4)
+    assert 0 < r.ttft_s <= r.total_s and r.finish_reason == "stop"
+    req = seen[-1]
+    assert (
+        req["stream"] is True and req["stream_options"] == {"include_usage": True} and req["user"] == "alpha"
+    )
+    gen.close()
+
+
+def test_factory_rejects_what_it_cannot_build(tmp_path, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="unknown generator engine"):
+        make_generator("llama.cpp", tmp_path)
+    monkeypatch.delenv("MEMSTAGE_OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="base_url"):
+        make_generator("openai", tmp_path)
+
+
+def test_device_is_overridable(monkeypatch) -> None:
+    from gpu.encoder import pick_device
+
+    monkeypatch.setenv("MEMSTAGE_DEVICE", "cpu")
+    assert pick_device(None) == "cpu"
+    assert pick_device("cuda:1") == "cuda:1"
+
+
+def test_vllm_engine() -> None:
+    pytest.importorskip(
+        "vllm",
+        reason="vLLM needs CUDA and pins its own torch (2.14); it cannot be installed on these CPU-only machines",
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM runs on CUDA only")
+    from gpu.tokenizer import ensure_converted
+
+    gen = make_generator(
+        "vllm", ensure_converted(Path(os.environ.get("MEMSTAGE_MODELS", "/tmp/memstage-models")))
+    )
+    msgs = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    first, second = gen.generate(msgs, max_tokens=8), gen.generate(msgs, max_tokens=8)
+    assert "Paris" in first.text and second.cached_tokens > 0
