@@ -308,6 +308,7 @@ def run_consolidate(
         for n in nodes:
             n["parent"] = topic_of.get(n["id"])
         new_texts = [n for n in nodes if (all_mem.get(n["id"]) or {}).get("text") != n["text"]]
+        retexted = {n["id"] for n in new_texts}
         if new_texts:
             vecs = embed([n["text"] for n in new_texts])
             for n, v, t in zip(new_texts, vecs, count_tokens([n["text"] for n in new_texts]), strict=True):
@@ -325,7 +326,7 @@ def run_consolidate(
                 "last_access": old["last_access"],
                 "importance": old["importance"],
             }
-            if n in new_texts:
+            if n["id"] in retexted:
                 keep = {k: v for k, v in keep.items() if k not in ("embedding", "tokens")}
             merged = {**n, **keep}
             fields = ("text", "parent", "status", "event_ids", "valid_to", "superseded_by")

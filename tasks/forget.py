@@ -5,28 +5,24 @@ events passed the TTL, those whose retention R = exp(-t / S) fell under `min_ret
 lowest-R ones beyond the namespace's `capacity`. As in MemoryBank, t is the age since the last access
 (or the event) in days and the strength S grows with access count and importance.
 
-Hard forget (`forget_hard`) is not undoable: it deletes matching events, memories, the summaries and
-topic nodes built from them, quarantine rows, the text of their ops rows (one ops row per deleted
-memory says what went, without the text), rebuilds or drops the index artifacts, and rewrites the
-DuckDB file so no free page keeps the bytes; then it byte-searches every file under the data dir.
+Hard forget (`forget_hard`, defined in `tasks.forget_hard` and re-exported here) is not undoable: it
+deletes the data everywhere, the DuckDB file's free pages included.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - tasks.index.build_indexes uses pa.compute without importing it
-
-from stores.compact import find_bytes, rewrite_database
 from stores.store import MemoryStore, now_utc, validate_namespace
-from tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
-from tasks.index import Embed, build_indexes, embed_missing, remove_stale_artifacts
+from tasks.contract import StageResult, make_op, memories_table, ops_table, timed
+from tasks.forget_hard import ForgetError, check_selector, forget_hard, matches
+from tasks.index import Embed
+
+__all__ = ["ForgetError", "forget_hard", "forget_soft", "load_policy", "restore", "run_forget", "save_policy"]
 
 POLICY_FILE = "policies.json"
 DEFAULT_POLICY: dict[str, Any] = {
@@ -37,13 +33,6 @@ DEFAULT_POLICY: dict[str, Any] = {
     "strength_days": 30.0,  # S of a never-used memory of importance 0.5
     "clock": "wall",  # "wall", or "latest_event": ages counted from the namespace's newest event (replays)
 }
-_HEX = re.compile(r"[0-9a-f]{24}")
-
-
-class ForgetError(ValueError):
-    """A forget request that cannot be carried out as given."""
-
-
 # ---- policies --------------------------------------------------------------------------------
 
 
@@ -239,8 +228,7 @@ def forget_soft(
 ) -> StageResult:
     """Archive the active memories that match (undoable with `restore`); nothing is deleted."""
     validate_namespace(namespace)
-    if sum(x is not None and x is not False for x in (subject, before, all or None)) != 1:
-        raise ForgetError("give exactly one of subject, before or all")
+    check_selector(subject, before, all)
     result = StageResult("forget.soft", namespace)
     with timed(result):
         mem = store.memories(namespace, status="active", current=False).to_pylist()
@@ -248,7 +236,7 @@ def forget_soft(
             m
             for m in mem
             if all
-            or (subject is not None and (_matches(m["text"], subject) or _matches(m["metadata"], subject)))
+            or (subject is not None and (matches(m["text"], subject) or matches(m["metadata"], subject)))
             or (before is not None and m["event_time"] is not None and m["event_time"] < before)
         ]
         at = now_utc()
@@ -276,171 +264,3 @@ def forget_soft(
         result.changed = len(rows)
         result.figures = {"archived": len(rows), "undoable": True}
     return result
-
-
-# ---- hard forget -----------------------------------------------------------------------------
-
-
-def _matches(value: str | None, subject: str | None) -> bool:
-    return bool(subject) and value is not None and subject.lower() in value.lower()
-
-
-def forget_hard(
-    store: MemoryStore,
-    namespace: str,
-    *,
-    subject: str | None = None,
-    before: datetime | None = None,
-    all: bool = False,  # noqa: A002 - mirrors the --all flag
-    embed: Embed | None = None,
-    flow_run_id: str | None = None,
-) -> StageResult:
-    """Delete a subject's (or an era's, or a namespace's) data everywhere it lives. NOT undoable."""
-    validate_namespace(namespace)
-    if sum(x is not None and x is not False for x in (subject, before, all or None)) != 1:
-        raise ForgetError("give exactly one of subject, before or all")
-    if subject is not None and len(subject.strip()) < 3:
-        raise ForgetError(
-            "subject must be at least 3 characters (a shorter one would match nearly everything)"
-        )
-    result = StageResult("forget.hard", namespace)
-    with timed(result):
-        events = store.query(
-            "SELECT id, text, metadata, event_time FROM events WHERE namespace = ?", [namespace]
-        ).to_pylist()
-        mem = store.query(
-            "SELECT id, level, text, metadata, event_ids, event_time, parent, superseded_by FROM memories WHERE namespace = ?",
-            [namespace],
-        ).to_pylist()
-
-        def selected(text: str | None, meta: str | None, when: datetime | None) -> bool:
-            if all:
-                return True
-            if subject is not None:
-                return _matches(text, subject) or _matches(meta, subject)
-            return when is not None and when < before
-
-        gone_events = {e["id"] for e in events if selected(e["text"], e["metadata"], e["event_time"])}
-        gone0 = {
-            m["id"]
-            for m in mem
-            if m["level"] == 0
-            and (
-                selected(m["text"], m["metadata"], m["event_time"]) or gone_events & set(m["event_ids"] or [])
-            )
-        }
-        gone_events |= {e for m in mem if m["id"] in gone0 for e in (m["event_ids"] or [])}
-        # summaries and topics built from deleted items go too (consolidate rebuilds them from what is left)
-        gone_hi = {
-            m["id"]
-            for m in mem
-            if m["level"] >= 1
-            and (
-                selected(m["text"], m["metadata"], None if before else m["event_time"])
-                or gone_events & set(m["event_ids"] or [])
-            )
-        }
-        gone = gone0 | gone_hi
-        hexes = {h for i in gone | gone_events for h in _HEX.findall(i)}
-        at = now_utc()
-        forget_id = content_hash(namespace, "forget-hard", at.isoformat())
-        how = "all" if all else ("subject" if subject is not None else f"before {before:%Y-%m-%d}")
-        ops_rows = store.query(
-            "SELECT op_id, memory_id, before, after, reason FROM ops WHERE namespace = ?", [namespace]
-        ).to_pylist()
-        scrub = [
-            o["op_id"]
-            for o in ops_rows
-            if o["memory_id"] in gone
-            or any(
-                _matches(o[c], subject) or (o[c] and hexes & set(_HEX.findall(o[c])))
-                for c in ("before", "after", "reason")
-            )
-        ]
-        quarantine = store.query(
-            'SELECT id, raw, "at" FROM quarantine WHERE namespace = ?', [namespace]
-        ).to_pylist()
-        gone_quarantine = [
-            q["id"] for q in quarantine if all or _matches(q["raw"], subject) or (before and q["at"] < before)
-        ]
-        dangling = [
-            m for m in mem if m["id"] not in gone and (m["parent"] in gone or m["superseded_by"] in gone)
-        ]
-        reason = f"hard forget ({how}, request {forget_id}): text deleted everywhere; NOT undoable"
-        new_ops = [
-            make_op(
-                namespace=namespace,
-                memory_id=mid,
-                stage="forget",
-                action="delete",
-                before=None,
-                after=None,
-                reason=reason,
-                flow_run_id=flow_run_id,
-                at=at,
-            )
-            for mid in sorted(gone)
-        ]
-        with store.writer() as w:
-            w.delete("events", namespace, sorted(gone_events))
-            w.delete("memories", namespace, sorted(gone))
-            w.delete("quarantine", namespace, gone_quarantine)
-            w.conn.register("_scrub", pa.table({"id": pa.array(scrub, pa.string())}))
-            w.execute(
-                "UPDATE ops SET before = NULL, after = NULL, reason = ? WHERE namespace = ? AND op_id IN (SELECT id FROM _scrub)",
-                [f"[redacted by hard forget {forget_id}]", namespace],
-            )
-            w.conn.unregister("_scrub")
-            for m in dangling:  # links to deleted nodes are cut; a superseded memory keeps its valid_to
-                w.execute(
-                    """UPDATE memories SET parent = CASE WHEN parent IN (SELECT unnest(?)) THEN NULL ELSE parent END,
-                       superseded_by = CASE WHEN superseded_by IN (SELECT unnest(?)) THEN NULL ELSE superseded_by END
-                       WHERE namespace = ? AND id = ?""",
-                    [sorted(gone), sorted(gone), namespace, m["id"]],
-                )
-            if subject is not None:
-                w.execute(
-                    "UPDATE runs SET figures = NULL WHERE namespace = ? AND contains(lower(figures), lower(?))",
-                    [namespace, subject],
-                )
-            w.insert("ops", ops_table(new_ops))
-        result.figures = {
-            "undoable": False,
-            "mode": how,
-            "events_deleted": len(gone_events),
-            "memories_deleted": len(gone0),
-            "summaries_deleted": len(gone_hi),
-            "ops_redacted": len(scrub),
-            "quarantine_deleted": len(gone_quarantine),
-            "links_cut": len(dangling),
-        }
-        result.figures["indexes"] = _rebuild_indexes(store, namespace, embed, flow_run_id)
-        result.figures["database"] = rewrite_database(store)
-        if subject is not None:
-            result.figures["files_still_containing_subject"] = [
-                str(p.relative_to(store.home)) for p in find_bytes(store.home, subject)
-            ]
-        result.changed = len(gone_events) + len(gone) + len(gone_quarantine)
-    return result
-
-
-def _rebuild_indexes(store: MemoryStore, namespace: str, embed: Embed | None, flow_run_id: str | None) -> str:
-    """Indexes hold the deleted text (and BM25 its words): rebuild them, or drop them when embeddings are missing."""
-    if embed is not None:
-        embed_missing(store, namespace, embed)
-    missing = (
-        store.query(
-            "SELECT count(*) AS n FROM memories WHERE namespace = ? AND status = 'active' AND valid_to IS NULL AND embedding IS NULL",
-            [namespace],
-        )
-        .column("n")[0]
-        .as_py()
-    )
-    if missing == 0:
-        build_indexes(store, namespace, flow_run_id=flow_run_id)
-        remove_stale_artifacts(store, namespace)
-        return "rebuilt"
-    with store.writer() as w:
-        w.execute("UPDATE index_manifest SET current = false WHERE namespace = ?", [namespace])
-    store.remove_namespace_files(namespace)
-    return "dropped (memories without embeddings; the next index run rebuilds them)"
