@@ -1,0 +1,305 @@
+"""`memstage report`: one self-contained HTML page of plots about a store, read from its tables.
+
+Every figure is matplotlib drawn to inline SVG (no network, no files beside the page). Sources:
+memories over time per level and namespace from `memories.created_at`; stage durations,
+compression ratio, forget counts, retrieval recall (stage 'eval') and KV cache hit rate (any run
+whose figures carry `hit_token_share`/`kv_cache`) from the `runs` table. A plot with no data yet
+says so, and which command would fill it, instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.dates as mdates  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+from stores.store import MemoryStore  # noqa: E402
+
+STAGE_COLOURS = {
+    "ingest": "#4c72b0",
+    "compress": "#dd8452",
+    "consolidate": "#55a868",
+    "update": "#c44e52",
+    "index": "#8172b3",
+    "forget": "#937860",
+    "eval": "#da8bc3",
+}
+LEVEL_NAMES = {0: "raw turns (level 0)", 1: "sessions (level 1)", 2: "topics (level 2)"}
+
+
+def _svg(fig: plt.Figure) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the page is HTML
+
+
+def _figure(title: str) -> tuple[plt.Figure, Any]:
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=96)
+    ax.set_title(title, loc="left", fontsize=11, fontweight="bold")
+    ax.grid(alpha=0.25)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig, ax
+
+
+def _time_axis(ax: Any) -> None:
+    loc = mdates.AutoDateLocator(maxticks=6)
+    ax.xaxis.set_major_locator(loc)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
+
+
+def _empty(title: str, hint: str) -> str:
+    fig, ax = _figure(title)
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"No data yet\n{hint}", ha="center", va="center", fontsize=11, color="#777")
+    return _svg(fig)
+
+
+def _runs(store: MemoryStore, namespace: str | None) -> list[dict[str, Any]]:
+    sql = "SELECT stage, namespace, started_at, duration_s, changed, figures, status FROM runs"
+    params: list[Any] = []
+    if namespace:
+        # eval runs are recorded under the benchmark, not a tenant: keep them in a per-namespace report
+        sql += " WHERE namespace = ? OR stage = 'eval'"
+        params.append(namespace)
+    rows = store.query(sql + " ORDER BY started_at", params).to_pylist()
+    for r in rows:
+        r["figures"] = json.loads(r["figures"] or "{}")
+    return rows
+
+
+def plot_memories(store: MemoryStore, namespace: str | None) -> str:
+    """Cumulative memories created, one line per (namespace, level); archived ones drawn dashed."""
+    sql = "SELECT namespace, level, created_at, status FROM memories"
+    params: list[Any] = []
+    if namespace:
+        sql += " WHERE namespace = ?"
+        params.append(namespace)
+    rows = store.query(sql + " ORDER BY created_at", params).to_pylist()
+    if not rows:
+        return _empty("Memories over time", "memstage ingest FILE")
+    fig, ax = _figure("Memories over time, per level and namespace")
+    series: dict[tuple[str, int], list[datetime]] = defaultdict(list)
+    for r in rows:
+        series[(r["namespace"], r["level"])].append(r["created_at"])
+    styles = ["-", "--", ":", "-."]
+    namespaces = sorted({ns for ns, _ in series})
+    for (ns, level), times in sorted(series.items()):
+        label = LEVEL_NAMES.get(level, f"level {level}") + (f" · {ns}" if len(namespaces) > 1 else "")
+        ax.step(
+            times,
+            range(1, len(times) + 1),
+            where="post",
+            label=label,
+            color=f"C{level}",
+            linestyle=styles[namespaces.index(ns) % len(styles)],
+            linewidth=2,
+        )
+    archived = sum(r["status"] != "active" for r in rows)
+    ax.set_ylabel("memories created")
+    ax.legend(fontsize=8, frameon=False)
+    _time_axis(ax)
+    ax.annotate(
+        f"{len(rows) - archived} active, {archived} archived",
+        xy=(0.99, 0.02),
+        xycoords="axes fraction",
+        ha="right",
+        fontsize=9,
+        color="#555",
+    )
+    return _svg(fig)
+
+
+def plot_durations(runs: list[dict[str, Any]]) -> str:
+    """Seconds per stage run over time, one colour per stage; failed runs as red crosses."""
+    if not runs:
+        return _empty("Stage durations", "memstage maintain")
+    fig, ax = _figure("Stage durations (seconds per run)")
+    by_stage: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_stage[r["stage"]].append(r)
+    for stage, rs in by_stage.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        ax.plot(
+            [r["started_at"] for r in ok],
+            [r["duration_s"] for r in ok],
+            marker="o",
+            markersize=4,
+            label=stage,
+            color=STAGE_COLOURS.get(stage),
+        )
+        bad = [r for r in rs if r["status"] != "ok"]
+        if bad:
+            ax.scatter(
+                [r["started_at"] for r in bad], [r["duration_s"] for r in bad], marker="x", color="red", s=50
+            )
+    ax.set_ylabel("seconds")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.legend(fontsize=8, frameon=False, ncol=2)
+    _time_axis(ax)
+    return _svg(fig)
+
+
+def plot_compression(runs: list[dict[str, Any]]) -> str:
+    """Level-0 tokens after / before compression, per namespace over time (lower is tighter)."""
+    rs = [r for r in runs if r["stage"] == "compress" and r["status"] == "ok"]
+    points = [(r, r["figures"].get("level0_ratio", r["figures"].get("ratio"))) for r in rs]
+    points = [(r, v) for r, v in points if v is not None]
+    if not points:
+        return _empty("Compression ratio", "memstage run compress")
+    fig, ax = _figure("Compression: tokens after / before (level 0)")
+    by_ns: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    for r, v in points:
+        by_ns[r["namespace"]].append((r["started_at"], float(v)))
+    for ns, pts in sorted(by_ns.items()):
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=ns)
+    ax.axhline(1.0, color="#999", linewidth=1, linestyle="--")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("ratio")
+    ax.legend(fontsize=8, frameon=False)
+    _time_axis(ax)
+    return _svg(fig)
+
+
+def plot_forget(runs: list[dict[str, Any]]) -> str:
+    """Memories archived (and hard-deleted by TTL) per forget run, stacked bars per namespace."""
+    rs = [r for r in runs if r["stage"] in ("forget", "forget-hard") and r["status"] == "ok"]
+    if not rs:
+        return _empty("Forgotten memories", "memstage run forget")
+    fig, ax = _figure("Forgotten per run")
+    xs = list(range(len(rs)))
+    archived = [int(r["figures"].get("archived", 0) or 0) for r in rs]
+    deleted = [
+        int(r["figures"].get("ttl_hard_deleted", 0) or 0)
+        + (r["changed"] if r["stage"] == "forget-hard" else 0)
+        for r in rs
+    ]
+    ax.bar(xs, archived, color="#937860", label="archived (undoable)")
+    ax.bar(xs, deleted, bottom=archived, color="#c44e52", label="hard-deleted")
+    ax.set_xticks(
+        xs,
+        [f"{r['started_at']:%m-%d %H:%M}\n{r['namespace']}" for r in rs],
+        fontsize=7,
+        rotation=0 if len(rs) < 6 else 45,
+    )
+    ax.set_ylabel("memories")
+    ax.legend(fontsize=8, frameon=False)
+    return _svg(fig)
+
+
+def plot_recall(runs: list[dict[str, Any]]) -> str:
+    """Evidence recall per token budget across eval runs (the retrieval-quality history)."""
+    rs = [r for r in runs if r["stage"] == "eval" and r["figures"].get("recall")]
+    if not rs:
+        return _empty("Retrieval recall", "memstage eval locomo FILE (recorded in this store)")
+    fig, ax = _figure("Evidence recall by token budget, per eval run")
+    budgets = sorted({b for r in rs for b in r["figures"]["recall"]}, key=int)
+    for i, b in enumerate(budgets):
+        pts = [(r["started_at"], r["figures"]["recall"][b]) for r in rs if b in r["figures"]["recall"]]
+        ax.plot(
+            [t for t, _ in pts],
+            [v for _, v in pts],
+            marker="o",
+            color=plt.cm.viridis(i / max(len(budgets) - 1, 1)),
+            label=f"{b} tokens",
+        )
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("recall")
+    ax.legend(fontsize=8, frameon=False, ncol=len(budgets))
+    _time_axis(ax)
+    return _svg(fig)
+
+
+def _hit_rate(figures: dict[str, Any]) -> float | None:
+    kv = figures.get("kv_cache") if isinstance(figures.get("kv_cache"), dict) else figures
+    for key in ("hit_token_share", "kv_cache_hit_rate", "cache_hit_rate"):
+        if isinstance(kv.get(key), int | float):
+            return float(kv[key])
+    return None
+
+
+def plot_kv_cache(runs: list[dict[str, Any]]) -> str:
+    """Share of prompt tokens served from the prefix KV cache, per run that reported it."""
+    pts = [(r["started_at"], h, r["stage"]) for r in runs if (h := _hit_rate(r["figures"])) is not None]
+    if not pts:
+        return _empty("KV cache hit rate", "recorded by query/serve runs (figures.kv_cache.hit_token_share)")
+    fig, ax = _figure("KV cache: share of prompt tokens reused")
+    ax.plot([t for t, _, _ in pts], [h for _, h, _ in pts], marker="o", color="#4c72b0")
+    ax.fill_between([t for t, _, _ in pts], [h for _, h, _ in pts], alpha=0.15, color="#4c72b0")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("hit share")
+    _time_axis(ax)
+    return _svg(fig)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>memstage report · {title}</title>
+<style>
+ body {{ font-family: system-ui, sans-serif; margin: 24px; background: #fafafa; color: #222; }}
+ h1 {{ font-size: 22px; margin: 0 0 4px; }} .sub {{ color: #666; margin-bottom: 18px; }}
+ .cards {{ display: flex; gap: 12px; margin-bottom: 18px; flex-wrap: wrap; }}
+ .card {{ background: #fff; border-radius: 8px; padding: 10px 16px; box-shadow: 0 1px 3px #0002; }}
+ .card b {{ display: block; font-size: 24px; }} .card span {{ color: #666; font-size: 12px; }}
+ .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 14px; }}
+ .plot {{ background: #fff; border-radius: 8px; padding: 8px; box-shadow: 0 1px 3px #0002; }}
+ .plot svg {{ width: 100%; height: auto; }}
+</style></head><body>
+<h1>memstage · {title}</h1><div class="sub">{home} · generated {when}</div>
+<div class="cards">{cards}</div>
+<div class="grid">{plots}</div>
+</body></html>
+"""
+
+
+def _cards(store: MemoryStore, namespace: str | None, runs: list[dict[str, Any]]) -> str:
+    where, params = ("WHERE namespace = ?", [namespace]) if namespace else ("", [])
+    counts = store.query(
+        f"SELECT count(*) FILTER (WHERE status = 'active') AS active, count(DISTINCT namespace) AS ns FROM memories {where}",
+        params,
+    ).to_pylist()[0]
+    failed = sum(r["status"] != "ok" for r in runs)
+    last = max((r["started_at"] for r in runs), default=None)
+    cards = [
+        (counts["active"] or 0, "active memories"),
+        (counts["ns"] or 0, "namespaces"),
+        (len(runs), "stage runs"),
+        (failed, "failed runs"),
+        (f"{last:%Y-%m-%d %H:%M}" if last else "never", "last run (UTC)"),
+    ]
+    return "".join(f"<div class='card'><b>{html.escape(str(v))}</b><span>{k}</span></div>" for v, k in cards)
+
+
+def write_report(store: MemoryStore, out: Path | str, *, namespace: str | None = None) -> dict[str, Any]:
+    """Draw every plot and write the page; returns where it went and how many plots it holds."""
+    runs = _runs(store, namespace)
+    plots = [
+        plot_memories(store, namespace),
+        plot_durations([r for r in runs if r["stage"] != "eval"]),
+        plot_compression(runs),
+        plot_forget(runs),
+        plot_recall(runs),
+        plot_kv_cache(runs),
+    ]
+    page = PAGE.format(
+        title=html.escape(namespace or "all namespaces"),
+        home=html.escape(str(store.home)),
+        when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        cards=_cards(store, namespace, runs),
+        plots="".join(f"<div class='plot'>{p}</div>" for p in plots),
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return {"out": str(out.resolve()), "plots": len(plots), "runs": len(runs), "bytes": out.stat().st_size}

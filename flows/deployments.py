@@ -1,0 +1,224 @@
+"""The flows that Prefect deployments run: plain JSON parameters, one writer per store, run names a person reads.
+
+The working flows (`ingest_flow`, `maintain_flow`, the stage flows, `query_flow`) take a
+`RuntimeConfig` and an explicit namespace list and get their task runner from the CLI. A deployment
+run starts from nothing but its parameters, so each flow here resolves `home` (default
+$MEMSTAGE_HOME), the namespaces (default: every namespace in the store, looked up when the run
+starts, so a nightly schedule covers tenants added since) and the runner (default $MEMSTAGE_RUNNER),
+then runs the working flow as a subflow on the right task runner. Flows that write hold the store's
+Prefect global concurrency limit (one slot), so two maintenance runs never write one store at once,
+whichever deployments or workers they come from; each subflow is tagged `namespace:NS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, tags
+
+from flows import runtime
+from flows.artifacts import publish
+from stores.store import MemoryStore
+
+WRITER_WAIT_S = 6 * 3600  # a queued maintenance run waits this long for the store before giving up
+
+
+def store_home(home: str | None) -> Path:
+    """The data directory a deployment run works on: the parameter, else $MEMSTAGE_HOME, else ~/.memstage."""
+    return Path(home).expanduser().resolve() if home else MemoryStore().home
+
+
+def _config(home: str | None, runner: str | None) -> runtime.RuntimeConfig:
+    return runtime.RuntimeConfig(
+        home=store_home(home), runner=runner or os.environ.get("MEMSTAGE_RUNNER", "auto")
+    )
+
+
+def store_limit_name(home: Path) -> str:
+    """The global concurrency limit guarding one data directory (the same name on every worker)."""
+    return f"memstage-store-{hashlib.sha1(str(home).encode()).hexdigest()[:10]}"
+
+
+def ensure_store_limit(home: Path) -> str:
+    """Create (or re-activate) the store's limit of one slot; returns its name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = store_limit_name(home)
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            # two runs may race to create it: the loser finds it there, which is all we need
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            return name
+        if found.limit != 1 or not found.active:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+    return name
+
+
+@contextlib.contextmanager
+def store_slot(home: Path) -> Iterator[None]:
+    """Hold the store's single writer slot for the enclosed work (queued runs wait their turn)."""
+    from prefect.concurrency.sync import concurrency
+
+    name = ensure_store_limit(home)
+    logger = get_run_logger()
+    logger.info("Waiting for the writer slot of %s (limit %s)", home, name)
+    with concurrency(name, occupy=1, timeout_seconds=WRITER_WAIT_S, strict=True):
+        logger.info("Got the writer slot of %s", home)
+        yield
+
+
+def _run_name(what: str) -> Callable[[], str]:
+    """'maintain alice 2026-11-23 02:00': stage, namespace and scheduled time, for the runs list."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters or {}
+        label = params.get("stage") or what
+        ns = params.get("namespace") or "all namespaces"
+        when = flow_run.scheduled_start_time
+        return f"{label} {ns}" + (f" {when:%Y-%m-%d %H:%M}" if when else "")
+
+    return name
+
+
+def _namespaces(config: runtime.RuntimeConfig, namespace: str | None) -> list[str]:
+    store = MemoryStore(config.home)
+    return [store.require_namespace(namespace)] if namespace else store.namespaces()
+
+
+def _on_runner(working_flow: Any, config: runtime.RuntimeConfig, *, batch: bool) -> Any:
+    """The working flow as a subflow on Ray (or in-process threads), reporting to this run's API."""
+    return working_flow.with_options(task_runner=runtime.task_runner(config, batch=batch))
+
+
+@flow(name="memstage-ingest", flow_run_name=_run_name("ingest"))
+def ingest(
+    path: str,
+    namespace: str | None = None,
+    fmt: str = "auto",
+    home: str | None = None,
+    runner: str | None = None,
+) -> dict[str, Any]:
+    """Ingest a file (jsonl, LoCoMo json, parquet) into the store and index what is new."""
+    from flows.ingest_flow import ingest_flow
+
+    config = _config(home, runner)
+    source = Path(path).expanduser()
+    if not source.is_absolute() and not source.exists():
+        source = (
+            Path(__file__).resolve().parent.parent / source
+        )  # prefect.yaml's defaults name checkout files
+    if not source.exists():
+        raise FileNotFoundError(f"ingest input {path} does not exist on this worker")
+    with store_slot(config.home), tags(*([f"namespace:{namespace}"] if namespace else [])):
+        return _on_runner(ingest_flow, config, batch=True)(source, fmt, namespace, config, False)
+
+
+@flow(name="memstage-stage", flow_run_name=_run_name("stage"))
+def stage(
+    stage: str, namespace: str | None = None, home: str | None = None, runner: str | None = None
+) -> list[dict[str, Any]]:
+    """One maintenance stage (compress, consolidate, update, index or forget) over the namespaces."""
+    from flows.stage_flows import STAGE_FLOWS
+
+    if stage not in STAGE_FLOWS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_FLOWS)}")
+    config = _config(home, runner)
+    namespaces = _namespaces(config, namespace)
+    if not namespaces:
+        get_run_logger().info("The store at %s holds no namespaces yet: nothing to %s.", config.home, stage)
+        return []
+    with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
+        return _on_runner(STAGE_FLOWS[stage], config, batch=True)(
+            namespaces, config, config.use_ray(batch=True)
+        )
+
+
+@flow(name="memstage-maintain", flow_run_name=_run_name("maintain"))
+def maintain(
+    namespace: str | None = None, home: str | None = None, runner: str | None = None
+) -> dict[str, Any]:
+    """compress -> consolidate -> update -> index -> forget; the run fails (after all stages) if one did."""
+    from flows.stage_flows import maintain_flow
+
+    config = _config(home, runner)
+    logger = get_run_logger()
+    namespaces = _namespaces(config, namespace)
+    if not namespaces:
+        logger.info("The store at %s holds no namespaces yet: nothing to maintain.", config.home)
+        return {"stage": "maintain", "namespaces": [], "stages": {}, "failed": []}
+    with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
+        # maintain_flow gives each stage subflow its own task runner; its own runner is never used
+        report = maintain_flow(namespaces, config, config.use_ray(batch=True))
+    for name, r in report["stages"].items():
+        if r["status"] == "ok":
+            logger.info("%s changed %s rows in %.1f s", name, r["changed"], r["duration_s"])
+    if report["failed"]:
+        reasons = "; ".join(f"{s}: {report['stages'][s].get('error')}" for s in report["failed"])
+        raise RuntimeError(f"maintenance of {', '.join(namespaces)} failed at stage(s) {reasons}")
+    return report
+
+
+@flow(name="memstage-query", flow_run_name=_run_name("query"))
+def query(
+    question: str,
+    namespace: str,
+    budget: int | None = None,
+    engine: str = "transformers",
+    answer: bool = True,
+    home: str | None = None,
+    runner: str | None = None,
+) -> dict[str, Any]:
+    """An ad-hoc question against one namespace: evidence within the budget, and an answer."""
+    from flows.query_flow import query_flow
+    from tasks.retrieve import DEFAULT_BUDGET
+
+    config = _config(home, runner)
+    MemoryStore(config.home).require_namespace(namespace)
+    with tags(f"namespace:{namespace}"):  # reads only: no writer slot (access counts skip a busy store)
+        return _on_runner(query_flow, config, batch=False)(
+            question, namespace, budget or DEFAULT_BUDGET, config, engine, answer
+        )
+
+
+@flow(name="memstage-eval", flow_run_name=_run_name("eval"))
+def evaluate(
+    path: str, budgets: list[int] | None = None, baselines: bool = False, home: str | None = None
+) -> dict[str, Any]:
+    """LoCoMo evidence recall on a fresh store built from `path`; the recall is recorded in `home`'s
+    `runs` table (stage 'eval') so the report can plot it over time."""
+    from flows.eval_flow import evaluate_locomo
+    from tasks.contract import StageResult, record_run, timed
+    from tasks.evaluate import DEFAULT_BUDGETS
+
+    result = StageResult("eval", f"locomo:{Path(path).stem}")
+    with timed(result):
+        report = evaluate_locomo(
+            Path(path), budgets=tuple(budgets or DEFAULT_BUDGETS), baselines=baselines, home=None
+        )
+    result.figures = {
+        "benchmark": "locomo",
+        "questions": report.get("questions"),
+        "recall": report.get("recall"),
+        "baselines": {m: r.get("recall") for m, r in report.get("baselines", {}).items()},
+    }
+    record_run(MemoryStore(store_home(home)), result, flow_run_id=runtime.flow_run_id())
+    recall = report.get("recall", {})
+    publish(
+        f"eval-{Path(path).stem}",
+        [{"budget": b, "recall": r} for b, r in recall.items()],
+        f"LoCoMo evidence recall over {report.get('questions')} questions: "
+        + ", ".join(f"{r:.3f} at {b} tokens" for b, r in recall.items()),
+    )
+    return report
