@@ -10,6 +10,9 @@ stages after it still run.
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -77,9 +80,14 @@ def forget_task(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageRe
 
 
 @stage_task(name="forget-hard", task_run_name="hard forget in {namespace}")
-def forget_hard_task(
-    config: RuntimeConfig, namespace: str, use_ray: bool, selector: dict[str, Any]
-) -> StageResult:
+def forget_hard_task(config: RuntimeConfig, namespace: str, use_ray: bool, request: str) -> StageResult:
+    # The subject travels in a request file, never as a task or flow parameter: Prefect stores those
+    # (and shows them in its UI), which would keep the very text being deleted outside the data dir.
+    path = Path(request)
+    selector = json.loads(path.read_text())
+    path.unlink()  # before the deletion's byte search of the data directory
+    if selector.get("before"):
+        selector["before"] = parse_date(selector["before"])
     svc = services(config, use_ray=use_ray)
     return forget.forget_hard(
         _store(config.home), namespace, embed=svc.encode, flow_run_id=flow_run_id(), **selector
@@ -211,10 +219,10 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
 
 @flow(name="forget-hard", flow_run_name="hard forget in {namespace}")
 def forget_hard_flow(
-    namespace: str, selector: dict[str, Any], config: RuntimeConfig, use_ray: bool = False
+    namespace: str, request: str, config: RuntimeConfig, use_ray: bool = False
 ) -> dict[str, Any]:
     """Hard deletion as its own flow run, so the request is on record (without the subject's text)."""
-    result = forget_hard_task(config, namespace, use_ray, selector)
+    result = forget_hard_task(config, namespace, use_ray, request)
     return _finish("forget-hard", [result], {}, config.home)[0]
 
 
@@ -256,10 +264,16 @@ def run_forget_hard(namespace: str, selector: dict[str, Any], config: RuntimeCon
     store = MemoryStore(config.home)
     store.require_namespace(namespace)
     use_ray = config.use_ray(batch=True)
-    with prefect_settings(config, use_ray=use_ray):
-        return forget_hard_flow.with_options(task_runner=task_runner(config, batch=True))(
-            namespace, selector, config, use_ray
-        )
+    request = config.home / f".forget-request-{uuid.uuid4().hex}.json"
+    fd = os.open(request, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(selector, f, default=lambda d: d.isoformat())
+    try:
+        with prefect_settings(config, use_ray=use_ray):
+            runnable = forget_hard_flow.with_options(task_runner=task_runner(config, batch=True))
+            return runnable(namespace, str(request), config, use_ray)
+    finally:
+        request.unlink(missing_ok=True)
 
 
 def parse_date(text: str) -> datetime:

@@ -177,6 +177,8 @@ _FIRST_PERSON = [  # (pattern, first mention with the name, later mentions)
     (r"[Mm]yself", "{s}", "themselves"),
     (r"me(?!-)", "{s}", "them"),
 ]
+_THIRD = {"go": "goes", "do": "does", "try": "tries", "watch": "watches", "miss": "misses", "wish": "wishes"}
+_VERBS = "live|work|love|like|want|need|think|feel|know|agree|hope|go|do|enjoy|play|paint|run|read|make|plan|try|watch|miss|wish|believe|remember|get|take"
 _FP_RE = re.compile("|".join(rf"(?P<g{i}>\b(?:{p})\b)" for i, (p, _, _) in enumerate(_FIRST_PERSON)))
 
 
@@ -194,6 +196,12 @@ def resolve_pronouns(text: str, speaker: str, other: str | None, *, named: bool 
         return out
 
     text = _FP_RE.sub(first, text)
+    # "I live" became "Alice live": third person for the common verbs right after the name
+    text = re.sub(
+        rf"\b({re.escape(speaker)}) ({_VERBS})\b",
+        lambda m: f"{m.group(1)} {_THIRD.get(m.group(2), m.group(2) + 's')}",
+        text,
+    )
     if other:
         o = other
         for pattern, repl in [

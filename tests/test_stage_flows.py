@@ -1,0 +1,56 @@
+"""The stage flows through the CLI: `memstage run STAGE` (second run changes nothing), `maintain`,
+`history`, `as-of`, and `forget --hard` (the subject is in no file under the data dir afterwards).
+
+One process runs every command, on Prefect's temporary server with the in-process task runner
+(`--runner local`); the Ray runner runs the same flows (see docs/stages.md for a run on LoCoMo).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stage_data import ALICE, write_jsonl
+
+from flows.cli import main
+from stores.compact import find_bytes
+
+
+def run_json(capfd, *argv: str) -> dict:
+    code = main([*argv, "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err[-3000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {out[:500]}"
+    return json.loads(lines[0])
+
+
+def test_stage_commands_end_to_end(tmp_path: Path, capfd):
+    home = str(tmp_path / "home")
+    common = ["--home", home, "--runner", "local"]
+    data = write_jsonl(tmp_path / "alice.jsonl", "alice", ALICE)
+    run_json(capfd, "ingest", str(data), *common)
+
+    first = run_json(capfd, "run", "compress", "--namespace", "alice", *common)
+    assert first["stage"] == "compress" and first["namespace"] == "alice" and first["changed"] > 0
+    assert first["tokens_after"] < first["tokens_before"]
+    assert run_json(capfd, "run", "compress", "--namespace", "alice", *common)["changed"] == 0
+
+    report = run_json(capfd, "maintain", "--namespace", "alice", *common)
+    assert report["failed"] == []
+    assert list(report["stages"]) == ["compress", "consolidate", "update", "index", "forget"]
+    assert report["stages"]["update"]["changed"] >= 2
+    again = run_json(capfd, "maintain", "--namespace", "alice", *common)
+    assert all(s["changed"] == 0 for s in again["stages"].values()), again
+
+    now = run_json(capfd, "as-of", "2023-10-01", "--namespace", "alice", "--grep", "Seattle", *common)
+    seattle = now["memories"][0]
+    june = run_json(capfd, "as-of", "2023-06-01", "--namespace", "alice", "--grep", "Boston", *common)
+    assert june["count"] == 1 and "Boston" in june["memories"][0]["text"]
+    history = run_json(capfd, "history", seattle["id"], *common)
+    assert [v["version"] for v in history["versions"]] == [1, 2]
+
+    assert find_bytes(Path(home), "Pixel")
+    gone = run_json(capfd, "forget", "--namespace", "alice", "--subject", "Pixel", "--hard", *common)
+    assert gone["undoable"] is False and gone["files_still_containing_subject"] == []
+    assert find_bytes(Path(home), "Pixel") == []
