@@ -68,6 +68,50 @@ if triton is not None:
             tl.store(OUT_I + out + j, pid_n * BLOCK_N + arg, mask=q_ok)
             acc = tl.where(local[:, None] == arg[None, :], float("-inf"), acc)
 
+    @triton.jit
+    def _group_max_kernel(
+        X,
+        Q,
+        OUT,
+        N,
+        NQ,
+        NGROUPS,
+        stride_x,
+        stride_q,
+        D: tl.constexpr,
+        G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # One pass over a block of rows: scores against every query, then the max of each group of G
+        # consecutive rows. No selection loop; the exact top-k is recovered by rescoring top groups.
+        pid_n = tl.program_id(0)
+        pid_q = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_ok = rows < N
+        q_ok = qs < NQ
+        acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            x = tl.load(
+                X + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            q = tl.load(
+                Q + qs[None, :] * stride_q + dd[:, None], mask=q_ok[None, :] & d_ok[:, None], other=0.0
+            )
+            acc += tl.dot(x, q)
+        acc = tl.where(row_ok[:, None], acc, float("-inf"))
+        gmax = tl.max(tl.reshape(acc, (BLOCK_N // G, G, BLOCK_Q)), axis=1)
+        groups = pid_n * (BLOCK_N // G) + tl.arange(0, BLOCK_N // G)
+        tl.store(
+            OUT + qs[None, :] * NGROUPS + groups[:, None],
+            gmax,
+            mask=q_ok[None, :] & (groups[:, None] < NGROUPS),
+        )
+
 
 def fused_available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
@@ -103,6 +147,43 @@ def topk_ip_fused(
     k = min(k, vals.shape[1])
     best, pos = torch.topk(vals, k, dim=1)
     return best, torch.gather(idx, 1, pos).long()
+
+
+def topk_ip_grouped(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: int,
+    *,
+    group: int = 16,
+    block_n: int = 256,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k via group maxima: one fused scan writes the max of every `group` rows per query;
+    the k best groups must hold the k best rows (each of those rows lifts its group's max above the
+    k-th best score, and at most k groups can do so), so rescoring their k x group rows is exact."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    n, d = x.shape
+    nq = q.shape[0]
+    q = q.to(x.dtype).contiguous()
+    block_q = max(16, min(64, triton.next_power_of_2(nq)))
+    ngroups = triton.cdiv(n, group)
+    gmax = torch.empty((nq, ngroups), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(nq, block_q))
+    _group_max_kernel[grid](
+        x, q, gmax, n, nq, ngroups, x.stride(0), q.stride(0),
+        D=d, G=group, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=min(128, triton.next_power_of_2(d)),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    kg = min(k, ngroups)
+    _, top_groups = torch.topk(gmax, kg, dim=1)
+    rows = (top_groups[:, :, None] * group + torch.arange(group, device=x.device)).reshape(nq, -1)
+    past_end = rows >= n  # the last group may be short
+    rows = rows.clamp_(max=n - 1)
+    cand = torch.einsum("qd,qrd->qr", q.float(), x[rows].float()).masked_fill_(past_end, float("-inf"))
+    best, pos = torch.topk(cand, min(k, n), dim=1)
+    return best, torch.gather(rows, 1, pos)
 
 
 def _chunk_for(n: int, target: int = 4096) -> int | None:
