@@ -12,8 +12,10 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
+import warnings
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,13 @@ LEVEL_NAMES = {0: "raw turns (level 0)", 1: "sessions (level 1)", 2: "topics (le
 
 def _svg(fig: plt.Figure) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # date locator on a range of seconds (a fresh store)
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the page is HTML
+    text = text[text.index("<svg") :]  # drop the XML prolog and doctype: the page is HTML
+    return re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF boilerplate
 
 
 def _figure(title: str) -> tuple[plt.Figure, Any]:
@@ -96,17 +101,21 @@ def plot_memories(store: MemoryStore, namespace: str | None) -> str:
         series[(r["namespace"], r["level"])].append(r["created_at"])
     styles = ["-", "--", ":", "-."]
     namespaces = sorted({ns for ns, _ in series})
+    now = datetime.now(UTC)
     for (ns, level), times in sorted(series.items()):
         label = LEVEL_NAMES.get(level, f"level {level}") + (f" · {ns}" if len(namespaces) > 1 else "")
         ax.step(
-            times,
-            range(1, len(times) + 1),
+            [*times, now],  # the count holds until now: a flat line, not a lone vertical jump
+            [*range(1, len(times) + 1), len(times)],
             where="post",
             label=label,
             color=f"C{level}",
             linestyle=styles[namespaces.index(ns) % len(styles)],
             linewidth=2,
         )
+    first = min(r["created_at"] for r in rows)
+    if (now - first) < timedelta(hours=2):  # a fresh store: show its minutes, not an empty year
+        ax.set_xlim(first - timedelta(minutes=5), now + timedelta(minutes=5))
     archived = sum(r["status"] != "active" for r in rows)
     ax.set_ylabel("memories created")
     ax.legend(fontsize=8, frameon=False)
@@ -146,7 +155,7 @@ def plot_durations(runs: list[dict[str, Any]]) -> str:
                 [r["started_at"] for r in bad], [r["duration_s"] for r in bad], marker="x", color="red", s=50
             )
     ax.set_ylabel("seconds")
-    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, frameon=False, ncol=2)
     _time_axis(ax)
     return _svg(fig)
@@ -195,6 +204,7 @@ def plot_forget(runs: list[dict[str, Any]]) -> str:
         rotation=0 if len(rs) < 6 else 45,
     )
     ax.set_ylabel("memories")
+    ax.set_ylim(0, max(1, *(a + d for a, d in zip(archived, deleted, strict=True))) * 1.15)
     ax.legend(fontsize=8, frameon=False)
     return _svg(fig)
 

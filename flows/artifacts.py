@@ -1,7 +1,8 @@
-"""Prefect artifacts for a run: a table of what each stage did and a short summary in words."""
+"""Prefect artifacts for a run: a table of what each stage did, a short summary in words, a link to the report."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -28,5 +29,16 @@ def publish(key: str, rows: Sequence[dict[str, Any]], summary: str) -> None:
     if FlowRunContext.get() is None:
         return
     table = [{k: _cell(v) for k, v in r.items()} for r in rows]
-    create_table_artifact(table=table, key=artifact_key(key), description=summary.splitlines()[0] if summary else None)
-    create_markdown_artifact(markdown=summary, key=artifact_key(key, "summary"), description="what this run did")
+    create_table_artifact(
+        table=table, key=artifact_key(key), description=summary.splitlines()[0] if summary else None
+    )
+    create_markdown_artifact(
+        markdown=summary, key=artifact_key(key, "summary"), description="what this run did"
+    )
+    report = os.environ.get("MEMSTAGE_REPORT_URL")  # where `memstage report` output is published, if anywhere
+    if report:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(
+            link=report, link_text="memstage report (plots over time)", key="memstage-report"
+        )

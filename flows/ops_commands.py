@@ -105,11 +105,14 @@ def _schedule(s: dict[str, Any]) -> Any:
     return Interval(int(s["interval"]), timezone=s.get("timezone"), active=s.get("active", True))
 
 
-def apply_deployments(spec: dict[str, Any]) -> list[str]:
+def apply_deployments(spec: dict[str, Any], workdir: Path) -> list[str]:
     """Register every deployment of `spec` through the Prefect client; returns their ids.
 
-    Not `prefect deploy`: with prefect 3.8.8 and fastapi 0.154 that command fails after the first
-    deployment (its worker lookup sends limit=None, which the server rejects with a 422)."""
+    Not `prefect deploy`: entrypoints become module paths of the installed package (a worker needs
+    memstage installed, not this checkout), and the pull step is ours (see below). With fastapi 0.151+
+    `prefect deploy` also failed after the first deployment (a 422 on its null `limit`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.deployments.runner import RunnerDeployment
 
     ids = []
@@ -134,7 +137,19 @@ def apply_deployments(spec: dict[str, Any]) -> list[str]:
             work_queue_name=pool.get("work_queue_name"),
             job_variables=pool.get("job_variables") or {},
         )
-        ids.append(str(deployment.apply()))
+        deployment_id = deployment.apply()
+        # A pull step that only changes directory: without one, a process worker copies the deployment's
+        # path (the whole checkout, .venv included) into a temporary workspace before every run.
+        with get_client(sync_client=True) as client:
+            client.update_deployment(
+                deployment_id,
+                DeploymentUpdate(
+                    pull_steps=[
+                        {"prefect.deployments.steps.set_working_directory": {"directory": str(workdir)}}
+                    ]
+                ),
+            )
+        ids.append(str(deployment_id))
     return ids
 
 
@@ -168,7 +183,7 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
         )
     config = config_from(args)
     env = {"MEMSTAGE_HOME": str(config.home), "MEMSTAGE_RUNNER": config.runner}
-    for key in ("MEMSTAGE_MODELS", "RAY_ADDRESS"):
+    for key in ("MEMSTAGE_MODELS", "RAY_ADDRESS", "MEMSTAGE_REPORT_URL"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     spec = deployment_specs(
@@ -185,7 +200,7 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
     from flows.deployments import ensure_store_limit
 
     limit = ensure_store_limit(config.home)
-    apply_deployments(spec)
+    apply_deployments(spec, workdir=config.home)  # runs start in the data directory
     return {
         "api": os.environ["PREFECT_API_URL"],
         "pool": args.pool,

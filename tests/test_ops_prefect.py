@@ -215,3 +215,51 @@ def test_worker_runs_ingest_deployment_with_artifacts(prefect_env, deployed, tmp
     from stores.store import MemoryStore
 
     assert MemoryStore(prefect_env["MEMSTAGE_HOME"]).namespaces() == ["demo"]
+
+
+def test_prefect_yaml_covers_every_flow_with_importable_entrypoints():
+    """No server: the file's deployments, their entrypoints and `memstage deploy`'s overrides."""
+    import importlib
+
+    import yaml
+    from prefect import Flow
+
+    from flows.ops_commands import PREFECT_FILE, deployment_specs, module_entrypoint
+
+    raw = yaml.safe_load(PREFECT_FILE.read_text())
+    names = {d["name"] for d in raw["deployments"]}
+    assert {
+        "ingest",
+        "maintain",
+        "compress",
+        "consolidate",
+        "update",
+        "index",
+        "forget",
+        "query",
+        "eval",
+    } <= names
+    for d in raw["deployments"]:
+        assert (REPO / d["entrypoint"].split(":")[0]).is_file()
+        module, func = module_entrypoint(d["entrypoint"]).rsplit(".", 1)
+        assert isinstance(getattr(importlib.import_module(module), func), Flow)
+    spec = deployment_specs(
+        raw,
+        pool="p",
+        maintain_cron="0 4 * * *",
+        forget_every=600,
+        timezone="Europe/Berlin",
+        paused=True,
+        namespaces=["alice"],
+        env={"MEMSTAGE_HOME": "/data"},
+    )
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["maintain"]["schedules"] == [
+        {"cron": "0 4 * * *", "timezone": "Europe/Berlin", "active": False}
+    ]
+    assert by_name["forget"]["schedules"][0]["interval"] == 600
+    assert by_name["forget-alice"]["parameters"] == {"stage": "forget", "namespace": "alice"}
+    assert "namespace:alice" in by_name["maintain-alice"]["tags"]
+    assert all(
+        d["work_pool"]["job_variables"]["env"] == {"MEMSTAGE_HOME": "/data"} for d in spec["deployments"]
+    )

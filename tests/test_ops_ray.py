@@ -1,0 +1,116 @@
+"""A two-node Ray cluster on loopback: ingest and maintain with RAY_ADDRESS set, work placed on both nodes.
+
+`ray start --head` and `ray start --address` (the second node marked with the custom resource
+`node2`) run with `--block` in their own sessions under a private temp dir, so the test stops
+exactly the processes it started (never `ray stop`, which would stop every Ray on the machine).
+Each node has one CPU: the long-lived services actor takes one node's CPU, so the stage tasks run on
+the other node and call the actor across nodes, which is the placement a real cluster has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE
+from tests.test_ops_prefect import free_port, stop
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def start_node(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = open(log, "w")  # noqa: SIM115 - the node outlives this function; closed with the process
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", *args],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    if ray.is_initialized():  # another test's local Ray: this module needs its own cluster
+        ray.shutdown()
+    logs = tmp_path_factory.mktemp("ray-logs")
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    nodes = [
+        start_node(
+            ["--head", "--port", str(port), "--num-cpus", "1", "--temp-dir", temp,
+             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+             "--ray-client-server-port", str(free_port()), "--resources", json.dumps({"head": 1})],
+            logs / "head.log",
+        )
+    ]
+    address = f"127.0.0.1:{port}"
+    try:
+        time.sleep(5)  # the head's GCS must listen before a node can join
+        nodes.append(
+            start_node(
+                ["--address", address, "--num-cpus", "1", "--temp-dir", temp,
+                 "--dashboard-agent-listen-port", str(free_port()), "--resources", json.dumps({"node2": 1})],
+                logs / "node2.log",
+            )
+        )
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        deadline = time.monotonic() + 180
+        while sum(n["Alive"] for n in ray.nodes()) < 2:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in nodes):
+                raise RuntimeError("two Ray nodes did not come up: " + (logs / "node2.log").read_text()[-2000:])
+            time.sleep(1)
+        node_ids = {
+            ("node2" if "node2" in n["Resources"] else "head"): n["NodeID"] for n in ray.nodes() if n["Alive"]
+        }
+        ray.shutdown()  # the flows join again through flows.runtime.ensure_ray, with their runtime_env
+        yield {"address": address, "nodes": node_ids, "logs": logs}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for proc in reversed(nodes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # --block: ray start stops its node's processes
+        for proc in reversed(nodes):
+            stop(proc)
+
+
+def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
+    import ray
+    from ray.util.state import list_actors, list_tasks
+
+    from flows.ingest_flow import run_ingest
+    from flows.runtime import RuntimeConfig
+    from flows.stage_flows import run_maintain
+    from stores.store import MemoryStore
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
+    config = RuntimeConfig(home=tmp_path / "home", runner="ray")
+    ingested = run_ingest(SAMPLE, "auto", None, config, False)
+    assert ingested["runner"] == "ray" and ingested["events_new"] == 19
+    report = run_maintain(None, config)
+    assert report["failed"] == [], report
+    assert MemoryStore(config.home).counts()["memories"] >= 19
+
+    # a task pinned by the second node's marker runs there: the node is a real, separate raylet
+    where = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).options(resources={"node2": 1}).remote())
+    assert where == ray_cluster["nodes"]["node2"]
+
+    tasks = list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
+    used = {t.node_id for t in tasks if t.node_id}
+    assert used >= set(ray_cluster["nodes"].values()), f"tasks ran on {used}, nodes {ray_cluster['nodes']}"
+    names = {t.name for t in tasks}
+    assert any("MemoryServices" in n for n in names)  # encoder calls went to the long-lived actor
+    actors = list_actors(filters=[("class_name", "=", "MemoryServices")], raise_on_missing_output=False)
+    assert len(actors) == 1 and actors[0].state == "ALIVE"  # one warm actor served both runs
+    ray.shutdown()
