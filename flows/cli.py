@@ -20,7 +20,7 @@ from typing import Any
 
 from flows import runtime  # noqa: F401 - sets the environment defaults before Prefect is imported
 
-COMMAND_MODULES = ["flows.commands", "flows.stage_commands", "flows.ops_commands", "flows.eval_flow"]
+COMMAND_MODULES = ["flows.commands", "flows.stage_commands", "flows.ops_commands", "flows.eval_flow", "flows.serve"]
 
 
 class UserError(Exception):
