@@ -168,3 +168,75 @@ def test_vllm_engine() -> None:
     ]
     first, second = gen.generate(msgs, max_tokens=8), gen.generate(msgs, max_tokens=8)
     assert "Paris" in first.text and second.cached_tokens > 0
+
+
+# ---- the generate stage's prompt layout (tasks/generate.py) -------------------------------------
+
+
+def mem(mid: str, when: str, score: float, tokens: int = 10, text: str | None = None) -> dict:
+    return {"memory_id": mid, "text": text or f"memory {mid}", "score": score, "level": 0, "tokens": tokens,
+            "event_ids": [], "dia_ids": [], "session": "s1", "event_time": when}  # fmt: skip
+
+
+def test_prompt_layout_is_stable_first_and_ignores_scores() -> None:
+    from tasks.generate import build_messages
+
+    a = {"question": "Q1?", "memories": [mem("b", "2023-02-01", 0.9), mem("a", "2023-01-01", 0.1)]}
+    b = {"question": "Q2?", "memories": [mem("a", "2023-01-01", 0.8), mem("c", "2023-03-01", 0.7)]}
+    ma, mb = build_messages(a, standing="- profile"), build_messages(b, standing="- profile")
+    assert ma[0] == mb[0] and "- profile" in ma[0]["content"]  # system + standing block: identical
+    ua, ub = ma[1]["content"], mb[1]["content"]
+    assert ua.index("memory a") < ua.index("memory b")  # by event time, not by score
+    assert ua.rstrip().endswith("Question: Q1?\nAnswer:")
+    shared = len(os.path.commonprefix([ua, ub]))
+    assert "memory a\n" in ua[:shared]  # consecutive questions share the common evidence
+
+
+def test_evidence_window_is_append_only_until_full() -> None:
+    from tasks.generate import EvidenceWindow, build_messages
+
+    w = EvidenceWindow(max_tokens=35)
+    first = build_messages(
+        {"question": "Q1?", "memories": [mem("b", "2023-02", 0.9), mem("a", "2023-01", 0.5)]}, window=w
+    )
+    second = build_messages(
+        {"question": "Q2?", "memories": [mem("c", "2023-00", 0.9), mem("a", "2023-01", 0.5)]}, window=w
+    )
+    evidence = first[1]["content"].split("\n\nQuestion")[0]
+    assert second[1]["content"].startswith(evidence)  # earlier evidence kept in place, new appended
+    assert [m["memory_id"] for m in w.items] == ["a", "b", "c"] and w.tokens == 30
+    build_messages({"question": "Q3?", "memories": [mem("d", "2023-04", 0.9)]}, window=w)
+    build_messages({"question": "Q4?", "memories": [mem("e", "2023-05", 0.9)]}, window=w)
+    assert w.resets == 1 and [m["memory_id"] for m in w.items] == ["d", "e"]  # Q3 passed 35: reset
+
+
+def test_standing_block_by_level_and_importance_within_budget() -> None:
+    import pyarrow as pa
+
+    from tasks.generate import standing_block
+
+    rows = [
+        {"id": "t1", "level": 2, "text": "topic one", "tokens": 5, "importance": 0.1, "access_count": 0, "event_time": None},
+        {"id": "s1", "level": 1, "text": "session one", "tokens": 5, "importance": 0.9, "access_count": 0, "event_time": None},
+        {"id": "s2", "level": 1, "text": "session two", "tokens": 5, "importance": 0.2, "access_count": 99, "event_time": None},
+        {"id": "r1", "level": 0, "text": "raw turn", "tokens": 1, "importance": 1.0, "access_count": 99, "event_time": None},
+    ]  # fmt: skip
+    block = standing_block(pa.Table.from_pylist(rows), budget=10, count_tokens=len)
+    assert block == "- topic one\n- session one"  # access counts ignored: they change every query
+    assert standing_block(pa.Table.from_pylist(rows[3:]), budget=10, count_tokens=len) == ""
+
+
+def test_answer_question_reports_usage() -> None:
+    from tasks.generate import answer_question
+
+    class Echo:
+        name = "echo"
+
+        def generate(self, messages, *, max_tokens, temperature, on_text=None):
+            return GenerationResult("  yes ", 120, 100, 2, 0.01, 0.02)
+
+    out = answer_question(Echo(), {"question": "Q?", "memories": [mem("a", "2023-01-01", 1.0)]})
+    assert out["answer"] == "yes"
+    assert set(out["usage"]) >= {"prompt_tokens", "cached_tokens", "ttft_ms", "total_ms", "tokens_per_s"}
+    with pytest.raises(ValueError):
+        answer_question(Echo(), {"question": " ", "memories": []})
