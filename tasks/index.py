@@ -42,6 +42,34 @@ def level0_text(speaker: str, text: str, metadata: dict[str, Any]) -> str:
     return out
 
 
+def index_text(memory: dict[str, Any], events: Sequence[dict[str, Any]]) -> str:
+    """The text a memory is found by (embedded and BM25-indexed); `memory["text"]` stays what is packed.
+
+    A level-0 memory is found by what its turn(s) said in full (`level0_text` of its source events),
+    so a stage that shortens its text for the prompt (compress) does not make it harder to find:
+    on the LoCoMo dev split, indexing compressed texts lost 0.03 recall@1000 against indexing the
+    originals and packing the compressed texts. Other levels are found by their own text.
+    """
+    if memory.get("level") != 0 or not events:
+        return memory["text"]
+    return "\n".join(level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in events)
+
+
+def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> list[str]:
+    """`index_text` of each memory id (whose stored text is in `texts`), reading source events in one query."""
+    rows = store.query(
+        """SELECT m.id, m.level, list(e ORDER BY e.seq) FILTER (WHERE e.id IS NOT NULL) AS events
+           FROM memories m LEFT JOIN events e ON e.namespace = m.namespace AND list_contains(m.event_ids, e.id)
+           WHERE m.namespace = ? AND m.id IN (SELECT unnest(?)) AND m.level = 0 GROUP BY m.id, m.level""",
+        [namespace, list(ids)],
+    ).to_pylist()
+    events = {r["id"]: r["events"] for r in rows}
+    return [
+        index_text({"level": 0, "text": t}, events[i]) if i in events else t
+        for i, t in zip(ids, texts, strict=True)
+    ]
+
+
 def materialise_level0(
     store: MemoryStore, namespace: str, *, count_tokens: CountTokens, flow_run_id: str | None = None
 ) -> StageResult:
@@ -105,7 +133,8 @@ def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], l
         "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
         [namespace],
     )
-    return todo.column("id").to_pylist(), todo.column("text").to_pylist()
+    ids = todo.column("id").to_pylist()
+    return ids, index_texts(store, namespace, ids, todo.column("text").to_pylist())
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
@@ -166,8 +195,9 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
         directory = store.index_dir(namespace)
         for level in levels:
             part = mem.filter(pa.compute.equal(mem.column("level"), level))
-            ids, texts = part.column("id").to_pylist(), part.column("text").to_pylist()
-            fp = level_fingerprint(ids, texts)
+            ids, stored = part.column("id").to_pylist(), part.column("text").to_pylist()
+            texts = index_texts(store, namespace, ids, stored)  # what a memory is found by
+            fp = level_fingerprint(ids, [f"{a}\x00{b}" for a, b in zip(stored, texts, strict=True)])
             old = current.get((level, "dense"))
             if old is not None and old["fingerprint"] == fp:
                 continue

@@ -2,7 +2,9 @@
 
 Scoring (no LLM, CPU, a few milliseconds on a warm process), over a namespace's level-0 memories:
 1. hybrid relevance: cosine to the question's embedding and BM25 (stemmed, speaker names kept),
-   each z-normalised over the namespace, mixed with a fixed weight;
+   each z-normalised over the namespace, mixed with a fixed weight; both over the text a memory is
+   found by (`tasks.index.index_text`: a turn's full original words, while what is packed is the
+   memory's text, which the compress stage may have shortened);
 2. conversation structure: a turn inherits part of its better neighbour's score (a short reply
    "yes, last week!" lives next to the question it answers), and every turn of a session gets part
    of its session's score (mean of its best turns), so the budget goes to the right sessions;
@@ -32,6 +34,7 @@ import numpy as np
 
 from gpu.vector_index import VectorIndex
 from stores.store import MemoryStore, NamespaceError, validate_namespace
+from tasks.index import index_text
 
 DEFAULT_BUDGET = 1000
 W_DENSE = 0.7  # share of the dense z-score in the hybrid score (BM25 gets the rest)
@@ -213,7 +216,7 @@ class Retriever:
             )
         rows = self.store.query(
             """SELECT m.id, m.level, m.text, m.tokens, m.event_ids, m.session, m.event_time, m.speaker, m.parent,
-                      min(e.seq) AS seq,
+                      min(e.seq) AS seq, list(e ORDER BY e.seq) FILTER (WHERE e.id IS NOT NULL) AS events,
                       list(json_extract_string(e.metadata, '$.dia_id')) FILTER (WHERE e.id IS NOT NULL) AS dia_ids
                FROM memories m LEFT JOIN events e ON e.namespace = m.namespace AND list_contains(m.event_ids, e.id)
                WHERE m.namespace = ? AND m.status = 'active' AND m.valid_to IS NULL
@@ -234,7 +237,7 @@ class Retriever:
         loaded.ids = [r["id"] for r in level0]
         n = len(level0)
         loaded.emb = np.asarray([vectors[i] for i in loaded.ids], dtype=np.float32).reshape(n, -1)
-        loaded.bm25 = _bm25([r["text"] for r in level0])
+        loaded.bm25 = _bm25([index_text(r, r["events"]) for r in level0])
         loaded.tokens = np.asarray([r["tokens"] or 0 for r in level0], dtype=np.int64)
         sessions = {s: k for k, s in enumerate(dict.fromkeys(r["session"] or "" for r in level0))}
         loaded.session = np.asarray([sessions[r["session"] or ""] for r in level0], dtype=np.int64)
