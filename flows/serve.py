@@ -16,7 +16,6 @@ import json
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -64,7 +63,11 @@ def _namespace(request: Request, body: ChatRequest, store: Any) -> str:
 
     ns = request.headers.get("x-memstage-namespace") or body.user
     if not ns:
-        raise ApiError(400, "name the memory namespace in the X-Memstage-Namespace header or the `user` field", "namespace_missing")
+        raise ApiError(
+            400,
+            "name the memory namespace in the X-Memstage-Namespace header or the `user` field",
+            "namespace_missing",
+        )
     try:
         validate_namespace(ns)
     except NamespaceError as exc:
@@ -80,7 +83,9 @@ def _messages(body: ChatRequest, retrieval: dict[str, Any], standing: str) -> li
     """Our layout (system + standing block, evidence, question) with the client's own turns kept."""
     from tasks.generate import SYSTEM_TEXT, build_messages
 
-    client_system = "\n".join(m.text() for m in body.messages if m.role in ("system", "developer") and m.text())
+    client_system = "\n".join(
+        m.text() for m in body.messages if m.role in ("system", "developer") and m.text()
+    )
     system = SYSTEM_TEXT + ("\n\n" + client_system if client_system else "")
     base = build_messages(retrieval, standing=standing, system=system)
     turns = [m for m in body.messages if m.role in ("user", "assistant")][:-1]  # history before the question
@@ -88,7 +93,9 @@ def _messages(body: ChatRequest, retrieval: dict[str, Any], standing: str) -> li
     return [base[0], *history, base[1]]
 
 
-def create_app(services: Any, *, budget: int = 1000, engine: str | None = None, standing_budget: int = 1500) -> FastAPI:
+def create_app(
+    services: Any, *, budget: int = 1000, engine: str | None = None, standing_budget: int = 1500
+) -> FastAPI:
     """The app over one `MemoryServices` (store, retriever, generator); tests pass their own."""
     from tasks.generate import standing_block
 
@@ -103,11 +110,16 @@ def create_app(services: Any, *, budget: int = 1000, engine: str | None = None, 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())[:1000]
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_body"}}, 422)
+        return JSONResponse(
+            {"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_body"}}, 422
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "memstage"}]}
+        return {
+            "object": "list",
+            "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "memstage"}],
+        }
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -141,7 +153,9 @@ def create_app(services: Any, *, budget: int = 1000, engine: str | None = None, 
             }
 
         if not body.stream:
-            result = await run_in_threadpool(gen.generate, messages, max_tokens=max_tokens, temperature=temperature)
+            result = await run_in_threadpool(
+                gen.generate, messages, max_tokens=max_tokens, temperature=temperature
+            )
             return {
                 "id": rid, "object": "chat.completion", "created": created, "model": MODEL_ID,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -183,7 +197,9 @@ def create_app(services: Any, *, budget: int = 1000, engine: str | None = None, 
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 else:
-                    yield chunk({}, item.finish_reason, memstage={**extra, "ttft_ms": round(item.ttft_s * 1e3, 2)})
+                    yield chunk(
+                        {}, item.finish_reason, memstage={**extra, "ttft_ms": round(item.ttft_s * 1e3, 2)}
+                    )
                     if body.stream_options and body.stream_options.include_usage:
                         data = {"id": rid, "object": "chat.completion.chunk", "created": created,
                                 "model": MODEL_ID, "choices": [], "usage": usage(item)}  # fmt: skip
@@ -212,7 +228,9 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 def register(sub: argparse._SubParsersAction) -> None:
     from flows.cli import add_common
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible chat endpoint that answers with a namespace's memory")
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible chat endpoint that answers with a namespace's memory"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--budget", type=int, default=1000, help="evidence tokens per answer (default 1000)")
