@@ -200,7 +200,8 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
     from flows.deployments import ensure_store_limit
 
     limit = ensure_store_limit(config.home)
-    apply_deployments(spec, workdir=config.home)  # runs start in the data directory
+    config.home.mkdir(parents=True, exist_ok=True)  # runs start in it: a missing one crashes every run
+    apply_deployments(spec, workdir=config.home)
     return {
         "api": os.environ["PREFECT_API_URL"],
         "pool": args.pool,
