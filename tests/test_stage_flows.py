@@ -54,3 +54,24 @@ def test_stage_commands_end_to_end(tmp_path: Path, capfd):
     gone = run_json(capfd, "forget", "--namespace", "alice", "--subject", "Pixel", "--hard", *common)
     assert gone["undoable"] is False and gone["files_still_containing_subject"] == []
     assert find_bytes(Path(home), "Pixel") == []
+
+
+def test_maintain_reports_a_failing_stage_and_runs_the_rest(tmp_path: Path, capfd, monkeypatch):
+    import tasks.update
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("update is broken")
+
+    monkeypatch.setattr(tasks.update, "run_update", broken)
+    home = str(tmp_path / "home")
+    common = ["--home", home, "--runner", "local"]
+    run_json(capfd, "ingest", str(write_jsonl(tmp_path / "alice.jsonl", "alice", ALICE)), *common)
+    report = run_json(capfd, "maintain", *common)
+    assert report["failed"] == ["update"]
+    assert "update is broken" in report["stages"]["update"]["error"]
+    assert len(calls) >= 2  # retried
+    assert report["stages"]["index"]["status"] == "ok" and report["stages"]["forget"]["status"] == "ok"
+    assert report["stages"]["consolidate"]["changed"] > 0
