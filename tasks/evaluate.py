@@ -183,6 +183,7 @@ class RawTurnBaselines:
     ) -> None:
         self.store, self.encoder, self.count_tokens = store, encoder, count_tokens
         self._ns: dict[str, dict[str, Any]] = {}
+        self._questions: dict[str, np.ndarray] = {}
 
     def _load(self, namespace: str) -> dict[str, Any]:
         if namespace not in self._ns:
@@ -207,7 +208,9 @@ class RawTurnBaselines:
 
     def ranking(self, namespace: str, question: str, method: str) -> list[int]:
         ns = self._load(namespace)
-        dense = np.argsort(-(ns["emb"] @ self.encoder.encode([question])[0]), kind="stable")
+        if question not in self._questions:  # asked once per budget and method: encode it once
+            self._questions[question] = self.encoder.encode([question])[0]
+        dense = np.argsort(-(ns["emb"] @ self._questions[question]), kind="stable")
         if method == "dense":
             return dense.tolist()
         tokens = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)[0]
