@@ -92,6 +92,22 @@ def _run_name(what: str) -> Callable[[], str]:
     return name
 
 
+def publish_report(home: Path) -> None:
+    """Redraw HOME/report.html and link it from this run (MEMSTAGE_REPORT_URL if it is served)."""
+    from prefect.artifacts import create_link_artifact
+
+    from dashboards.report import write_report
+
+    try:
+        out = write_report(MemoryStore(home), home / "report.html")
+    except Exception as exc:  # noqa: BLE001 - a plot failing must not fail the maintenance it reports on
+        get_run_logger().warning("The report could not be drawn: %s", exc)
+        return
+    link = os.environ.get("MEMSTAGE_REPORT_URL") or Path(out["out"]).as_uri()
+    create_link_artifact(link=link, link_text="memstage report: plots over time", key="memstage-report")
+    get_run_logger().info("Report redrawn: %s", link)
+
+
 def _namespaces(config: runtime.RuntimeConfig, namespace: str | None) -> list[str]:
     store = MemoryStore(config.home)
     return [store.require_namespace(namespace)] if namespace else store.namespaces()
@@ -161,6 +177,7 @@ def maintain(
     with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
         # maintain_flow gives each stage subflow its own task runner; its own runner is never used
         report = maintain_flow(namespaces, config, config.use_ray(batch=True))
+    publish_report(config.home)
     for name, r in report["stages"].items():
         if r["status"] == "ok":
             logger.info("%s changed %s rows in %.1f s", name, r["changed"], r["duration_s"])

@@ -217,6 +217,39 @@ def test_worker_runs_ingest_deployment_with_artifacts(prefect_env, deployed, tmp
     assert MemoryStore(prefect_env["MEMSTAGE_HOME"]).namespaces() == ["demo"]
 
 
+def test_maintain_flow_takes_the_store_slot_and_links_the_report(prefect_env, deployed):
+    """The maintain deployment's flow, called here against the same server, on the store the worker filled."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.deployments import maintain
+
+    home = Path(prefect_env["MEMSTAGE_HOME"])
+    with client_settings(prefect_env):
+        state = maintain(home=str(home), runner="local", return_state=True)
+        assert state.is_completed(), state.message
+        report = state.result()
+        with get_client(sync_client=True) as client:
+            links = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["memstage-report"])),
+                limit=10,
+                offset=0,
+                sort=ArtifactSort.CREATED_DESC,
+            )
+            slot = client.read_global_concurrency_limit_by_name(deployed["store_limit"])
+    assert report["failed"] == [] and set(report["stages"]) == {
+        "compress",
+        "consolidate",
+        "update",
+        "index",
+        "forget",
+    }
+    assert links and links[0].data == (home / "report.html").as_uri()
+    assert (home / "report.html").read_text().count("<svg") == 6
+    assert slot.active_slots == 0  # released after the run
+
+
 def test_prefect_yaml_covers_every_flow_with_importable_entrypoints():
     """No server: the file's deployments, their entrypoints and `memstage deploy`'s overrides."""
     import importlib

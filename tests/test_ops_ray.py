@@ -1,4 +1,4 @@
-"""A two-node Ray cluster on loopback: ingest and maintain with RAY_ADDRESS set, work placed on both nodes.
+"""A two-node Ray cluster on this host: ingest and maintain with RAY_ADDRESS set, work placed on both nodes.
 
 `ray start --head` and `ray start --address` (the second node marked with the custom resource
 `node2`) run with `--block` in their own sessions under a private temp dir, so the test stops
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,40 +28,84 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def start_node(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # carries the cluster's private auth token
     env.pop("RAY_ADDRESS", None)
     out = open(log, "w")  # noqa: SIM115 - the node outlives this function; closed with the process
     return subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", *args],
-        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        [RAY, "start", "--block", "--disable-usage-stats", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
     )
+
+
+def ray_node_ip() -> str:
+    """The address Ray gives this host's nodes (it rewrites 127.0.0.1 to it): both nodes and the
+    driver must agree on it, or the driver finds no local raylet."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
 
     if ray.is_initialized():  # another test's local Ray: this module needs its own cluster
         ray.shutdown()
+    # Ray 2.60 authenticates with a token, by default the shared ~/.ray/auth_token that any other
+    # `ray start --head` on this machine may regenerate: this cluster and its clients use their own.
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    reset_auth_token_state()  # this process read its auth settings when ray was imported
     logs = tmp_path_factory.mktemp("ray-logs")
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     nodes = [
         start_node(
-            ["--head", "--port", str(port), "--num-cpus", "1", "--temp-dir", temp,
-             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-             "--ray-client-server-port", str(free_port()), "--resources", json.dumps({"head": 1})],
+            [
+                "--head",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "1",
+                "--temp-dir",
+                temp,
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(free_port()),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--ray-client-server-port",
+                str(free_port()),
+                "--resources",
+                json.dumps({"head": 1}),
+            ],
             logs / "head.log",
         )
     ]
-    address = f"127.0.0.1:{port}"
+    address = f"{ray_node_ip()}:{port}"
     try:
         time.sleep(5)  # the head's GCS must listen before a node can join
         nodes.append(
             start_node(
-                ["--address", address, "--num-cpus", "1", "--temp-dir", temp,
-                 "--dashboard-agent-listen-port", str(free_port()), "--resources", json.dumps({"node2": 1})],
+                [
+                    "--address",
+                    address,
+                    "--num-cpus",
+                    "1",
+                    "--temp-dir",
+                    temp,
+                    "--dashboard-agent-listen-port",
+                    str(free_port()),
+                    "--resources",
+                    json.dumps({"node2": 1}),
+                ],
                 logs / "node2.log",
             )
         )
@@ -68,7 +113,9 @@ def ray_cluster(tmp_path_factory):
         deadline = time.monotonic() + 180
         while sum(n["Alive"] for n in ray.nodes()) < 2:
             if time.monotonic() > deadline or any(p.poll() is not None for p in nodes):
-                raise RuntimeError("two Ray nodes did not come up: " + (logs / "node2.log").read_text()[-2000:])
+                raise RuntimeError(
+                    "two Ray nodes did not come up: " + (logs / "node2.log").read_text()[-2000:]
+                )
             time.sleep(1)
         node_ids = {
             ("node2" if "node2" in n["Resources"] else "head"): n["NodeID"] for n in ray.nodes() if n["Alive"]
@@ -78,6 +125,12 @@ def ray_cluster(tmp_path_factory):
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_auth_token_state()
         for proc in reversed(nodes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)  # --block: ray start stops its node's processes
@@ -85,6 +138,7 @@ def ray_cluster(tmp_path_factory):
             stop(proc)
 
 
+@pytest.mark.slow  # about 160 s here: two Ray nodes, then ingest and the five stages on them
 def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
     import ray
     from ray.util.state import list_actors, list_tasks
@@ -103,12 +157,20 @@ def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
     assert MemoryStore(config.home).counts()["memories"] >= 19
 
     # a task pinned by the second node's marker runs there: the node is a real, separate raylet
-    where = ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id()).options(resources={"node2": 1}).remote())
+    where = ray.get(
+        ray.remote(lambda: ray.get_runtime_context().get_node_id()).options(resources={"node2": 1}).remote()
+    )
     assert where == ray_cluster["nodes"]["node2"]
 
     tasks = list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
     used = {t.node_id for t in tasks if t.node_id}
     assert used >= set(ray_cluster["nodes"].values()), f"tasks ran on {used}, nodes {ray_cluster['nodes']}"
+    by_node: dict[str, dict[str, int]] = {}
+    for t in tasks:
+        node = next((k for k, v in ray_cluster["nodes"].items() if v == t.node_id), t.node_id)
+        by_node.setdefault(node, {})
+        by_node[node][t.name] = by_node[node].get(t.name, 0) + 1
+    print("finished Ray tasks per node:", json.dumps(by_node, indent=1, sort_keys=True))
     names = {t.name for t in tasks}
     assert any("MemoryServices" in n for n in names)  # encoder calls went to the long-lived actor
     actors = list_actors(filters=[("class_name", "=", "MemoryServices")], raise_on_missing_output=False)
