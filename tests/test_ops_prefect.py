@@ -84,6 +84,9 @@ def prefect_env(tmp_path_factory):
         env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
         yield env
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # logs of in-process runs go out before their server stops
         stop(server)
         log.close()
 
@@ -245,7 +248,7 @@ def test_maintain_flow_takes_the_store_slot_and_links_the_report(prefect_env, de
         "index",
         "forget",
     }
-    assert links and links[0].data == (home / "report.html").as_uri()
+    assert links and (home / "report.html").as_uri() in links[0].data
     assert (home / "report.html").read_text().count("<svg") == 6
     assert slot.active_slots == 0  # released after the run
 
