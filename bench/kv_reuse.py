@@ -68,6 +68,12 @@ def main() -> int:
     ap.add_argument("--cold-every", type=int, default=5, help="time the cold path on every n-th question")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--models", type=Path, default=None, help="models folder (default: the store's)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 is steadier on a shared CPU",
+    )
     ap.add_argument("--dry", action="store_true", help="prompt token shares only, no generation")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -77,6 +83,8 @@ def main() -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from gpu.generator import TransformersGenerator
     from gpu.tokenizer import ensure_converted
     from tasks.generate import EvidenceWindow, build_messages, standing_block
