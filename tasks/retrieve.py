@@ -14,8 +14,9 @@ Scoring (no LLM, CPU, a few milliseconds on a warm process), over a namespace's 
 3. question cues: a boost for turns by the participant the question names, and for turns whose
    event time falls in a period the question names ("in October 2023", "on 3 June, 2023").
 Memories are then packed in score order while they fit the budget (counted with the generator's
-tokenizer); exact duplicates are skipped. The weights were set on the LoCoMo dev split in a flat
-region (neighbouring values change recall@1000 by < 0.01): see `tasks/evaluate.py` and the notes.
+tokenizer); exact duplicates are skipped. The weights were set on the LoCoMo dev split, in a flat
+region (neighbouring values change recall@1000 by < 0.01); choosing them leave-one-conversation-out
+gave 0.847 recall@1000 on the held-out conversations against 0.851 in-sample.
 A `Retriever` keeps each namespace's arrays loaded and reloads them only when the index stage has
 written new artifacts.
 """
@@ -23,7 +24,6 @@ written new artifacts.
 from __future__ import annotations
 
 import calendar
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -240,7 +240,11 @@ class Retriever:
         )
         loaded.ids = [r["id"] for r in level0]
         n = len(level0)
-        loaded.emb = np.asarray([vectors[i] for i in loaded.ids], dtype=np.float32).reshape(n, -1)
+        loaded.emb = (
+            np.asarray([vectors[i] for i in loaded.ids], dtype=np.float32)
+            if n
+            else np.zeros((0, 1), np.float32)
+        )
         loaded.bm25 = _bm25([index_text(r, r["events"]) for r in level0])
         loaded.tokens = np.asarray([r["tokens"] or 0 for r in level0], dtype=np.int64)
         sessions = {s: k for k, s in enumerate(dict.fromkeys(r["session"] or "" for r in level0))}
@@ -407,11 +411,3 @@ def record_access(store: MemoryStore, namespace: str, memory_ids: list[str]) -> 
             [namespace, memory_ids],
         )
     return len(memory_ids)
-
-
-def as_json(result: dict[str, Any]) -> str:
-    return json.dumps(result, ensure_ascii=False, default=str)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-9))
