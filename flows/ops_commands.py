@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,13 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
             "PREFECT_API_URL is not set: start `prefect server start` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (see deploy/README.md)"
         )
+    api = os.environ["PREFECT_API_URL"].rstrip("/")
+    try:
+        urllib.request.urlopen(f"{api}/health", timeout=10).close()
+    except OSError as exc:
+        raise UserError(
+            f"no Prefect server answers at {api} ({exc}); is `prefect server start` running?"
+        ) from None
     config = config_from(args)
     env = {"MEMSTAGE_HOME": str(config.home), "MEMSTAGE_RUNNER": config.runner}
     for key in ("MEMSTAGE_MODELS", "RAY_ADDRESS", "MEMSTAGE_REPORT_URL"):
