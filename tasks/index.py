@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpu.encoder import DIMS, MODEL_NAME
 from gpu.lexical_index import LexicalIndex
@@ -194,7 +195,7 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
         new_rows, retired, written = [], [], []
         directory = store.index_dir(namespace)
         for level in levels:
-            part = mem.filter(pa.compute.equal(mem.column("level"), level))
+            part = mem.filter(pc.equal(mem.column("level"), level))
             ids, stored = part.column("id").to_pylist(), part.column("text").to_pylist()
             texts = index_texts(store, namespace, ids, stored)  # what a memory is found by
             fp = level_fingerprint(ids, [f"{a}\x00{b}" for a, b in zip(stored, texts, strict=True)])
