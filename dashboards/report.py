@@ -59,7 +59,10 @@ def _figure(title: str) -> tuple[plt.Figure, Any]:
     return fig, ax
 
 
-def _time_axis(ax: Any) -> None:
+def _time_axis(ax: Any, times: list[datetime] | None = None) -> None:
+    if times and max(times) - min(times) < timedelta(minutes=10):
+        # one run (or a burst): matplotlib would stretch a zero-width date range over years
+        ax.set_xlim(min(times) - timedelta(minutes=10), max(times) + timedelta(minutes=10))
     loc = mdates.AutoDateLocator(maxticks=6)
     ax.xaxis.set_major_locator(loc)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
@@ -157,7 +160,7 @@ def plot_durations(runs: list[dict[str, Any]]) -> str:
     ax.set_ylabel("seconds")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, frameon=False, ncol=2)
-    _time_axis(ax)
+    _time_axis(ax, [r["started_at"] for r in runs])
     return _svg(fig)
 
 
@@ -178,7 +181,7 @@ def plot_compression(runs: list[dict[str, Any]]) -> str:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("ratio")
     ax.legend(fontsize=8, frameon=False)
-    _time_axis(ax)
+    _time_axis(ax, [r["started_at"] for r, _ in points])
     return _svg(fig)
 
 
@@ -228,7 +231,7 @@ def plot_recall(runs: list[dict[str, Any]]) -> str:
     ax.set_ylim(0, 1)
     ax.set_ylabel("recall")
     ax.legend(fontsize=8, frameon=False, ncol=len(budgets))
-    _time_axis(ax)
+    _time_axis(ax, [r["started_at"] for r in rs])
     return _svg(fig)
 
 
@@ -250,7 +253,7 @@ def plot_kv_cache(runs: list[dict[str, Any]]) -> str:
     ax.fill_between([t for t, _, _ in pts], [h for _, h, _ in pts], alpha=0.15, color="#4c72b0")
     ax.set_ylim(0, 1)
     ax.set_ylabel("hit share")
-    _time_axis(ax)
+    _time_axis(ax, [t for t, _, _ in pts])
     return _svg(fig)
 
 
