@@ -78,14 +78,16 @@ def store_slot(home: Path) -> Iterator[None]:
 
 
 def _run_name(what: str) -> Callable[[], str]:
-    """'maintain alice 2026-11-23 02:00': stage, namespace and scheduled time, for the runs list."""
+    """'maintain alice 2026-11-23 02:00' (or 'ingest turns.jsonl ...'): what, on what, and when."""
 
     def name() -> str:
         from prefect.runtime import flow_run
 
         params = flow_run.parameters or {}
         label = params.get("stage") or what
-        ns = params.get("namespace") or "all namespaces"
+        ns = params.get("namespace") or (
+            Path(params["path"]).name if params.get("path") else "all namespaces"
+        )
         when = flow_run.scheduled_start_time
         return f"{label} {ns}" + (f" {when:%Y-%m-%d %H:%M}" if when else "")
 

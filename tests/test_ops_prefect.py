@@ -195,7 +195,7 @@ def test_worker_runs_ingest_deployment_with_artifacts(prefect_env, deployed, tmp
         while not (fr := client.read_flow_run(run.id)).state.is_final() and time.monotonic() < deadline:
             time.sleep(1)
         assert fr.state.is_completed(), f"{fr.state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
-        assert fr.name.startswith("ingest all namespaces")
+        assert fr.name.startswith(f"ingest {SAMPLE.name} ")
         children = [
             r
             for r in client.read_flow_runs(limit=200, sort=FlowRunSort.START_TIME_DESC)
