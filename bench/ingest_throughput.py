@@ -54,7 +54,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = RuntimeConfig(home=Path(tmp) / "home", runner=args.runner)
         t0 = time.perf_counter()
-        run_ingest(REPO / "flows/samples/sample_conversation.jsonl", "jsonl", None, config, show_progress=False)
+        run_ingest(
+            REPO / "flows/samples/sample_conversation.jsonl", "jsonl", None, config, show_progress=False
+        )
         cold_start_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = run_ingest(args.data, "locomo", None, config, show_progress=False)

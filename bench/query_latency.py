@@ -65,8 +65,18 @@ def main() -> int:
                 ms.append((time.perf_counter() - t0) * 1000)
             result[f"retrieve_ms_{label}"] = percentiles(ms)
 
-        cmd = [sys.executable, "-m", "flows.cli", "query", questions[0], "--namespace", args.conversation,
-               "--home", str(home), "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "query",
+            questions[0],
+            "--namespace",
+            args.conversation,
+            "--home",
+            str(home),
+            "--json",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         walls = []
         for _ in range(2):

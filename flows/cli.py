@@ -20,7 +20,13 @@ from typing import Any
 
 from flows import runtime  # noqa: F401 - sets the environment defaults before Prefect is imported
 
-COMMAND_MODULES = ["flows.commands", "flows.stage_commands", "flows.ops_commands", "flows.eval_flow", "flows.serve"]
+COMMAND_MODULES = [
+    "flows.commands",
+    "flows.stage_commands",
+    "flows.ops_commands",
+    "flows.eval_flow",
+    "flows.serve",
+]
 
 
 class UserError(Exception):
@@ -29,10 +35,14 @@ class UserError(Exception):
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """Options every command takes (repeated per subcommand so they may follow it)."""
-    p.add_argument("--home", type=Path, default=None, help="data directory (default: $MEMSTAGE_HOME or ~/.memstage)")
+    p.add_argument(
+        "--home", type=Path, default=None, help="data directory (default: $MEMSTAGE_HOME or ~/.memstage)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout; logs go to stderr")
     p.add_argument(
-        "--runner", choices=runtime.RUNNERS, default=os.environ.get("MEMSTAGE_RUNNER", "auto"),
+        "--runner",
+        choices=runtime.RUNNERS,
+        default=os.environ.get("MEMSTAGE_RUNNER", "auto"),
         help="where tasks run: ray, local (in-process threads), or auto (Ray for batch flows; "
         "for a single query only when RAY_ADDRESS is set)",
     )

@@ -24,23 +24,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", type=Path, help="the file: .jsonl, LoCoMo .json or .parquet")
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: from the file)")
     p.add_argument(
-        "--namespace", default=None,
+        "--namespace",
+        default=None,
         help="jsonl/parquet: namespace of records that name none; locomo: prefix of each conversation's namespace",
     )
     add_common(p)
     p.set_defaults(run=cmd_ingest, render=render_ingest)
 
     for name, helptext, handler, renderer in (
-        ("retrieve", "print the evidence for a question that fits the token budget", cmd_retrieve, render_retrieve),
+        (
+            "retrieve",
+            "print the evidence for a question that fits the token budget",
+            cmd_retrieve,
+            render_retrieve,
+        ),
         ("query", "retrieve evidence and answer the question with the generator", cmd_query, render_query),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("question")
         p.add_argument("--namespace", required=True, help="whose memory to search (one tenant)")
-        p.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help=f"token budget (default {DEFAULT_BUDGET})")
+        p.add_argument(
+            "--budget", type=int, default=DEFAULT_BUDGET, help=f"token budget (default {DEFAULT_BUDGET})"
+        )
         if name == "query":
             p.add_argument(
-                "--engine", default="transformers", help="generator engine: transformers (default), openai, vllm"
+                "--engine",
+                default="transformers",
+                help="generator engine: transformers (default), openai, vllm",
             )
         add_common(p)
         p.set_defaults(run=handler, render=renderer)
@@ -50,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.set_defaults(run=cmd_stats, render=render_stats)
 
-    p = sub.add_parser("demo", help="ingest the bundled sample conversation, ask questions, show evidence and answers")
+    p = sub.add_parser(
+        "demo", help="ingest the bundled sample conversation, ask questions, show evidence and answers"
+    )
     add_common(p)
     p.set_defaults(run=cmd_demo, render=render_demo)
 
@@ -63,7 +75,9 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     from tasks.ingest import IngestError
 
     try:
-        return run_ingest(args.path, args.format, args.namespace, config_from(args), show_progress=not args.json)
+        return run_ingest(
+            args.path, args.format, args.namespace, config_from(args), show_progress=not args.json
+        )
     except IngestError as exc:
         raise UserError(str(exc)) from exc
 
@@ -123,7 +137,9 @@ def render_ingest(r: dict[str, Any]) -> str:
 
 
 def _evidence(r: dict[str, Any]) -> list[str]:
-    lines = [f"{len(r['memories'])} memories, {r['tokens']}/{r['budget']} tokens, {r.get('latency_ms', '?')} ms:"]
+    lines = [
+        f"{len(r['memories'])} memories, {r['tokens']}/{r['budget']} tokens, {r.get('latency_ms', '?')} ms:"
+    ]
     for m in r["memories"]:
         tag = ",".join(m["dia_ids"]) or m["memory_id"][:12]
         lines.append(textwrap.shorten(f"  [{tag} L{m['level']}] {m['text']}", width=160))
@@ -151,9 +167,13 @@ def render_stats(r: dict[str, Any]) -> str:
     lines = [f"data directory: {r['home']}"]
     for ns, c in r["namespaces"].items():
         levels = ", ".join(f"{k}: {v}" for k, v in c["memories_by_level"].items())
-        lines.append(f"  {ns}: {c['events']} events, {c['memories']} memories ({levels}), {c['quarantine']} quarantined")
+        lines.append(
+            f"  {ns}: {c['events']} events, {c['memories']} memories ({levels}), {c['quarantine']} quarantined"
+        )
     t = r["total"]
-    lines.append(f"  total: {t['events']} events, {t['memories']} memories, {t['ops']} ops, {t['quarantine']} quarantined")
+    lines.append(
+        f"  total: {t['events']} events, {t['memories']} memories, {t['ops']} ops, {t['quarantine']} quarantined"
+    )
     return "\n".join(lines)
 
 
@@ -161,5 +181,7 @@ def render_demo(r: dict[str, Any]) -> str:
     parts = [render_ingest(r["ingest"]), ""]
     for q in r["questions"]:
         parts += [render_query(q), ""]
-    parts.append(f"data directory: {r['home']} — try: memstage query \"...\" --namespace demo --home {r['home']}")
+    parts.append(
+        f'data directory: {r["home"]} — try: memstage query "..." --namespace demo --home {r["home"]}'
+    )
     return "\n".join(parts)

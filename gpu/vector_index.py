@@ -111,5 +111,7 @@ class VectorIndex:
         index._cpu = cpu
         index.ids = json.loads(Path(str(path) + ".ids.json").read_text())
         if len(index.ids) != cpu.ntotal:
-            raise ValueError(f"{path}: {cpu.ntotal} vectors but {len(index.ids)} ids; rebuild with `memstage run index`")
+            raise ValueError(
+                f"{path}: {cpu.ntotal} vectors but {len(index.ids)} ids; rebuild with `memstage run index`"
+            )
         return index

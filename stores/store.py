@@ -197,9 +197,7 @@ class MemoryStore:
                 for sql in statements:
                     conn.execute(sql)
                 version = target
-        conn.execute(
-            "INSERT OR REPLACE INTO schema_meta VALUES ('version', ?)", [str(schema.SCHEMA_VERSION)]
-        )
+        conn.execute("INSERT OR REPLACE INTO schema_meta VALUES ('version', ?)", [str(schema.SCHEMA_VERSION)])
         conn.execute("COMMIT")
 
     # ---- reading -------------------------------------------------------------------------------
@@ -240,7 +238,11 @@ class MemoryStore:
         n = self.query("SELECT count(*) AS n FROM memories WHERE namespace = ?", [namespace])
         if n.column("n")[0].as_py() == 0:
             known = self.namespaces()
-            hint = f"; known: {', '.join(known[:20])}" if known else "; the store is empty (run `memstage ingest`)"
+            hint = (
+                f"; known: {', '.join(known[:20])}"
+                if known
+                else "; the store is empty (run `memstage ingest`)"
+            )
             raise NamespaceError(f"namespace {namespace!r} has no memories in {self.home}{hint}")
         return namespace
 
@@ -268,7 +270,8 @@ class MemoryStore:
         if current:
             where.append("valid_to IS NULL")
         return self.query(
-            f"SELECT * FROM memories WHERE {' AND '.join(where)} ORDER BY level, session, event_time, id", params
+            f"SELECT * FROM memories WHERE {' AND '.join(where)} ORDER BY level, session, event_time, id",
+            params,
         )
 
     def counts(self, namespace: str | None = None) -> dict[str, Any]:
@@ -276,13 +279,13 @@ class MemoryStore:
         ns_where, params = ("WHERE namespace = ?", [namespace]) if namespace else ("", [])
         out: dict[str, Any] = {}
         for table in schema.TABLES:
-            out[table] = self.query(f"SELECT count(*) AS n FROM {table} {ns_where}", params).column("n")[0].as_py()
+            out[table] = (
+                self.query(f"SELECT count(*) AS n FROM {table} {ns_where}", params).column("n")[0].as_py()
+            )
         levels = self.query(
             f"SELECT level, status, count(*) AS n FROM memories {ns_where} GROUP BY ALL ORDER BY ALL", params
         ).to_pylist()
-        out["memories_by_level"] = {
-            f"L{r['level']}/{r['status']}": r["n"] for r in levels
-        }
+        out["memories_by_level"] = {f"L{r['level']}/{r['status']}": r["n"] for r in levels}
         return out
 
     # ---- index artifacts ---------------------------------------------------------------------

@@ -82,7 +82,9 @@ def make_op(
 ) -> dict[str, Any]:
     at = at or now_utc()
     return {
-        "op_id": content_hash(namespace, memory_id, stage, action, row_json(after), flow_run_id, at.isoformat()),
+        "op_id": content_hash(
+            namespace, memory_id, stage, action, row_json(after), flow_run_id, at.isoformat()
+        ),
         "namespace": namespace,
         "memory_id": memory_id,
         "stage": stage,

@@ -117,8 +117,15 @@ def materialise_level0(
             rows.append(row)
             ops.append(
                 make_op(
-                    namespace=namespace, memory_id=row["id"], stage="index", action="insert", before=None,
-                    after=row, reason="level-0 memory for a new event", flow_run_id=flow_run_id, at=at,
+                    namespace=namespace,
+                    memory_id=row["id"],
+                    stage="index",
+                    action="insert",
+                    before=None,
+                    after=row,
+                    reason="level-0 memory for a new event",
+                    flow_run_id=flow_run_id,
+                    at=at,
                 )
             )
         with store.writer() as w:
@@ -171,7 +178,9 @@ def embed_missing(
     ids, texts = pending_embeddings(store, namespace)
     for start in range(0, len(ids), EMBED_CHUNK):
         chunk = ids[start : start + EMBED_CHUNK]
-        commit_embeddings(store, namespace, embeddings_table(chunk, embed(texts[start : start + EMBED_CHUNK])))
+        commit_embeddings(
+            store, namespace, embeddings_table(chunk, embed(texts[start : start + EMBED_CHUNK]))
+        )
         if progress:
             progress(len(chunk))
     return len(ids)
@@ -204,7 +213,9 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
                 continue
             embeddings = part.column("embedding").to_pylist()
             if any(e is None for e in embeddings):
-                raise RuntimeError(f"{namespace} level {level}: memories without embeddings; run embed_missing first")
+                raise RuntimeError(
+                    f"{namespace} level {level}: memories without embeddings; run embed_missing first"
+                )
             version = (old["version"] + 1) if old else 1
             vec = VectorIndex(DIMS, backend="faiss-cpu")
             if ids:
@@ -217,9 +228,16 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
             for kind, path in (("dense", dense_path), ("lexical", lex_path)):
                 new_rows.append(
                     {
-                        "namespace": namespace, "level": level, "kind": kind, "version": version,
-                        "path": str(path.relative_to(store.home)), "count": len(ids), "model": MODEL_NAME,
-                        "fingerprint": fp, "created_at": now_utc(), "current": True,
+                        "namespace": namespace,
+                        "level": level,
+                        "kind": kind,
+                        "version": version,
+                        "path": str(path.relative_to(store.home)),
+                        "count": len(ids),
+                        "model": MODEL_NAME,
+                        "fingerprint": fp,
+                        "created_at": now_utc(),
+                        "current": True,
                     }
                 )
                 if (level, kind) in current:
@@ -234,7 +252,10 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
                 w.insert("index_manifest", pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST))
             remove_stale_artifacts(store, namespace)
         result.changed = len(new_rows) // 2
-        result.figures = {"levels_rebuilt": sorted({r["level"] for r in new_rows}), "memories_indexed": mem.num_rows}
+        result.figures = {
+            "levels_rebuilt": sorted({r["level"] for r in new_rows}),
+            "memories_indexed": mem.num_rows,
+        }
     return result
 
 

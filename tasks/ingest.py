@@ -54,8 +54,12 @@ def detect_format(path: Path) -> str:
             head = f.read(4096).lstrip()
         if head.startswith((b"[", b"{")) and (b'"conversation"' in head or b'"qa"' in head):
             return "locomo"
-        raise IngestError(f"{path}: a .json file that is not in LoCoMo format; use --format jsonl for one turn per line")
-    raise IngestError(f"{path}: cannot tell the format from the extension {suffix!r}; pass --format jsonl|locomo|parquet")
+        raise IngestError(
+            f"{path}: a .json file that is not in LoCoMo format; use --format jsonl for one turn per line"
+        )
+    raise IngestError(
+        f"{path}: cannot tell the format from the extension {suffix!r}; pass --format jsonl|locomo|parquet"
+    )
 
 
 def read_jsonl(path: Path) -> Iterator[RawRecord]:
@@ -116,7 +120,9 @@ def read_locomo(path: Path, namespace_prefix: str | None) -> Iterator[RawRecord]
         namespace = f"{namespace_prefix}-{sample_id}" if namespace_prefix else sample_id
         if not isinstance(conv, dict):
             no += 1
-            yield RawRecord(no, to_json(sample)[:4096], None, f"sample {sample_id!r} has no conversation object")
+            yield RawRecord(
+                no, to_json(sample)[:4096], None, f"sample {sample_id!r} has no conversation object"
+            )
             continue
         sessions = sorted((int(m.group(1)), k) for k in conv if (m := _SESSION_KEY.match(k)))
         for session_no, key in sessions:
@@ -124,7 +130,9 @@ def read_locomo(path: Path, namespace_prefix: str | None) -> Iterator[RawRecord]
             for seq, turn in enumerate(conv[key] or [], start=1):
                 no += 1
                 if not isinstance(turn, dict):
-                    yield RawRecord(no, to_json(turn)[:4096], None, f"{sample_id} {key} turn {seq} is not an object")
+                    yield RawRecord(
+                        no, to_json(turn)[:4096], None, f"{sample_id} {key} turn {seq} is not an object"
+                    )
                     continue
                 meta = {k: turn[k] for k in ("dia_id", "blip_caption", "img_url", "query") if k in turn}
                 meta["sample_id"] = sample_id
@@ -225,7 +233,11 @@ def event_id(ev: dict[str, Any]) -> str:
 
 
 def normalise(
-    records: Iterator[RawRecord], *, source: str, default_namespace: str | None, flow_run_id: str | None = None
+    records: Iterator[RawRecord],
+    *,
+    source: str,
+    default_namespace: str | None,
+    flow_run_id: str | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Raw records -> (events, quarantine) tables; duplicates within the input collapse to one event."""
     at = now_utc()

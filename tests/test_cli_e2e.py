@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SAMPLE
 
 from flows.cli import main
-
-from conftest import SAMPLE
 
 
 def run_json(capfd, *argv: str) -> dict:
@@ -39,7 +38,9 @@ def one_conversation(tmp_path_factory, request):
 
 def test_ingest_retrieve_query_stats_through_prefect_and_ray(tmp_path, capfd, one_conversation):
     home = str(tmp_path / "home")
-    ingested = run_json(capfd, "ingest", str(one_conversation), "--format", "locomo", "--home", home, "--runner", "ray")
+    ingested = run_json(
+        capfd, "ingest", str(one_conversation), "--format", "locomo", "--home", home, "--runner", "ray"
+    )
     assert ingested["runner"] == "ray" and ingested["namespaces"] == ["conv-26"]
     assert ingested["events_new"] == 419 and ingested["indexed"]["conv-26"]["embedded"] == 419
     sample = run_json(capfd, "ingest", str(SAMPLE), "--home", home, "--runner", "ray")
@@ -48,15 +49,33 @@ def test_ingest_retrieve_query_stats_through_prefect_and_ray(tmp_path, capfd, on
     assert again["events_new"] == 0 and again["indexed"]["conv-26"]["level0_created"] == 0
 
     got = run_json(
-        capfd, "retrieve", "When did Caroline go to the LGBTQ support group?", "--namespace", "conv-26", "--home", home
+        capfd,
+        "retrieve",
+        "When did Caroline go to the LGBTQ support group?",
+        "--namespace",
+        "conv-26",
+        "--home",
+        home,
     )
     assert set(got) >= {"namespace", "question", "budget", "tokens", "memories"}
     assert got["tokens"] <= got["budget"] == 1000
     assert any("D1:3" in m["dia_ids"] for m in got["memories"])
-    assert all(set(m) >= {"memory_id", "text", "score", "level", "event_ids", "dia_ids"} for m in got["memories"])
+    assert all(
+        set(m) >= {"memory_id", "text", "score", "level", "event_ids", "dia_ids"} for m in got["memories"]
+    )
 
     # namespace isolation: the sample's memories never answer for conv-26 and vice versa
-    demo = run_json(capfd, "retrieve", "Where does Maya live now?", "--namespace", "demo", "--home", home, "--budget", "200")
+    demo = run_json(
+        capfd,
+        "retrieve",
+        "Where does Maya live now?",
+        "--namespace",
+        "demo",
+        "--home",
+        home,
+        "--budget",
+        "200",
+    )
     assert demo["memories"] and all(m["dia_ids"] == [] for m in demo["memories"])
 
     answered = run_json(capfd, "query", "Where does Maya live now?", "--namespace", "demo", "--home", home)
@@ -72,6 +91,8 @@ def test_ingest_retrieve_query_stats_through_prefect_and_ray(tmp_path, capfd, on
 
 
 def test_console_script_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("ingest", "retrieve", "query", "stats", "demo"):
         assert command in out

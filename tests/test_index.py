@@ -13,7 +13,9 @@ def test_index_creates_one_memory_per_event_with_tokens_embeddings_and_ops(index
     assert len(mem) == 19
     assert all(m["tokens"] > 0 and len(m["embedding"]) == 384 and m["status"] == "active" for m in mem)
     assert all(m["text"].split(":")[0] in ("Maya", "Sam") for m in mem)
-    ops = indexed_sample.query("SELECT action, count(*) AS n FROM ops WHERE namespace = 'demo' GROUP BY 1").to_pylist()
+    ops = indexed_sample.query(
+        "SELECT action, count(*) AS n FROM ops WHERE namespace = 'demo' GROUP BY 1"
+    ).to_pylist()
     assert ops == [{"action": "insert", "n": 19}]
 
 
@@ -30,9 +32,14 @@ def test_second_run_changes_nothing(indexed_sample, encoder, token_counter):
     assert build_indexes(indexed_sample, "demo").changed == 0
 
 
-def test_new_events_extend_the_index_as_a_new_version_and_old_files_go(indexed_sample, encoder, token_counter, tmp_path):
+def test_new_events_extend_the_index_as_a_new_version_and_old_files_go(
+    indexed_sample, encoder, token_counter, tmp_path
+):
     path = tmp_path / "more.jsonl"
-    path.write_text(json.dumps({"namespace": "demo", "session": "s4", "speaker": "Sam", "text": "Pepper learned to sit."}) + "\n")
+    path.write_text(
+        json.dumps({"namespace": "demo", "session": "s4", "speaker": "Sam", "text": "Pepper learned to sit."})
+        + "\n"
+    )
     commit_events(indexed_sample, *parse_file(path, "jsonl"))
     result = run_index(indexed_sample, "demo", embed=encoder.encode, count_tokens=token_counter.count_many)
     assert result.figures["level0_created"] == 1 and result.figures["embedded"] == 1

@@ -8,12 +8,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SAMPLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks.ingest import IngestError, commit_events, detect_format, parse_file
-
-from conftest import SAMPLE
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -24,7 +23,13 @@ def write_jsonl(path: Path, lines: list) -> Path:
 
 
 def good(i: int, ns: str = "alice") -> dict:
-    return {"namespace": ns, "session": "s1", "speaker": "Al", "text": f"fact number {i}", "time": "2024-01-02T03:04:05Z"}
+    return {
+        "namespace": ns,
+        "session": "s1",
+        "speaker": "Al",
+        "text": f"fact number {i}",
+        "time": "2024-01-02T03:04:05Z",
+    }
 
 
 def test_sample_conversation_parses_with_times_and_sessions():
@@ -45,7 +50,11 @@ def test_locomo_conversations_become_namespaces_with_dia_ids_times_and_captions(
     assert row["event_time"].isoformat() == "2023-05-08T13:56:00+00:00"
     assert "blip_caption" in meta["D1:5"][1]
     assert sorted({r["namespace"] for r in events.to_pylist()}) == [
-        "dev-conv-26", "dev-conv-30", "dev-conv-41", "dev-conv-42", "dev-conv-43"
+        "dev-conv-26",
+        "dev-conv-30",
+        "dev-conv-41",
+        "dev-conv-42",
+        "dev-conv-43",
     ]
 
 
@@ -70,8 +79,13 @@ def test_bad_records_are_quarantined_with_reasons_and_good_ones_still_land(store
     reasons = bad.column("reason").to_pylist()
     assert len(reasons) == 7
     for expected, no in [
-        ("missing text", 2), ("text must be a string, got int", 3), ("invalid UTF-8", 4),
-        ("exceeds the 100000-character limit", 5), ("invalid JSON", 6), ("unparsable time", 7), ("invalid namespace", 8),
+        ("missing text", 2),
+        ("text must be a string, got int", 3),
+        ("invalid UTF-8", 4),
+        ("exceeds the 100000-character limit", 5),
+        ("invalid JSON", 6),
+        ("unparsable time", 7),
+        ("invalid namespace", 8),
     ]:
         assert any(f"record {no} of" in r and expected in r for r in reasons), (expected, reasons)
     assert store.counts()["quarantine"] == 7
@@ -94,7 +108,9 @@ def test_identical_lines_collapse_but_repeated_text_at_other_times_does_not(tmp_
 
 def test_parquet_input_and_namespace_default(tmp_path):
     path = tmp_path / "t.parquet"
-    pq.write_table(pa.Table.from_pylist([{"session": "s", "speaker": "B", "text": "hello there", "time": None}]), path)
+    pq.write_table(
+        pa.Table.from_pylist([{"session": "s", "speaker": "B", "text": "hello there", "time": None}]), path
+    )
     events, bad = parse_file(path, "auto", namespace="bob")
     assert bad.num_rows == 0 and events.column("namespace").to_pylist() == ["bob"]
 
@@ -108,9 +124,13 @@ def test_unreadable_inputs_are_errors_not_crashes(tmp_path):
 
 
 record = st.one_of(
-    st.builds(lambda t, s: {"namespace": "p", "session": s, "speaker": "A", "text": t},
-              st.text(min_size=1, max_size=40).filter(lambda t: t.strip() and not any(0xD800 <= ord(c) <= 0xDFFF for c in t)),
-              st.sampled_from(["s1", "s2"])),
+    st.builds(
+        lambda t, s: {"namespace": "p", "session": s, "speaker": "A", "text": t},
+        st.text(min_size=1, max_size=40).filter(
+            lambda t: t.strip() and not any(0xD800 <= ord(c) <= 0xDFFF for c in t)
+        ),
+        st.sampled_from(["s1", "s2"]),
+    ),
     st.just({"namespace": "p", "text": None}),
     st.just({"namespace": "p", "text": ["list"]}),
     st.just({"namespace": "p", "text": "   "}),
@@ -127,11 +147,17 @@ def test_property_every_good_record_stored_every_bad_one_quarantined_reingest_no
     store = MemoryStore(tmp / "home")
     path = write_jsonl(tmp / "in.jsonl", records)
     events, bad = parse_file(path, "jsonl")
-    n_bad = sum(1 for r in records if not (isinstance(r["text"], str) and r["text"].strip() and "metadata" not in r))
+
+    def is_good(r: dict) -> bool:  # NULs are stripped before the emptiness check
+        return (
+            isinstance(r["text"], str) and bool(r["text"].replace("\x00", "").strip()) and "metadata" not in r
+        )
+
+    n_bad = sum(1 for r in records if not is_good(r))
     assert bad.num_rows == n_bad
     stored_texts = set(events.column("text").to_pylist())
     for r in records:
-        if isinstance(r["text"], str) and r["text"].strip() and "metadata" not in r:
+        if is_good(r):
             assert r["text"].replace("\x00", "").strip() in stored_texts
     commit_events(store, events, bad)
     before = store.counts()

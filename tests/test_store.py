@@ -14,7 +14,9 @@ from stores.store import MemoryStore, NamespaceError, StoreError, StoreLockedErr
 
 
 def test_new_store_has_every_table_at_the_current_schema_version(store):
-    tables = set(store.query("SELECT table_name FROM information_schema.tables").column("table_name").to_pylist())
+    tables = set(
+        store.query("SELECT table_name FROM information_schema.tables").column("table_name").to_pylist()
+    )
     assert set(schema.TABLES) <= tables
     version = store.query("SELECT value FROM schema_meta WHERE key = 'version'").column("value")[0].as_py()
     assert int(version) == schema.SCHEMA_VERSION
@@ -46,18 +48,26 @@ def test_insert_ignores_existing_keys_and_reports_only_new_rows(store):
 
 def test_second_writer_gets_a_clear_error_naming_the_holder(store, tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from stores.store import MemoryStore
             with MemoryStore({str(store.home)!r}).writer():
                 print("locked", flush=True)
                 time.sleep(30)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(StoreLockedError, match=r"another writer holds .*memstage.lock \(pid \d+"), store.writer():
+        with (
+            pytest.raises(StoreLockedError, match=r"another writer holds .*memstage.lock \(pid \d+"),
+            store.writer(),
+        ):
             pass
     finally:
         holder.kill()
