@@ -97,9 +97,14 @@ def create_app(
     services: Any, *, budget: int = 1000, engine: str | None = None, standing_budget: int = 1500
 ) -> FastAPI:
     """The app over one `MemoryServices` (store, retriever, generator); tests pass their own."""
+    from flows.metrics import generator_cache_stats, mount_metrics
     from tasks.generate import standing_block
 
     app = FastAPI(title="memstage", version="0.1.0")
+    app.state.generator = None
+    metrics = mount_metrics(
+        app, cache_stats=lambda: generator_cache_stats(app.state.generator), store=services.store
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -139,12 +144,16 @@ def create_app(
     async def chat(request: Request, body: ChatRequest) -> Any:
         ns, retrieval, messages = await run_in_threadpool(prepare, request, body)
         gen = await run_in_threadpool(services.generator, engine or "transformers")
+        app.state.generator = gen
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
         temperature = body.temperature or 0.0
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         extra = {"namespace": ns, "memory_ids": [m["memory_id"] for m in retrieval["memories"]]}
 
         def usage(result: Any) -> dict[str, Any]:
+            metrics.count_tokens(
+                prompt=result.prompt_tokens, completion=result.completion_tokens, cached=result.cached_tokens
+            )
             return {
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,

@@ -172,3 +172,10 @@ def test_namespaces_never_cross(client, server) -> None:
     )
     got = set(r.model_extra["memstage"]["memory_ids"])
     assert got and got <= ids_of(server[1], "beta") and not got & ids_of(server[1], "alpha")
+
+
+def test_serve_exposes_prometheus_metrics(server):
+    import httpx
+
+    text = httpx.get(server[0].removesuffix("/v1") + "/metrics").text
+    assert "memstage" in text and "# TYPE" in text
