@@ -90,8 +90,11 @@ class MemoryServices:
     def answer(
         self, retrieval: dict[str, Any], engine: str = "transformers", **options: Any
     ) -> dict[str, Any]:
-        from tasks.generate import answer_question
+        from tasks.generate import STANDING_BUDGET, answer_question, standing_block
 
+        if "standing" not in options:  # the namespace's stable block goes first, so its KV cache is reused
+            memories = self.store.memories(retrieval["namespace"])
+            options["standing"] = standing_block(memories, STANDING_BUDGET, self.counter.count)
         return answer_question(self.generator(engine), retrieval, **options)
 
 
