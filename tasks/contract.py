@@ -105,6 +105,15 @@ def memories_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=MEMORIES)
 
 
+def commit_memory_changes(store: Any, rows: Sequence[dict[str, Any]], ops: Sequence[dict[str, Any]]) -> int:
+    """Write changed memory rows (replacing the stored ones) and their `ops` records in one transaction."""
+    if rows:
+        with store.writer() as w:
+            w.insert("memories", memories_table(rows), replace=True)
+            w.insert("ops", ops_table(ops))
+    return len(rows)
+
+
 def record_run(store: Any, result: StageResult, *, flow_run_id: str | None, status: str = "ok") -> None:
     """Append a stage run to the `runs` table (what the dashboards plot over time)."""
     from stores.schema import RUNS

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stores.store import MemoryStore, now_utc, validate_namespace
-from tasks.contract import StageResult, make_op, memories_table, ops_table, timed
+from tasks.contract import StageResult, commit_memory_changes, make_op, timed
 from tasks.forget_hard import ForgetError, check_selector, forget_hard, matches
 from tasks.index import Embed
 
@@ -163,11 +163,7 @@ def run_forget(
                     at=at,
                 )
             )
-        if rows:
-            with store.writer() as w:
-                w.insert("memories", memories_table(rows), replace=True)
-                w.insert("ops", ops_table(ops))
-        result.changed = len(rows) + result.figures.get("ttl_hard_deleted", 0)
+        result.changed = commit_memory_changes(store, rows, ops) + result.figures.get("ttl_hard_deleted", 0)
         result.figures.update({"archived": len(rows), "considered": len(mem), "policy": policy})
     return result
 
@@ -205,11 +201,7 @@ def restore(
                     at=at,
                 )
             )
-        if rows:
-            with store.writer() as w:
-                w.insert("memories", memories_table(rows), replace=True)
-                w.insert("ops", ops_table(ops))
-        result.changed = len(rows)
+        result.changed = commit_memory_changes(store, rows, ops)
         result.figures = {
             "restored": [r["id"] for r in rows],
             "not_restorable": sorted(set(memory_ids) - {r["id"] for r in rows}),
@@ -257,10 +249,6 @@ def forget_soft(
                     at=at,
                 )
             )
-        if rows:
-            with store.writer() as w:
-                w.insert("memories", memories_table(rows), replace=True)
-                w.insert("ops", ops_table(ops))
-        result.changed = len(rows)
+        result.changed = commit_memory_changes(store, rows, ops)
         result.figures = {"archived": len(rows), "undoable": True}
     return result
