@@ -57,3 +57,17 @@ def indexed_sample(store, encoder, token_counter):
     commit_events(store, *parse_file(SAMPLE, "jsonl"))
     run_index(store, "demo", embed=encoder.encode, count_tokens=token_counter.count_many)
     return store
+
+
+def run_json(capfd, *argv: str) -> dict:
+    """Run the CLI in-process with --json; stdout must hold exactly one JSON object."""
+    import json
+
+    from flows.cli import main
+
+    code = main([*argv, "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err[-3000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {out[:500]}"
+    return json.loads(lines[0])

@@ -10,18 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, run_json
 
 from flows.cli import main
-
-
-def run_json(capfd, *argv: str) -> dict:
-    code = main([*argv, "--json"])
-    out, err = capfd.readouterr()
-    assert code == 0, err[-3000:]
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {out[:500]}"
-    return json.loads(lines[0])
 
 
 @pytest.fixture(scope="module")

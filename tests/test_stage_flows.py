@@ -7,22 +7,12 @@ One process runs every command, on Prefect's temporary server with the in-proces
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from conftest import run_json
 from stage_data import ALICE, write_jsonl
 
-from flows.cli import main
 from stores.compact import find_bytes
-
-
-def run_json(capfd, *argv: str) -> dict:
-    code = main([*argv, "--json"])
-    out, err = capfd.readouterr()
-    assert code == 0, err[-3000:]
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {out[:500]}"
-    return json.loads(lines[0])
 
 
 def test_stage_commands_end_to_end(tmp_path: Path, capfd):
