@@ -22,6 +22,7 @@ import bm25s
 import numpy as np
 
 from stores.store import MemoryStore
+from tasks.retrieve import pack_within_budget
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 DEFAULT_BUDGETS = (250, 500, 1000, 2000)
@@ -231,14 +232,10 @@ class RawTurnBaselines:
 
         def retrieve(namespace: str, question: str, budget: int) -> dict[str, Any]:
             ns = self._load(namespace)
-            packed, used = [], 0
-            for i in self.ranking(namespace, question, method):
-                if used + ns["tokens"][i] > budget:
-                    continue
-                used += int(ns["tokens"][i])
-                packed.append({"memory_id": ns["ids"][i], "tokens": int(ns["tokens"][i]), "level": 0})
-                if budget - used < 5:
-                    break
+            chosen, used = pack_within_budget(
+                self.ranking(namespace, question, method), lambda i: int(ns["tokens"][i]), budget
+            )
+            packed = [{"memory_id": ns["ids"][i], "tokens": int(ns["tokens"][i]), "level": 0} for i in chosen]
             return {
                 "namespace": namespace,
                 "question": question,

@@ -26,9 +26,10 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import bm25s
 import numpy as np
@@ -75,6 +76,35 @@ def stem(word: str) -> str:
                 out = out[:-1]  # "running" -> "run"
             return out
     return word
+
+
+T = TypeVar("T")
+
+
+def pack_within_budget(
+    ranked: Iterable[T],
+    tokens: Callable[[T], int],
+    budget: int,
+    *,
+    key: Callable[[T], str] | None = None,
+) -> tuple[list[T], int]:
+    """Greedy packing in rank order: what does not fit is skipped (a shorter item further down may
+    still fit), items with an already packed `key` are skipped, and packing stops once fewer than
+    MIN_LEFT tokens are left. Returns (packed items, tokens used)."""
+    packed: list[T] = []
+    used, seen = 0, set()
+    for item in ranked:
+        n = tokens(item)
+        k = key(item) if key is not None else None
+        if used + n > budget or (k is not None and k in seen):
+            continue
+        used += n
+        if k is not None:
+            seen.add(k)
+        packed.append(item)
+        if budget - used < MIN_LEFT:
+            break
+    return packed, used
 
 
 class _Stemmer:
@@ -366,30 +396,32 @@ class Retriever:
             raise ValueError(f"budget must be a positive number of tokens, got {budget}")
         start = time.perf_counter()
         ns = self.load(namespace)
-        packed, used, seen = [], 0, set()
-        for mid, score in self.rank(namespace, question, levels=levels):
+
+        def text_key(item: tuple[str, float]) -> str:
+            return " ".join((ns.rows[item[0]]["text"] or "").lower().split())
+
+        chosen, used = pack_within_budget(
+            self.rank(namespace, question, levels=levels),
+            lambda item: int(ns.rows[item[0]]["tokens"] or 0),
+            budget,
+            key=text_key,  # a copy of a packed memory adds nothing
+        )
+        packed = []
+        for mid, score in chosen:
             row = ns.rows[mid]
-            tokens = int(row["tokens"] or 0)
-            key = " ".join((row["text"] or "").lower().split())
-            if used + tokens > budget or key in seen:
-                continue  # a shorter memory further down may still fit; a copy adds nothing
-            used += tokens
-            seen.add(key)
             packed.append(
                 {
                     "memory_id": mid,
                     "text": row["text"],
                     "score": round(float(score), 6),
                     "level": int(row["level"]),
-                    "tokens": tokens,
+                    "tokens": int(row["tokens"] or 0),
                     "event_ids": list(row["event_ids"] or []),
                     "dia_ids": [d for d in (row["dia_ids"] or []) if d],
                     "session": row["session"],
                     "event_time": row["event_time"].isoformat() if row["event_time"] else None,
                 }
             )
-            if budget - used < MIN_LEFT:
-                break
         return {
             "namespace": namespace,
             "question": question,
