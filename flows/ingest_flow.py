@@ -7,6 +7,7 @@ long-lived encoder in the services actor.
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from stores.store import MemoryStore
 from tasks import index, ingest
 from tasks.contract import StageResult, record_run, timed
 
-EMBED_BATCH = 1024  # texts per Ray task: about 5 s of encoder time on 2 cores, far above the 0.2 s task cost
+EMBED_BATCH = 1024  # texts per Ray task: about 10 s of encoder time on 2 cores, far above the 0.2 s task cost
+EMBED_IN_FLIGHT = 2  # batches queued at the encoder: one encoding, the next already waiting
 
 
 @stage_task(name="parse-input", task_run_name="parse {path.name}")
@@ -46,10 +48,14 @@ def commit_events(home: Path, events: pa.Table, quarantine: pa.Table) -> StageRe
 
 
 @stage_task(name="level0-memories", task_run_name="level-0 memories of {namespace}")
-def make_level0(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageResult:
-    svc = services(config, use_ray=use_ray)
+def make_level0(config: RuntimeConfig, namespace: str) -> StageResult:
+    # Tokens are counted here, in the flow's process (a light tokenizer), not by the services actor:
+    # it is busy encoding the previous namespace, and this step should overlap with that.
     return index.materialise_level0(
-        MemoryStore(config.home), namespace, count_tokens=svc.count_tokens, flow_run_id=flow_run_id()
+        MemoryStore(config.home),
+        namespace,
+        count_tokens=services(config, use_ray=False).count_tokens,
+        flow_run_id=flow_run_id(),
     )
 
 
@@ -73,35 +79,64 @@ def build_indexes(home: Path, namespace: str) -> StageResult:
 def index_namespaces(
     config: RuntimeConfig, namespaces: list[str], *, use_ray: bool, show_progress: bool
 ) -> list[StageResult]:
-    """Level-0 memories, embeddings and indexes for each namespace; the embedding batches run in parallel."""
+    """Level-0 memories, embeddings and indexes for each namespace, pipelined around the encoder.
+
+    The encoder is the real cost, so it must never wait on the flow: EMBED_IN_FLIGHT batches are
+    queued at it at any time, and while it works the flow process materialises the next namespace's
+    level-0 memories, commits finished batches and builds the indexes of finished namespaces. A
+    bounded queue, not everything at once: each submitted task that waits on the actor frees its
+    Ray CPU, and Ray starts a new worker process (seconds of imports, stolen from the encoder) for
+    the next one.
+    """
     store = MemoryStore(config.home)
-    results = {ns: StageResult("index", ns) for ns in namespaces}
-    created = {ns: make_level0(config, ns, use_ray) for ns in namespaces}
-    pending = {ns: index.pending_embeddings(store, ns) for ns in namespaces}
-    total = sum(len(ids) for ids, _ in pending.values())
-    futures = []
-    for ns, (ids, texts) in pending.items():
-        for b, start in enumerate(range(0, len(ids), EMBED_BATCH)):
-            sl = slice(start, start + EMBED_BATCH)
-            futures.append((ns, embed_batch.submit(config, ns, b, ids[sl], texts[sl], use_ray)))
+    created: dict[str, StageResult] = {}
+    built: dict[str, StageResult] = {}
     embedded = dict.fromkeys(namespaces, 0)
-    with Progress("embedding", total, enabled=show_progress) as bar:
-        for ns, fut in futures:
-            emb = fut.result()
-            embedded[ns] += index.commit_embeddings(store, ns, emb)
+    batches_left = dict.fromkeys(namespaces, 0)
+    in_flight: deque[tuple[str, Any]] = deque()
+
+    with Progress("embedding", 0, enabled=show_progress) as bar:
+
+        def settle_oldest() -> None:
+            ns, future = in_flight.popleft()
+            emb = future.result()
+            batches_left[ns] -= 1
+            with store.hold():  # one connection for the step's reads and writes (see MemoryStore.hold)
+                embedded[ns] += index.commit_embeddings(store, ns, emb)
+                if batches_left[ns] == 0:
+                    built[ns] = build_indexes(config.home, ns)
             bar.advance(emb.num_rows)
+
+        for ns in namespaces:
+            with store.hold():
+                created[ns] = make_level0(config, ns)
+                ids, texts = index.pending_embeddings(store, ns)
+                starts = range(0, len(ids), EMBED_BATCH)
+                batches_left[ns] = len(starts)
+                if not starts:  # nothing to embed; a stage may still have changed what is indexed
+                    built[ns] = build_indexes(config.home, ns)
+            bar.add_total(len(ids))
+            for b, start in enumerate(starts):
+                while len(in_flight) >= EMBED_IN_FLIGHT:
+                    settle_oldest()
+                sl = slice(start, start + EMBED_BATCH)
+                in_flight.append((ns, embed_batch.submit(config, ns, b, ids[sl], texts[sl], use_ray)))
+        while in_flight:
+            settle_oldest()
+
+    results = []
     for ns in namespaces:
-        built = build_indexes(config.home, ns)
-        r = results[ns]
-        r.changed = created[ns].changed + embedded[ns] + built.changed
-        r.duration_s = created[ns].duration_s + built.duration_s
+        r = StageResult("index", ns)
+        r.changed = created[ns].changed + embedded[ns] + built[ns].changed
+        r.duration_s = created[ns].duration_s + built[ns].duration_s
         r.figures = {
             "level0_created": created[ns].changed,
             "embedded": embedded[ns],
-            "indexes_rebuilt": built.changed,
-            "memories_indexed": built.figures.get("memories_indexed", 0),
+            "indexes_rebuilt": built[ns].changed,
+            "memories_indexed": built[ns].figures.get("memories_indexed", 0),
         }
-    return list(results.values())
+        results.append(r)
+    return results
 
 
 @flow(name="ingest", flow_run_name="ingest {path.name}", log_prints=True)
@@ -122,9 +157,10 @@ def ingest_flow(
         indexed = index_namespaces(config, namespaces, use_ray=use_ray, show_progress=show_progress)
     store = MemoryStore(config.home)
     run_id = flow_run_id()
-    record_run(store, committed, flow_run_id=run_id)
-    for r in indexed:
-        record_run(store, r, flow_run_id=run_id)
+    with store.hold():
+        record_run(store, committed, flow_run_id=run_id)
+        for r in indexed:
+            record_run(store, r, flow_run_id=run_id)
     out = {
         **{k: v for k, v in committed.as_dict().items() if k not in ("stage", "namespace", "duration_s")},
         "stage": "ingest",

@@ -6,12 +6,19 @@ from typing import Any
 
 
 class Progress:
+    """A bar of `total` steps; `add_total` grows it when the work is discovered as it goes."""
+
     def __init__(self, label: str, total: int, *, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled and total > 0
+        self.label, self.total, self.enabled = label, total, enabled
         self._bar: Any = None
 
     def __enter__(self) -> Progress:
-        if self.enabled:
+        if self.total > 0:
+            self._start()
+        return self
+
+    def _start(self) -> None:
+        if self.enabled and self._bar is None:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
@@ -26,7 +33,13 @@ class Progress:
             )
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total)
-        return self
+
+    def add_total(self, n: int) -> None:
+        self.total += n
+        if self._bar is not None:
+            self._bar.update(self._task, total=self.total)
+        elif self.total > 0:
+            self._start()
 
     def advance(self, n: int) -> None:
         if self._bar is not None:

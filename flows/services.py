@@ -24,11 +24,8 @@ class MemoryServices:
     """Lazily loaded models and indexes for one data directory."""
 
     def __init__(self, home: str, threads: int | None = None) -> None:
-        import torch
-
-        # Ray sets OMP threads to the actor's CPU share; the encoder is the real cost, let it use the cores.
-        torch.set_num_threads(threads or int(os.environ.get("MEMSTAGE_THREADS", os.cpu_count() or 1)))
         self.store = MemoryStore(home)
+        self._threads = threads
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self._encoder = None
@@ -43,8 +40,15 @@ class MemoryServices:
     def encoder(self) -> Any:
         with self._lock:
             if self._encoder is None:
+                import torch
+
                 from gpu.encoder import Encoder
 
+                # Ray sets OMP threads to the actor's CPU share; the encoder is the real cost: give it
+                # the cores. Done here, not in __init__, so a process that only counts tokens (the
+                # flow's driver) never imports torch.
+                n = self._threads or int(os.environ.get("MEMSTAGE_THREADS", os.cpu_count() or 1))
+                torch.set_num_threads(n)
                 self._encoder = Encoder()
             return self._encoder
 
@@ -80,8 +84,9 @@ class MemoryServices:
             self.generator(generator)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        # One encode at a time: the actor serves several batch tasks at once, and concurrent forward
-        # passes, each using every core, thrash the CPU (measured: 0.57 of the bare encoder's rate).
+        # One encode at a time: concurrent forward passes, each using every core, thrash the CPU
+        # (measured: 0.57 of the bare encoder's rate). The actor is single-threaded anyway; a local
+        # instance may be shared by threads.
         encoder = self.encoder
         with self._encode_lock:
             return encoder.encode(texts)
@@ -142,10 +147,17 @@ def _get_or_create_actor(config: RuntimeConfig) -> Any:
     import ray
 
     ensure_ray(config)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    # No CPU reserved: an actor lives as long as Ray, one per data directory, and each one holding a
+    # CPU starved the embedding tasks of a second data directory on a 2-CPU machine (they waited
+    # forever). Its compute runs on behalf of the batch tasks that call it, which hold their CPU.
+    # A tenth of a GPU: both models fit many times over, and several data directories share a card.
+    gpus = 0.1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # Detached: the actor must outlive the handle of whichever task created it (a non-detached actor
     # dies with its last reference, and every task would reload the models). A local Ray takes it
     # down at shutdown; on a cluster it stays warm for the next flow run.
+    # max_concurrency=1: calls run one at a time on the actor's main thread. The same encoder in a
+    # threaded actor (max_concurrency=4, as before) ran 69-76 turns/s against 81-94 on the main
+    # thread, alternated in one probe run; every model call is CPU-bound, so threads bought nothing.
     return (
         ray.remote(MemoryServices)
         .options(
@@ -153,9 +165,9 @@ def _get_or_create_actor(config: RuntimeConfig) -> Any:
             namespace="memstage",
             get_if_exists=True,
             lifetime="detached",
-            num_cpus=1,
+            num_cpus=0,
             num_gpus=gpus,
-            max_concurrency=4,
+            max_concurrency=1,
         )
         .remote(str(config.home))
     )

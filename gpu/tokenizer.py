@@ -62,17 +62,21 @@ def ensure_converted(models_root: Path) -> Path:
 
 
 class TokenCounter:
-    """Counts tokens with the generator's tokenizer; the unit of every budget."""
+    """Counts tokens with the generator's tokenizer; the unit of every budget.
+
+    Loads `tokenizer.json` with the Rust `tokenizers` library alone (a quarter second) rather than
+    through transformers (about five: importing it dominates), so any process, the flow's driver
+    included, can count tokens without a model service. Counts match AutoTokenizer's (tested)."""
 
     def __init__(self, models_root: Path) -> None:
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(ensure_converted(models_root)))
+        self.tokenizer = Tokenizer.from_file(str(ensure_converted(models_root) / "tokenizer.json"))
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def count_many(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(e.ids) for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]

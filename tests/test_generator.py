@@ -170,6 +170,19 @@ def test_vllm_engine() -> None:
     assert "Paris" in first.text and second.cached_tokens > 0
 
 
+def test_token_counter_matches_the_generators_tokenizer(generator, token_counter) -> None:
+    """Budgets are counted with the light tokenizer; they must equal the generator's own counts."""
+    texts = [
+        "Caroline: I went to the LGBTQ support group yesterday.",
+        "héllo wörld 🙂\n\n  x",
+        "",
+        "<|im_start|>",
+    ]
+    expected = [len(generator.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    assert token_counter.count_many(texts) == expected
+    assert [token_counter.count(t) for t in texts] == expected
+
+
 # ---- the generate stage's prompt layout (tasks/generate.py) -------------------------------------
 
 

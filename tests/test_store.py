@@ -90,3 +90,30 @@ def test_unknown_namespace_error_lists_the_known_ones(indexed_sample):
 def test_reopening_a_store_keeps_its_data(indexed_sample):
     again = MemoryStore(indexed_sample.home)
     assert again.counts("demo")["events"] == 19
+
+
+def test_hold_shares_one_connection_and_keeps_every_transaction(store, monkeypatch):
+    import duckdb
+
+    row = {"id": "h1", "namespace": "a", "source": "s", "record_no": 1, "raw": "x", "reason": "r"}
+    opened = []
+    real_connect = duckdb.connect
+    monkeypatch.setattr(duckdb, "connect", lambda *a, **k: opened.append(a) or real_connect(*a, **k))
+    other = MemoryStore(store.home)  # a second handle on the same file shares the held connection
+    with store.hold(), store.hold():  # re-entrant
+        with store.writer() as w:
+            w.insert("quarantine", pa.Table.from_pylist([row]))
+        assert other.counts()["quarantine"] == 1  # committed, and visible to every reader
+        with pytest.raises(RuntimeError), other.writer() as w:
+            w.insert("quarantine", pa.Table.from_pylist([{**row, "id": "h2"}]))
+            raise RuntimeError("boom")  # this transaction alone is rolled back
+    assert len(opened) == 1
+    assert store.query("SELECT id FROM quarantine").column("id").to_pylist() == ["h1"]
+
+
+def test_hold_keeps_other_processes_out_until_released(store):
+    script = f"from stores.store import MemoryStore\nwith MemoryStore({str(store.home)!r}).writer(): pass"
+    with store.hold():
+        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert other.returncode != 0 and "another writer holds" in other.stderr
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).returncode == 0
