@@ -56,6 +56,30 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def flops_per_token(model_dir: Path) -> tuple[float, float]:
+    """(weight FLOPs per prompt token, attention FLOPs per token per earlier position) of a Llama-type
+    model, from its config: what prefill costs at best, whatever the kernels."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, layers, inter = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"]
+    heads = c["num_attention_heads"]
+    hd = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads") or heads
+    weights = layers * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * inter)
+    return 2.0 * weights, 4.0 * layers * heads * hd
+
+
+def ttft_bound(rows: list[dict], per_token: float, per_position: float) -> float:
+    """The best cold/reuse ratio of median prefill cost any engine can reach on these prompts: cold
+    computes every token, reuse only those after the cached prefix, each attending to all before it."""
+
+    def cost(start: int, end: int) -> float:  # tokens start..end-1, token p attends to p+1 positions
+        return (end - start) * per_token + per_position * ((end * (end + 1) - start * (start + 1)) / 2)
+
+    cold = [cost(0, r["prompt_tokens"]) for r in rows]
+    reuse = [cost(min(r["shared_prefix"], r["prompt_tokens"] - 1), r["prompt_tokens"]) for r in rows]
+    return statistics.median(cold) / statistics.median(reuse)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/locomo/locomo-dev.json")
@@ -94,6 +118,7 @@ def main() -> int:
         home = Path(tmp) / "home"
         models = args.models or home / "models"
         model_dir = ensure_converted(models)
+        flops = flops_per_token(model_dir)
         store, retriever, counter, sample = build_namespace(args.data, args.conversation, home, models)
         ns = args.conversation
         standing = standing_block(store.memories(ns), args.standing_budget, counter.count)
@@ -139,6 +164,9 @@ def main() -> int:
         "prompt_tokens_p50": statistics.median(r["prompt_tokens"] for r in rows),
         # Without generation: the share of prompt tokens that begin like an earlier prompt (the bound).
         "shared_prefix_share": round(sum(r["shared_prefix"] for r in rows) / prompt_total, 4),
+        "uncached_tokens_p50": statistics.median(r["prompt_tokens"] - r["shared_prefix"] for r in rows),
+        # The FLOP bound of ttft_ratio for this prompt stream: no kernel can beat it.
+        "ttft_ratio_flop_bound": round(ttft_bound(rows, *flops), 2),
         "setup_s": round(setup_s, 1),
         "threads": torch.get_num_threads(),
     }
