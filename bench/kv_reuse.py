@@ -162,6 +162,7 @@ def main() -> int:
         "layout": args.layout,
         "standing_tokens": counter.count(standing) if standing else 0,
         "prompt_tokens_p50": statistics.median(r["prompt_tokens"] for r in rows),
+        "prompt_tokens_max": max(r["prompt_tokens"] for r in rows),  # must fit the model's context
         # Without generation: the share of prompt tokens that begin like an earlier prompt (the bound).
         "shared_prefix_share": round(sum(r["shared_prefix"] for r in rows) / prompt_total, 4),
         "uncached_tokens_p50": statistics.median(r["prompt_tokens"] - r["shared_prefix"] for r in rows),
