@@ -71,3 +71,47 @@ def run_json(capfd, *argv: str) -> dict:
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {out[:500]}"
     return json.loads(lines[0])
+
+
+def serve_in_thread(app) -> tuple[str, object]:
+    """Start uvicorn on a free loopback port; returns (base_url, server)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1", server
+
+
+def indexed_turns(folder, turns: dict, encoder, token_counter):
+    """A store under `folder` holding {namespace: [(session, time, speaker, text)]}, ingested and indexed."""
+    import json
+
+    from stores.store import MemoryStore
+    from tasks.index import run_index
+    from tasks.ingest import commit_events, parse_file
+
+    path = folder / "turns.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"namespace": ns, "session": s, "time": t, "speaker": who, "text": text}) + "\n"
+            for ns, rows in turns.items()
+            for s, t, who, text in rows
+        )
+    )
+    store = MemoryStore(folder / "home")
+    commit_events(store, *parse_file(path, "jsonl"))
+    for ns in turns:
+        run_index(store, ns, embed=encoder.encode, count_tokens=token_counter.count_many)
+    return store

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import serve_in_thread
 from fastapi import Request  # module level: FastAPI resolves the string annotations here
 
 from gpu.generator import GenerationResult, OpenAIHTTPGenerator, make_generator
@@ -23,23 +21,6 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     return make_generator("transformers", models_root(tmp_path_factory), device="cpu")
-
-
-def serve_in_thread(app) -> tuple[str, object]:
-    """Start uvicorn on a free loopback port; returns (base_url, server)."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1", server
 
 
 def test_transformers_engine_answers_and_streams(generator) -> None:

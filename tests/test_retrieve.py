@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from conftest import indexed_turns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stores.store import MemoryStore, NamespaceError
-from tasks.index import run_index
-from tasks.ingest import commit_events, parse_file
+from stores.store import NamespaceError
 from tasks.retrieve import Retriever, in_periods, question_periods, stem
 
 TURNS = {
@@ -32,19 +29,7 @@ TURNS = {
 
 @pytest.fixture(scope="module")
 def two_namespaces(tmp_path_factory, encoder, token_counter):
-    home = tmp_path_factory.mktemp("retrieve")
-    path = home / "turns.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"namespace": ns, "session": s, "time": t, "speaker": who, "text": text}) + "\n"
-            for ns, turns in TURNS.items()
-            for s, t, who, text in turns
-        )
-    )
-    store = MemoryStore(home / "home")
-    commit_events(store, *parse_file(path, "jsonl"))
-    for ns in TURNS:
-        run_index(store, ns, embed=encoder.encode, count_tokens=token_counter.count_many)
+    store = indexed_turns(tmp_path_factory.mktemp("retrieve"), TURNS, encoder, token_counter)
     return Retriever(store, encoder, token_counter)
 
 

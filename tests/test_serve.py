@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import openai
 import pytest
-
-
-def serve_in_thread(app) -> tuple[str, object]:
-    """Start uvicorn on a free loopback port; returns (base_url, server)."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1", server
-
+from conftest import indexed_turns, serve_in_thread
 
 TURNS = {
     "alpha": [
@@ -62,24 +41,9 @@ class Services:
 def server(tmp_path_factory, encoder, token_counter):
     from flows.serve import create_app
     from gpu.generator import make_generator
-    from stores.store import MemoryStore
-    from tasks.index import run_index
-    from tasks.ingest import commit_events, parse_file
     from tasks.retrieve import Retriever
 
-    home = tmp_path_factory.mktemp("serve")
-    path = home / "turns.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"namespace": ns, "session": s, "time": t, "speaker": who, "text": text}) + "\n"
-            for ns, turns in TURNS.items()
-            for s, t, who, text in turns
-        )
-    )
-    store = MemoryStore(home / "home")
-    commit_events(store, *parse_file(path, "jsonl"))
-    for ns in TURNS:
-        run_index(store, ns, embed=encoder.encode, count_tokens=token_counter.count_many)
+    store = indexed_turns(tmp_path_factory.mktemp("serve"), TURNS, encoder, token_counter)
     models = Path(os.environ.get("MEMSTAGE_MODELS") or tmp_path_factory.getbasetemp() / "models")
     gen = make_generator("transformers", models, device="cpu")
     app = create_app(
