@@ -123,6 +123,13 @@ class _HeldDatabase:
 
 _held: dict[Path, _HeldDatabase] = {}
 _held_mutex = threading.Lock()
+_process_locks: dict[Path, threading.Lock] = {}
+
+
+def _process_lock(db_path: Path) -> threading.Lock:
+    """This process's lock on one store file: its threads take turns at the file lock."""
+    with _held_mutex:
+        return _process_locks.setdefault(db_path, threading.Lock())
 
 
 class MemoryStore:
@@ -160,7 +167,10 @@ class MemoryStore:
             held = _held.get(self.db_path)
             if held is not None:
                 held.depth += 1
-            else:
+        if held is None:
+            in_process = _process_lock(self.db_path)
+            in_process.acquire()  # released when the last hold ends (maybe by another thread)
+            try:
                 lock_fd = self._acquire_lock()
                 try:
                     conn = duckdb.connect(str(self.db_path))
@@ -169,10 +179,15 @@ class MemoryStore:
                     fcntl.flock(lock_fd, fcntl.LOCK_UN)
                     os.close(lock_fd)
                     raise
+            except BaseException:
+                in_process.release()
+                raise
+            with _held_mutex:
                 held = _held[self.db_path] = _HeldDatabase(conn, lock_fd)
         try:
             yield self
         finally:
+            in_process = _process_lock(self.db_path)  # taken before _held_mutex: it is not re-entrant
             with _held_mutex:
                 held.depth -= 1
                 if held.depth == 0:
@@ -182,6 +197,7 @@ class MemoryStore:
                     finally:
                         fcntl.flock(held.lock_fd, fcntl.LOCK_UN)
                         os.close(held.lock_fd)
+                        in_process.release()
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[Writer]:
@@ -199,7 +215,9 @@ class MemoryStore:
                     self._conn = None
                     conn.close()
             return
-        with self._mutex:
+        # Writers in other threads of this process queue here (behind a hold, too): on the file
+        # lock alone the second one would fail at once as if another process held the store.
+        with self._mutex, _process_lock(self.db_path):
             if self._conn is not None:
                 raise StoreError("nested writer() in one process: commit the open transaction first")
             lock_fd = self._acquire_lock()
