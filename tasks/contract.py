@@ -81,16 +81,19 @@ def make_op(
     at: datetime | None = None,
 ) -> dict[str, Any]:
     at = at or now_utc()
+    after_json = row_json(after)  # once: the JSON of every row is most of an ingest's level-0 step
+    # One string hashed, not seven parts JSON-encoded one by one (an op id need only be unique).
+    key = "\x1f".join(
+        (namespace, memory_id, stage, action, after_json or "", flow_run_id or "", at.isoformat())
+    )
     return {
-        "op_id": content_hash(
-            namespace, memory_id, stage, action, row_json(after), flow_run_id, at.isoformat()
-        ),
+        "op_id": content_hash(key),
         "namespace": namespace,
         "memory_id": memory_id,
         "stage": stage,
         "action": action,
         "before": row_json(before),
-        "after": row_json(after),
+        "after": after_json,
         "reason": reason,
         "flow_run_id": flow_run_id,
         "at": at,

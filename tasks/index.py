@@ -58,11 +58,15 @@ def index_text(memory: dict[str, Any], events: Sequence[dict[str, Any]]) -> str:
 
 def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> list[str]:
     """`index_text` of each memory id (whose stored text is in `texts`), reading source events in one query."""
+    # Unnest then equi-join (a hash join): joining on list_contains(m.event_ids, e.id) compared every
+    # memory with every event of the namespace, 0.5 s of the ingest flow's driver time on LoCoMo.
     rows = store.query(
-        """SELECT m.id, m.level, list(e ORDER BY e.seq) FILTER (WHERE e.id IS NOT NULL) AS events
-           FROM memories m LEFT JOIN events e ON e.namespace = m.namespace AND list_contains(m.event_ids, e.id)
-           WHERE m.namespace = ? AND m.id IN (SELECT unnest(?)) AND m.level = 0 GROUP BY m.id, m.level""",
-        [namespace, list(ids)],
+        """WITH wanted AS (
+               SELECT id, unnest(event_ids) AS event_id FROM memories
+               WHERE namespace = ? AND level = 0 AND id IN (SELECT unnest(?)))
+           SELECT w.id, list(e ORDER BY e.seq) AS events
+           FROM wanted w JOIN events e ON e.namespace = ? AND e.id = w.event_id GROUP BY w.id""",
+        [namespace, list(ids), namespace],
     ).to_pylist()
     events = {r["id"]: r["events"] for r in rows}
     return [
