@@ -1,13 +1,12 @@
 """The ingest flow: a file in, events stored, level-0 memories embedded and indexed, per namespace.
 
 Wiring only (the logic is in tasks/): parsing and every store write run in the flow's process — the
-one writer — while the embedding batches, the real cost, run as coarse Ray tasks against the
-long-lived encoder in the services actor.
+one writer — while the embeddings, the real cost, are computed by the encoder pool
+(flows/encoder_pool.py): one long-running Ray task per encoder, on CPU one per core.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish
+from flows.encoder_pool import WAIT_S, EncoderPool, start_encoders
 from flows.progress import Progress
 from flows.runtime import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from flows.services import services
@@ -22,8 +22,8 @@ from stores.store import MemoryStore
 from tasks import index, ingest
 from tasks.contract import StageResult, record_run, timed
 
-EMBED_BATCH = 1024  # texts per Ray task: about 10 s of encoder time on 2 cores, far above the 0.2 s task cost
-EMBED_IN_FLIGHT = 2  # batches queued at the encoder: one encoding, the next already waiting
+LEVEL0_GROUP = 8  # namespaces per level-0 task run after the first
+COMMIT_ROWS = 1024  # finished embeddings gathered before a commit, unless a namespace completes first
 
 
 @stage_task(name="parse-input", task_run_name="parse {path.name}")
@@ -47,82 +47,102 @@ def commit_events(home: Path, events: pa.Table, quarantine: pa.Table) -> StageRe
     return result
 
 
-@stage_task(name="level0-memories", task_run_name="level-0 memories of {namespace}")
-def make_level0(config: RuntimeConfig, namespace: str) -> StageResult:
-    # Tokens are counted here, in the flow's process (a light tokenizer), not by the services actor:
-    # it is busy encoding the previous namespace, and this step should overlap with that.
-    return index.materialise_level0(
-        MemoryStore(config.home),
-        namespace,
-        count_tokens=services(config, use_ray=False).count_tokens,
-        flow_run_id=flow_run_id(),
-    )
+@stage_task(name="level0-memories", task_run_name="level-0 memories of {label}")
+def make_level0(config: RuntimeConfig, namespaces: list[str], label: str) -> list[StageResult]:
+    # Tokens are counted here, in the flow's process (a light tokenizer), while the encoders work on
+    # the previous namespaces' chunks.
+    store, count_tokens = MemoryStore(config.home), services(config, use_ray=False).count_tokens
+    return [
+        index.materialise_level0(store, ns, count_tokens=count_tokens, flow_run_id=flow_run_id())
+        for ns in namespaces
+    ]
 
 
-@stage_task(
-    name="embed-batch",
-    task_run_name="embed {namespace} batch {batch_no}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-)
-def embed_batch(
-    config: RuntimeConfig, namespace: str, batch_no: int, ids: list[str], texts: list[str], use_ray: bool
-) -> pa.Table:
-    return index.embeddings_table(ids, services(config, use_ray=use_ray).encode(texts))
+def level0_groups(namespaces: list[str]) -> list[list[str]]:
+    """The first namespace alone, so the encoders start on it at once, then groups of LEVEL0_GROUP:
+    one task run per group instead of per namespace (a task run costs the flow and the server)."""
+    if not namespaces:
+        return []
+    rest = namespaces[1:]
+    return [namespaces[:1]] + [rest[i : i + LEVEL0_GROUP] for i in range(0, len(rest), LEVEL0_GROUP)]
 
 
-@stage_task(name="build-indexes", task_run_name="indexes of {namespace}")
-def build_indexes(home: Path, namespace: str) -> StageResult:
-    return index.build_indexes(MemoryStore(home), namespace, flow_run_id=flow_run_id())
+@stage_task(name="build-indexes", task_run_name="indexes of {label}")
+def build_indexes(home: Path, namespaces: list[str], label: str) -> list[StageResult]:
+    store = MemoryStore(home)
+    return [index.build_indexes(store, ns, flow_run_id=flow_run_id()) for ns in namespaces]
+
+
+def build_all(home: Path, namespaces: list[str]) -> dict[str, StageResult]:
+    """One task run for the namespaces a step completed (a task run costs the server and the flow)."""
+    if not namespaces:
+        return {}
+    return dict(zip(namespaces, build_indexes(home, namespaces, span(namespaces)), strict=True))
+
+
+def span(namespaces: list[str]) -> str:
+    """How a task run names the namespaces it covers, in the Prefect UI."""
+    return namespaces[0] if len(namespaces) == 1 else f"{namespaces[0]} .. {namespaces[-1]}"
 
 
 def index_namespaces(
-    config: RuntimeConfig, namespaces: list[str], *, use_ray: bool, show_progress: bool
+    config: RuntimeConfig,
+    namespaces: list[str],
+    *,
+    use_ray: bool,
+    show_progress: bool,
+    encoders: EncoderPool | None = None,
 ) -> list[StageResult]:
-    """Level-0 memories, embeddings and indexes for each namespace, pipelined around the encoder.
+    """Level-0 memories, embeddings and indexes for each namespace, pipelined around the encoders.
 
-    The encoder is the real cost, so it must never wait on the flow: EMBED_IN_FLIGHT batches are
-    queued at it at any time, and while it works the flow process materialises the next namespace's
-    level-0 memories, commits finished batches and builds the indexes of finished namespaces. A
-    bounded queue, not everything at once: each submitted task that waits on the actor frees its
-    Ray CPU, and Ray starts a new worker process (seconds of imports, stolen from the encoder) for
-    the next one.
+    The encoders are the real cost, so they must never wait on the flow: each namespace's pending
+    texts go to them as soon as its level-0 memories exist, and while they encode the flow process
+    materialises the next namespace, commits finished chunks and builds the indexes of the
+    namespaces whose last chunk came back. `encoders`: already started by the caller (the ingest
+    flow starts them before parsing, so their start-up overlaps with it), else started here.
     """
     store = MemoryStore(config.home)
     created: dict[str, StageResult] = {}
     built: dict[str, StageResult] = {}
     embedded = dict.fromkeys(namespaces, 0)
-    batches_left = dict.fromkeys(namespaces, 0)
-    in_flight: deque[tuple[str, Any]] = deque()
+    unembedded = dict.fromkeys(namespaces, 0)  # pending texts not yet committed, per namespace
+    nothing_to_embed: list[str] = []
+    pool = encoders or start_encoders(config, use_ray=use_ray)
 
-    with Progress("embedding", 0, enabled=show_progress) as bar:
+    with pool, Progress("embedding", 0, enabled=show_progress) as bar:
+        ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet committed
 
-        def settle_oldest() -> None:
-            ns, future = in_flight.popleft()
-            emb = future.result()
-            batches_left[ns] -= 1
+        def commit(results: list[tuple[str, pa.Table]]) -> None:
+            """Commit finished chunks once a namespace is complete or COMMIT_ROWS have gathered:
+            each commit opens the store (tens of ms), too dear for every 64-text chunk."""
+            for ns, table in results:
+                ready.setdefault(ns, []).append(table)
+            rows = {ns: sum(t.num_rows for t in tables) for ns, tables in ready.items()}
+            if not any(rows[ns] == unembedded[ns] for ns in rows) and sum(rows.values()) < COMMIT_ROWS:
+                return
             with store.hold():  # one connection for the step's reads and writes (see MemoryStore.hold)
-                embedded[ns] += index.commit_embeddings(store, ns, emb)
-                if batches_left[ns] == 0:
-                    built[ns] = build_indexes(config.home, ns)
-            bar.advance(emb.num_rows)
+                for ns, tables in ready.items():
+                    embedded[ns] += index.commit_embeddings(store, ns, pa.concat_tables(tables))
+                    unembedded[ns] -= rows[ns]
+                built.update(build_all(config.home, [ns for ns in ready if unembedded[ns] == 0]))
+            ready.clear()
+            bar.advance(sum(rows.values()))
 
-        for ns in namespaces:
-            with store.hold():
-                created[ns] = make_level0(config, ns)
-                ids, texts = index.pending_embeddings(store, ns)
-                starts = range(0, len(ids), EMBED_BATCH)
-                batches_left[ns] = len(starts)
-                if not starts:  # nothing to embed; a stage may still have changed what is indexed
-                    built[ns] = build_indexes(config.home, ns)
-            bar.add_total(len(ids))
-            for b, start in enumerate(starts):
-                while len(in_flight) >= EMBED_IN_FLIGHT:
-                    settle_oldest()
-                sl = slice(start, start + EMBED_BATCH)
-                in_flight.append((ns, embed_batch.submit(config, ns, b, ids[sl], texts[sl], use_ray)))
-        while in_flight:
-            settle_oldest()
+        for group in level0_groups(namespaces):
+            with store.hold():  # opening the store costs tens of ms: one hold for the whole step
+                created.update(zip(group, make_level0(config, group, span(group)), strict=True))
+                for ns in group:
+                    ids, texts = index.pending_embeddings(store, ns)
+                    if not ids:  # nothing to embed; a stage may still have changed what is indexed
+                        nothing_to_embed.append(ns)
+                    unembedded[ns] = len(ids)
+                    bar.add_total(len(ids))
+                    pool.submit(ns, ids, texts)
+                commit(pool.collect(timeout=0))
+        built.update(build_all(config.home, nothing_to_embed))
+        while pool.outstanding:
+            commit(pool.collect(timeout=WAIT_S))
+        pool.stop()
 
     results = []
     for ns in namespaces:
@@ -150,11 +170,14 @@ def ingest_flow(
     config = config or RuntimeConfig(home=MemoryStore().home)
     use_ray = config.use_ray(batch=True)
     total = StageResult("ingest", namespace or "")
-    with timed(total):
+    encoders = start_encoders(config, use_ray=use_ray)  # they start up while the input is parsed
+    with timed(total), encoders:
         events, quarantine = parse_input(Path(path), fmt, namespace)
         committed = commit_events(config.home, events, quarantine)
         namespaces = committed.figures["namespaces"]
-        indexed = index_namespaces(config, namespaces, use_ray=use_ray, show_progress=show_progress)
+        indexed = index_namespaces(
+            config, namespaces, use_ray=use_ray, show_progress=show_progress, encoders=encoders
+        )
     store = MemoryStore(config.home)
     run_id = flow_run_id()
     with store.hold():

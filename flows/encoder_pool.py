@@ -1,0 +1,244 @@
+"""Encoder pool of a batch flow: one long-running encoder task per slot, pulling small chunks of texts.
+
+Why not one Prefect task per batch: a task run on Ray costs about 0.3 core-seconds of orchestration
+(the task engine starting in the worker, state events, the API server), so batches had to be few and
+large, and a few large batches finish unevenly: on 2 cores one encoder sat idle for up to 3.7 s at
+the end of a 30 s ingest, and the second one started 0.6 s after the first. Here a flow has one
+task run per encoder whatever its input size, submitted before the flow parses its input; the
+encoders share the work a chunk at a time (length-sorted, so a chunk pads little) and the flow
+commits each finished chunk while the rest encode.
+
+The chunks and results travel through a `ChunkBroker`: a threaded Ray actor owned by the flow's
+process (it dies with it), or an in-process object when the flow runs without Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from flows.runtime import RuntimeConfig, stage_task
+from flows.services import embedding_slots, services, worker_encoder
+from tasks import index
+
+# Texts per chunk. CPU: about a second of one core, so the encoders finish within a second of each
+# other; length-sorted 64-text chunks encode as fast as 690-text batches (padding is what costs).
+# GPU: the card wants big batches. Local: one encoder with every core, pipelined with the flow.
+CHUNK = {"workers": 64, "actor": 1024, "local": 256}
+WAIT_S = 0.5  # longest wait for results in one call, so the flow's loop stays responsive
+ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the encoders still run
+
+
+class ChunkBroker:
+    """Work and result queues between a flow and its encoder tasks, one pair per channel (flow run)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[str, tuple[queue.Queue[Any], queue.Queue[Any]]] = {}
+
+    def _queues(self, channel: str) -> tuple[queue.Queue[Any], queue.Queue[Any]] | None:
+        with self._lock:
+            return self._channels.get(channel)
+
+    def open(self, channel: str) -> None:
+        with self._lock:
+            self._channels[channel] = (queue.Queue(), queue.Queue())
+
+    def close(self, channel: str) -> None:
+        """Drop the channel; its encoders get None (stop), those waiting in `get_work` at once."""
+        with self._lock:
+            queues = self._channels.pop(channel, None)
+        if queues is not None:
+            for _ in range(64):  # more than any flow has encoders
+                queues[0].put(None)
+
+    def put_work(self, channel: str, items: list[Any]) -> None:
+        work, _ = self._queues(channel) or (None, None)
+        if work is None:
+            raise RuntimeError(f"encoder channel {channel} is closed")
+        for item in items:
+            work.put(item)
+
+    def get_work(self, channel: str, timeout: float = 10.0) -> Any:
+        """The next chunk; None when the flow is done or gone; "wait" when none came within timeout."""
+        queues = self._queues(channel)
+        if queues is None:
+            return None
+        try:
+            return queues[0].get(timeout=timeout)
+        except queue.Empty:
+            return "wait"
+
+    def put_result(self, channel: str, item: Any) -> None:
+        queues = self._queues(channel)
+        if queues is not None:  # a closed channel: the flow has failed or finished; drop the result
+            queues[1].put(item)
+
+    def exchange(self, channel: str, result: Any, timeout: float = 10.0) -> Any:
+        """`put_result` then `get_work` in one call: one round trip per chunk for an encoder."""
+        self.put_result(channel, result)
+        return self.get_work(channel, timeout)
+
+    def take_results(self, channel: str, timeout: float) -> list[Any]:
+        """Every result ready now, waiting up to `timeout` for the first one."""
+        queues = self._queues(channel)
+        if queues is None:
+            return []
+        out = []
+        try:
+            out.append(queues[1].get(timeout=timeout))
+            while True:
+                out.append(queues[1].get_nowait())
+        except queue.Empty:
+            return out
+
+
+@dataclass
+class BrokerChannel:
+    """One flow's channel on a broker: the Ray actor's handle, or the in-process broker itself."""
+
+    channel: str
+    actor: Any = None
+    local: ChunkBroker | None = field(default=None, repr=False)
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self.actor is not None:
+            import ray
+
+            return ray.get(getattr(self.actor, method).remote(self.channel, *args))
+        assert self.local is not None
+        return getattr(self.local, method)(self.channel, *args)
+
+    def __reduce__(self) -> Any:  # only the actor's handle travels to a Ray worker
+        if self.actor is None:
+            raise TypeError("an in-process broker channel cannot leave its process")
+        return (BrokerChannel, (self.channel, self.actor))
+
+
+_broker_lock = threading.Lock()
+_local_broker = ChunkBroker()
+_actors: dict[tuple[str, str], Any] = {}  # (cluster, job) -> this process's broker actor
+
+
+def _broker_actor(slots: int) -> Any:
+    """This process's broker actor on the Ray it is connected to, created on first use. Threaded:
+    each encoder blocks in `get_work` on a thread of its own; no CPU reserved (it only moves
+    references). Keyed by cluster and job: a process that reconnects to Ray (tests, a notebook)
+    must not reuse a handle from its previous connection, whose actor died with it."""
+    import ray
+
+    context = ray.get_runtime_context()
+    key = (context.gcs_address, context.get_job_id())
+    with _broker_lock:
+        if key not in _actors:
+            _actors[key] = (
+                ray.remote(ChunkBroker).options(num_cpus=0, max_concurrency=max(16, 2 * slots + 4)).remote()
+            )
+        return _actors[key]
+
+
+@stage_task(name="encoder", task_run_name="encoder {slot} of {slots}")
+def run_encoder(config: RuntimeConfig, broker: BrokerChannel, slot: int, slots: int, where: str) -> int:
+    """Encode chunks until the flow says stop; returns how many texts this encoder embedded."""
+    if where == "workers":
+        encode = worker_encoder().encode
+    else:
+        encode = services(config, use_ray=where == "actor").encode
+    done = 0
+    item = broker.call("get_work")
+    while item is not None:
+        if item == "wait":
+            item = broker.call("get_work")
+            continue
+        chunk_id, ids, texts = item
+        item = broker.call("exchange", (chunk_id, index.embeddings_table(ids, encode(texts))))
+        done += len(ids)
+    return done
+
+
+@dataclass
+class EncoderPool:
+    """A flow's running encoders: submit chunks, collect embeddings, stop. Use as a context manager."""
+
+    broker: BrokerChannel
+    futures: list[Any]
+    chunk: int
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    outstanding: dict[int, tuple[str, int]] = field(default_factory=dict)  # chunk id -> (namespace, rows)
+    _last_result: float = field(default_factory=time.monotonic)
+
+    def submit(self, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> None:
+        """Queue a namespace's texts as chunks, longest first (similar lengths pad little)."""
+        chunks = []
+        for part in chunked(ids, texts, self.chunk):
+            chunk_id = next(self._ids)
+            self.outstanding[chunk_id] = (namespace, len(part[0]))
+            chunks.append((chunk_id, *part))
+        if chunks:
+            self.broker.call("put_work", chunks)
+
+    def collect(self, timeout: float) -> list[tuple[str, pa.Table]]:
+        """(namespace, embeddings) of every chunk finished now, waiting up to `timeout` for one.
+
+        Raises when the encoders have stopped with chunks still outstanding (a crashed worker):
+        what was committed stays, and rerunning the flow embeds the rest."""
+        out = []
+        for chunk_id, table in self.broker.call("take_results", timeout):
+            namespace, _ = self.outstanding.pop(chunk_id)
+            out.append((namespace, table))
+        if out:
+            self._last_result = time.monotonic()
+        elif self.outstanding and time.monotonic() - self._last_result > ALIVE_CHECK_S:
+            self._check_alive()
+        return out
+
+    def _check_alive(self) -> None:
+        self._last_result = time.monotonic()
+        for future in self.futures:
+            future.wait(timeout=0)
+        states = [f.state for f in self.futures]
+        if all(s.is_final() for s in states):
+            for future in self.futures:
+                future.result()  # raises the encoder's error, if one failed
+            raise RuntimeError(f"the encoders stopped with {len(self.outstanding)} chunk(s) not embedded")
+
+    def stop(self) -> int:
+        """Tell the encoders to stop and wait for them; returns how many texts they embedded."""
+        self.broker.call("close")
+        return sum(f.result() for f in self.futures)
+
+    def __enter__(self) -> EncoderPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.broker.call("close")  # on error too: encoders see a closed channel and stop
+
+
+def chunked(ids: Sequence[str], texts: Sequence[str], size: int) -> list[tuple[list[str], list[str]]]:
+    """(ids, texts) chunks of at most `size`, longest texts first."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    return [
+        ([ids[i] for i in order[s : s + size]], [texts[i] for i in order[s : s + size]])
+        for s in range(0, len(order), size)
+    ]
+
+
+def start_encoders(config: RuntimeConfig, *, use_ray: bool) -> EncoderPool:
+    """Open a channel and submit one encoder task per slot (call inside a flow run)."""
+    where, slots = embedding_slots(use_ray)
+    channel = uuid.uuid4().hex
+    if use_ray:
+        broker = BrokerChannel(channel, actor=_broker_actor(slots))
+    else:
+        broker = BrokerChannel(channel, local=_local_broker)
+    broker.call("open")
+    futures = [run_encoder.submit(config, broker, k, slots, where) for k in range(1, slots + 1)]
+    return EncoderPool(broker, futures, CHUNK[where])

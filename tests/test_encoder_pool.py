@@ -1,0 +1,109 @@
+"""The encoder pool: chunking, the broker's channels, every chunk back exactly once, and a failing
+encoder that fails the flow (instead of hanging it) with what was embedded kept for a rerun."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SAMPLE
+from prefect import flow
+
+from flows.encoder_pool import ChunkBroker, chunked, start_encoders
+from flows.runtime import RuntimeConfig, prefect_settings, task_runner
+
+
+def test_chunks_keep_ids_with_texts_longest_first():
+    texts = ["a" * n for n in (3, 9, 1, 7, 5)]
+    ids = [f"id{len(t)}" for t in texts]
+    chunks = chunked(ids, texts, 2)
+    assert [len(c[0]) for c in chunks] == [2, 2, 1]
+    flat = [(i, t) for c_ids, c_texts in chunks for i, t in zip(c_ids, c_texts, strict=True)]
+    assert [len(t) for _, t in flat] == [9, 7, 5, 3, 1]
+    assert all(i == f"id{len(t)}" for i, t in flat)
+
+
+def test_broker_channels_are_separate_and_close_wakes_waiting_encoders():
+    broker = ChunkBroker()
+    broker.open("a")
+    broker.open("b")
+    broker.put_work("a", [1, 2])
+    assert broker.get_work("b", timeout=0.01) == "wait"
+    assert broker.get_work("a") == 1
+    assert broker.exchange("a", "r1") == 2
+    assert broker.take_results("a", timeout=0) == ["r1"]
+    assert broker.take_results("b", timeout=0) == []
+
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(broker.get_work("b", timeout=30)))
+    waiter.start()
+    broker.close("b")
+    waiter.join(timeout=5)
+    assert got == [None]  # woken at once, told to stop
+    assert broker.get_work("b") is None
+    with pytest.raises(RuntimeError, match="closed"):
+        broker.put_work("b", [3])
+
+
+def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
+    config = RuntimeConfig(home=tmp_path / "home", runner="local")
+    texts = {
+        "ns-a": [f"Alice said thing number {i}" * (1 + i % 3) for i in range(300)],
+        "ns-b": ["short"] * 5,
+    }
+
+    @flow(name="pool-test")
+    def run() -> dict[str, dict[str, np.ndarray]]:
+        back: dict[str, dict[str, np.ndarray]] = {"ns-a": {}, "ns-b": {}}
+        with start_encoders(config, use_ray=False) as pool:
+            for ns, ts in texts.items():
+                pool.submit(ns, [f"{ns}/{i}" for i in range(len(ts))], ts)
+            while pool.outstanding:
+                for ns, table in pool.collect(timeout=0.5):
+                    for memory_id, vec in zip(
+                        table["id"].to_pylist(), table["embedding"].to_pylist(), strict=True
+                    ):
+                        assert memory_id not in back[ns]
+                        back[ns][memory_id] = np.asarray(vec, dtype=np.float32)
+            assert pool.stop() == sum(map(len, texts.values()))
+        return back
+
+    with prefect_settings(config):
+        back = run.with_options(task_runner=task_runner(config, batch=True))()
+    for ns, ts in texts.items():
+        assert sorted(back[ns]) == sorted(f"{ns}/{i}" for i in range(len(ts)))
+    expected = encoder.encode([texts["ns-a"][7]])[0]
+    assert float(back["ns-a"]["ns-a/7"] @ expected) > 0.999
+
+
+def test_a_failing_encoder_fails_the_ingest_and_a_rerun_embeds_the_rest(tmp_path, monkeypatch):
+    from flows import encoder_pool
+    from flows.ingest_flow import run_ingest
+    from flows.services import MemoryServices
+    from stores.store import MemoryStore
+
+    config = RuntimeConfig(home=tmp_path / "home", runner="local")
+    monkeypatch.setattr(encoder_pool, "ALIVE_CHECK_S", 0.2)
+
+    def broken(self, texts):
+        raise RuntimeError("encoder out of memory (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MemoryServices, "encode", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_ingest(SAMPLE, "jsonl", None, config, show_progress=False)
+    store = MemoryStore(config.home)
+    events = store.query("SELECT count(*) AS n FROM events").column("n")[0].as_py()
+    unembedded = (
+        store.query("SELECT count(*) AS n FROM memories WHERE embedding IS NULL").column("n")[0].as_py()
+    )
+    assert events > 0 and unembedded == events  # the events stay; nothing half-written
+
+    out = run_ingest(Path(SAMPLE), "jsonl", None, config, show_progress=False)
+    assert out["events_new"] == 0
+    assert sum(r["embedded"] for r in out["indexed"].values()) == events
+    assert (
+        store.query("SELECT count(*) AS n FROM memories WHERE embedding IS NULL").column("n")[0].as_py() == 0
+    )
