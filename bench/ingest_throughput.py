@@ -1,11 +1,16 @@
 """Ingest throughput: turns/s through the whole ingest flow (Prefect + Ray) against the bare encoder.
 
-The encoder is the real cost of ingest; orchestration must not be. Both are measured in this run on
+The encoder is the real cost of ingest; orchestration must not be. All are measured in this run on
 the same texts, alternately for --rounds rounds (the machine is shared and its speed drifts by 20%
-within minutes): the bare encoder in this process, then the whole ingest flow with its runtime warm
-(Prefect server, Ray, its workers and the encoder actor, started by a first ingest of the same file
-whose time is reported as the cold start). Each round ingests under a new namespace prefix, so all
-of its turns are new. The ratio is the median over rounds of flow rate / that round's encoder rate.
+within minutes), each round in this order:
+  * bare encoder, one process: the model in this process, all cores as torch threads, batches of
+    1024 (how a library user would call it);
+  * bare encoder, data-parallel: one single-threaded model per core in a multiprocessing pool,
+    pulling the flow's own chunks (the layout the flow uses on CPU, without Prefect, Ray or the store);
+  * the whole ingest flow with its runtime warm (Prefect server, Ray, workers holding their models,
+    started by a first ingest of the same file whose time is reported as the cold start), under a
+    new namespace prefix so all of its turns are new.
+The ratio is the median over rounds of flow rate / the faster bare rate of that round.
 
     python bench/ingest_throughput.py --data ../shared/data/locomo/locomo-dev.json [--rounds 2] [--json]
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -28,9 +34,37 @@ sys.path.insert(0, str(REPO))
 def bare_encoder_rate(enc: Any, texts: list[str]) -> float:
     enc.encode(texts[:64])  # warm-up
     start = time.perf_counter()
-    for i in range(0, len(texts), 1024):  # the flow's batch size
+    for i in range(0, len(texts), 1024):
         enc.encode(texts[i : i + 1024])
     return len(texts) / (time.perf_counter() - start)
+
+
+_pool_encoder: Any = None
+
+
+def _load_single_threaded() -> None:
+    global _pool_encoder
+    import torch
+
+    from gpu.encoder import Encoder
+
+    torch.set_num_threads(1)
+    _pool_encoder = Encoder(device="cpu")
+    _pool_encoder.encode(["warm-up"] * 64)
+
+
+def _pool_encode(texts: list[str]) -> Any:
+    return _pool_encoder.encode(texts)
+
+
+def data_parallel_rate(pool: Any, texts_by_namespace: dict[str, list[str]], size: int) -> float:
+    from flows.encoder_pool import chunked
+
+    chunks = [part for texts in texts_by_namespace.values() for _, part in chunked(texts, texts, size)]
+    start = time.perf_counter()
+    for _ in pool.imap_unordered(_pool_encode, chunks, chunksize=1):
+        pass
+    return sum(map(len, chunks)) / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -50,8 +84,13 @@ def main() -> int:
     from tasks.ingest import parse_file
 
     events, _ = parse_file(args.data, "locomo")
-    texts = [level0_text(e["speaker"], e["text"], json.loads(e["metadata"])) for e in events.to_pylist()]
+    texts, by_namespace = [], {}
+    for e in events.to_pylist():
+        texts.append(level0_text(e["speaker"], e["text"], json.loads(e["metadata"])))
+        by_namespace.setdefault(e["namespace"], []).append(texts[-1])
 
+    from flows.encoder_pool import CHUNK
+    from flows.services import embedding_slots
     from gpu.encoder import Encoder
 
     encoder = Encoder()
@@ -61,34 +100,53 @@ def main() -> int:
         t0 = time.perf_counter()
         run_ingest(args.data, "locomo", "warmup", config, show_progress=False)
         cold_start_s = time.perf_counter() - t0
-        for r in range(args.rounds):
-            bare = bare_encoder_rate(encoder, texts)
-            t0 = time.perf_counter()
-            out = run_ingest(args.data, "locomo", f"round{r}", config, show_progress=False)
-            flow_s = time.perf_counter() - t0
-            flow = out["events_new"] / flow_s
-            rounds.append({"encoder_turns_per_s": round(bare, 1), "flow_turns_per_s": round(flow, 1),
-                           "flow_s": round(flow_s, 2), "ratio": round(flow / bare, 3)})  # fmt: skip
+        where, slots = embedding_slots(args.runner == "ray")
+        pool = None
+        if where == "workers" and encoder.device == "cpu":
+            pool = multiprocessing.get_context("spawn").Pool(slots, initializer=_load_single_threaded)
+            pool.map(abs, range(slots))  # wait until every process has its model
+        try:
+            for r in range(args.rounds):
+                bare = bare_encoder_rate(encoder, texts)
+                parallel = data_parallel_rate(pool, by_namespace, CHUNK[where]) if pool else None
+                t0 = time.perf_counter()
+                out = run_ingest(args.data, "locomo", f"round{r}", config, show_progress=False)
+                flow_s = time.perf_counter() - t0
+                flow = out["events_new"] / flow_s
+                best = max(bare, parallel or 0.0)
+                rounds.append({"encoder_turns_per_s": round(bare, 1),
+                               "data_parallel_turns_per_s": round(parallel, 1) if parallel else None,
+                               "flow_turns_per_s": round(flow, 1), "flow_s": round(flow_s, 2),
+                               "ratio": round(flow / best, 3), "ratio_to_one_process": round(flow / bare, 3)})  # fmt: skip
+        finally:
+            if pool:
+                pool.terminate()
 
-    def median(key: str) -> float:
-        return round(statistics.median(r[key] for r in rounds), 3)
+    def median(key: str) -> float | None:
+        values = [r[key] for r in rounds if r[key] is not None]
+        return round(statistics.median(values), 3) if values else None
 
     bare, flow_rate, ratio = median("encoder_turns_per_s"), median("flow_turns_per_s"), median("ratio")
+    parallel = median("data_parallel_turns_per_s")
     result = {
         "turns": out["events_new"],
         "runner": out["runner"],
         "encoder_turns_per_s": bare,
+        "data_parallel_turns_per_s": parallel,
+        "encoding": f"{where}: {slots} at once",
         "flow_turns_per_s": flow_rate,
         "ratio_flow_to_encoder": ratio,
+        "ratio_flow_to_one_process_encoder": median("ratio_to_one_process"),
         "rounds": rounds,
         "cold_start_s": round(cold_start_s, 2),
     }
     print(json.dumps(result))
     if not args.json:
         print(
-            f"\n{'measure':<28}{'value':>12}\n{'bare encoder (turns/s)':<28}{bare:>12.1f}\n"
-            f"{'whole flow (turns/s)':<28}{flow_rate:>12.1f}\n{'ratio flow/encoder':<28}{ratio:>12.3f}\n"
-            f"{'cold start (s)':<28}{cold_start_s:>12.1f}",
+            f"\n{'measure':<34}{'value':>12}\n{'bare encoder, one process (turns/s)':<34}{bare:>12.1f}\n"
+            f"{'bare encoder, data-parallel':<34}{parallel or float('nan'):>12.1f}\n"
+            f"{'whole flow (turns/s)':<34}{flow_rate:>12.1f}\n"
+            f"{'ratio flow / faster bare':<34}{ratio:>12.3f}\n{'cold start (s)':<34}{cold_start_s:>12.1f}",
             file=sys.stderr,
         )
     return 0
