@@ -10,7 +10,9 @@ within minutes), each round in this order:
   * the whole ingest flow with its runtime warm (Prefect server, Ray, workers holding their models,
     started by a first ingest of the same file whose time is reported as the cold start), under a
     new namespace prefix so all of its turns are new.
-The ratio is the median over rounds of flow rate / the faster bare rate of that round.
+The ratio is the median over rounds of flow rate / the faster bare rate of that round. Where the
+flow's time goes: the CPU seconds each role's processes spent during the flow (this process is the
+driver: parsing, the store, the indexes, Prefect's and Ray's clients), from psutil.
 
     python bench/ingest_throughput.py --data ../shared/data/locomo/locomo-dev.json [--rounds 2] [--json]
 """
@@ -67,6 +69,42 @@ def data_parallel_rate(pool: Any, texts_by_namespace: dict[str, list[str]], size
     return sum(map(len, chunks)) / (time.perf_counter() - start)
 
 
+ROLES = (  # (role, substring of the process's command line), first match wins
+    ("broker", "ray::ChunkBroker"),
+    ("prefect_server", "uvicorn"),
+    ("ray_system", "raylet"), ("ray_system", "gcs_server"), ("ray_system", "ray/dashboard"),
+    ("ray_system", "ray/autoscaler"), ("ray_system", "log_monitor"), ("ray_system", "Agent"),
+    ("encoder_workers", "ray::"),
+    ("bench_pool", "multiprocessing"),
+)  # fmt: skip
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (role, CPU seconds so far) of this process and its descendants."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times, cmdline = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        role = "driver" if proc.pid == me.pid else next((r for r, key in ROLES if key in cmdline), "other")
+        out[proc.pid] = (role, times.user + times.system)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by role between two snapshots, largest first (processes gone by `after` not counted)."""
+    spent: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        spent[role] = spent.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+    return {role: round(v, 2) for role, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/locomo/locomo-dev.json")
@@ -109,15 +147,17 @@ def main() -> int:
             for r in range(args.rounds):
                 bare = bare_encoder_rate(encoder, texts)
                 parallel = data_parallel_rate(pool, by_namespace, CHUNK[where]) if pool else None
-                t0 = time.perf_counter()
+                cpu_before, t0 = cpu_by_process(), time.perf_counter()
                 out = run_ingest(args.data, "locomo", f"round{r}", config, show_progress=False)
                 flow_s = time.perf_counter() - t0
+                cpu = cpu_spent(cpu_before, cpu_by_process())
                 flow = out["events_new"] / flow_s
                 best = max(bare, parallel or 0.0)
                 rounds.append({"encoder_turns_per_s": round(bare, 1),
                                "data_parallel_turns_per_s": round(parallel, 1) if parallel else None,
                                "flow_turns_per_s": round(flow, 1), "flow_s": round(flow_s, 2),
-                               "ratio": round(flow / best, 3), "ratio_to_one_process": round(flow / bare, 3)})  # fmt: skip
+                               "ratio": round(flow / best, 3), "ratio_to_one_process": round(flow / bare, 3),
+                               "flow_cpu_s": cpu})  # fmt: skip
         finally:
             if pool:
                 pool.terminate()
@@ -125,6 +165,9 @@ def main() -> int:
     def median(key: str) -> float | None:
         values = [r[key] for r in rounds if r[key] is not None]
         return round(statistics.median(values), 3) if values else None
+
+    def median_of(role: str) -> float:
+        return round(statistics.median(r["flow_cpu_s"].get(role, 0.0) for r in rounds), 2)
 
     bare, flow_rate, ratio = median("encoder_turns_per_s"), median("flow_turns_per_s"), median("ratio")
     parallel = median("data_parallel_turns_per_s")
@@ -137,6 +180,7 @@ def main() -> int:
         "flow_turns_per_s": flow_rate,
         "ratio_flow_to_encoder": ratio,
         "ratio_flow_to_one_process_encoder": median("ratio_to_one_process"),
+        "flow_cpu_s": {role: median_of(role) for role in rounds[-1]["flow_cpu_s"]},
         "rounds": rounds,
         "cold_start_s": round(cold_start_s, 2),
     }
@@ -146,7 +190,10 @@ def main() -> int:
             f"\n{'measure':<34}{'value':>12}\n{'bare encoder, one process (turns/s)':<34}{bare:>12.1f}\n"
             f"{'bare encoder, data-parallel':<34}{parallel or float('nan'):>12.1f}\n"
             f"{'whole flow (turns/s)':<34}{flow_rate:>12.1f}\n"
-            f"{'ratio flow / faster bare':<34}{ratio:>12.3f}\n{'cold start (s)':<34}{cold_start_s:>12.1f}",
+            f"{'ratio flow / faster bare':<34}{ratio:>12.3f}\n{'cold start (s)':<34}{cold_start_s:>12.1f}\n"
+            + "".join(
+                f"{'CPU s during flow: ' + role:<34}{v:>12.2f}\n" for role, v in result["flow_cpu_s"].items()
+            ),
             file=sys.stderr,
         )
     return 0
