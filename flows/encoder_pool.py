@@ -33,7 +33,8 @@ from tasks import index
 # other; length-sorted 64-text chunks encode as fast as 690-text batches (padding is what costs).
 # GPU: the card wants big batches. Local: one encoder with every core, pipelined with the flow.
 CHUNK = {"workers": 64, "actor": 1024, "local": 256}
-WAIT_S = 0.5  # longest wait for results in one call, so the flow's loop stays responsive
+WAIT_S = 2.0  # longest wait for results in one call: the flow's loop stays responsive
+GATHER = 4  # results one call waits for (within WAIT_S): each call is a round trip through the broker
 ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the encoders still run
 
 
@@ -87,14 +88,16 @@ class ChunkBroker:
         self.put_result(channel, result)
         return self.get_work(channel, timeout)
 
-    def take_results(self, channel: str, timeout: float) -> list[Any]:
-        """Every result ready now, waiting up to `timeout` for the first one."""
+    def take_results(self, channel: str, timeout: float, min_items: int = 1) -> list[Any]:
+        """Every result ready, waiting up to `timeout` until `min_items` of them have come."""
         queues = self._queues(channel)
         if queues is None:
             return []
-        out = []
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
         try:
-            out.append(queues[1].get(timeout=timeout))
+            while len(out) < min_items:
+                out.append(queues[1].get(timeout=max(0.0, deadline - time.monotonic())))
             while True:
                 out.append(queues[1].get_nowait())
         except queue.Empty:
@@ -186,12 +189,13 @@ class EncoderPool:
             self.broker.call("put_work", chunks)
 
     def collect(self, timeout: float) -> list[tuple[str, pa.Table]]:
-        """(namespace, embeddings) of every chunk finished now, waiting up to `timeout` for one.
+        """(namespace, embeddings) of every chunk finished now, waiting up to `timeout` until GATHER
+        have finished (or all that are outstanding, so the last one comes back at once).
 
         Raises when the encoders have stopped with chunks still outstanding (a crashed worker):
         what was committed stays, and rerunning the flow embeds the rest."""
         out = []
-        for chunk_id, table in self.broker.call("take_results", timeout):
+        for chunk_id, table in self.broker.call("take_results", timeout, min(GATHER, len(self.outstanding))):
             namespace, _ = self.outstanding.pop(chunk_id)
             out.append((namespace, table))
         if out:

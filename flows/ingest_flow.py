@@ -23,7 +23,11 @@ from tasks import index, ingest
 from tasks.contract import StageResult, record_run, timed
 
 LEVEL0_GROUP = 8  # namespaces per level-0 task run after the first
-COMMIT_ROWS = 1024  # finished embeddings gathered before a commit, unless a namespace completes first
+# A commit opens the store (tens of ms) and builds the indexes of the namespaces it completes in one
+# task run (tens of ms of Prefect, in the flow and in the server), so finished chunks gather until
+# BUILD_GROUP namespaces are complete, COMMIT_ROWS embeddings wait, or nothing else is outstanding.
+BUILD_GROUP = 2
+COMMIT_ROWS = 2048
 
 
 @stage_task(name="parse-input", task_run_name="parse {path.name}")
@@ -113,12 +117,13 @@ def index_namespaces(
         ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet committed
 
         def commit(results: list[tuple[str, pa.Table]]) -> None:
-            """Commit finished chunks once a namespace is complete or COMMIT_ROWS have gathered:
-            each commit opens the store (tens of ms), too dear for every 64-text chunk."""
+            """Commit finished chunks, and build the indexes of complete namespaces, in batches."""
             for ns, table in results:
                 ready.setdefault(ns, []).append(table)
+            bar.advance(sum(table.num_rows for _, table in results))
             rows = {ns: sum(t.num_rows for t in tables) for ns, tables in ready.items()}
-            if not any(rows[ns] == unembedded[ns] for ns in rows) and sum(rows.values()) < COMMIT_ROWS:
+            complete = sum(rows[ns] == unembedded[ns] for ns in rows)
+            if not rows or (pool.outstanding and complete < BUILD_GROUP and sum(rows.values()) < COMMIT_ROWS):
                 return
             with store.hold():  # one connection for the step's reads and writes (see MemoryStore.hold)
                 for ns, tables in ready.items():
@@ -126,7 +131,6 @@ def index_namespaces(
                     unembedded[ns] -= rows[ns]
                 built.update(build_all(config.home, [ns for ns in ready if unembedded[ns] == 0]))
             ready.clear()
-            bar.advance(sum(rows.values()))
 
         for group in level0_groups(namespaces):
             with store.hold():  # opening the store costs tens of ms: one hold for the whole step

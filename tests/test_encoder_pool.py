@@ -4,6 +4,7 @@ encoder that fails the flow (instead of hanging it) with what was embedded kept 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,20 @@ def test_broker_channels_are_separate_and_close_wakes_waiting_encoders():
     waiter.join(timeout=5)
     assert got == [None]  # woken at once, told to stop
     assert broker.get_work("b") is None
+
+
+def test_take_results_gathers_up_to_min_items_within_the_timeout():
+    broker = ChunkBroker()
+    broker.open("a")
+    broker.put_result("a", "r1")
+    started = time.monotonic()
+    assert broker.take_results("a", timeout=0.3, min_items=2) == ["r1"]  # only one came: waited it out
+    assert time.monotonic() - started >= 0.25
+    threading.Timer(0.05, broker.put_result, ("a", "r3")).start()
+    broker.put_result("a", "r2")
+    started = time.monotonic()
+    assert broker.take_results("a", timeout=10, min_items=2) == ["r2", "r3"]  # back once both came
+    assert time.monotonic() - started < 5
     with pytest.raises(RuntimeError, match="closed"):
         broker.put_work("b", [3])
 
