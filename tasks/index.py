@@ -60,11 +60,13 @@ def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: S
     """`index_text` of each memory id (whose stored text is in `texts`), reading source events in one query."""
     # Unnest then equi-join (a hash join): joining on list_contains(m.event_ids, e.id) compared every
     # memory with every event of the namespace, 0.5 s of the ingest flow's driver time on LoCoMo.
+    # Only the fields level0_text reads: whole event rows made Python dicts of every column.
     rows = store.query(
         """WITH wanted AS (
                SELECT id, unnest(event_ids) AS event_id FROM memories
                WHERE namespace = ? AND level = 0 AND id IN (SELECT unnest(?)))
-           SELECT w.id, list(e ORDER BY e.seq) AS events
+           SELECT w.id, list({'speaker': e.speaker, 'text': e.text, 'metadata': e.metadata} ORDER BY e.seq)
+                  AS events
            FROM wanted w JOIN events e ON e.namespace = ? AND e.id = w.event_id GROUP BY w.id""",
         [namespace, list(ids), namespace],
     ).to_pylist()
@@ -158,6 +160,12 @@ def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
+def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """(rows, DIMS) float32 from a list<float> column without nulls, without a Python list per row."""
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, DIMS)
+
+
 def commit_embeddings(store: MemoryStore, namespace: str, embeddings: pa.Table) -> int:
     """Store computed embeddings (a derived column: no `ops` row, the memory's content is unchanged)."""
     if embeddings.num_rows == 0:
@@ -215,15 +223,14 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
             old = current.get((level, "dense"))
             if old is not None and old["fingerprint"] == fp:
                 continue
-            embeddings = part.column("embedding").to_pylist()
-            if any(e is None for e in embeddings):
+            if part.column("embedding").null_count:
                 raise RuntimeError(
                     f"{namespace} level {level}: memories without embeddings; run embed_missing first"
                 )
             version = (old["version"] + 1) if old else 1
             vec = VectorIndex(DIMS, backend="faiss-cpu")
             if ids:
-                vec.add(ids, np.asarray(embeddings, dtype=np.float32))
+                vec.add(ids, embedding_matrix(part.column("embedding")))
             dense_path = directory / f"dense-L{level}-v{version}.faiss"
             lex_path = directory / f"lexical-L{level}-v{version}"
             vec.save(dense_path)
