@@ -188,6 +188,10 @@ class EncoderPool:
         if chunks:
             self.broker.call("put_work", chunks)
 
+    def pending_namespaces(self) -> set[str]:
+        """Namespaces with a chunk still being encoded."""
+        return {namespace for namespace, _ in self.outstanding.values()}
+
     def collect(self, timeout: float) -> list[tuple[str, pa.Table]]:
         """(namespace, embeddings) of every chunk finished now, waiting up to `timeout` until GATHER
         have finished (or all that are outstanding, so the last one comes back at once).

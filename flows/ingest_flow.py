@@ -109,7 +109,6 @@ def index_namespaces(
     created: dict[str, StageResult] = {}
     built: dict[str, StageResult] = {}
     embedded = dict.fromkeys(namespaces, 0)
-    unembedded = dict.fromkeys(namespaces, 0)  # pending texts not yet committed, per namespace
     nothing_to_embed: list[str] = []
     pool = encoders or start_encoders(config, use_ray=use_ray)
 
@@ -121,15 +120,16 @@ def index_namespaces(
             for ns, table in results:
                 ready.setdefault(ns, []).append(table)
             bar.advance(sum(table.num_rows for _, table in results))
-            rows = {ns: sum(t.num_rows for t in tables) for ns, tables in ready.items()}
-            complete = sum(rows[ns] == unembedded[ns] for ns in rows)
-            if not rows or (pool.outstanding and complete < BUILD_GROUP and sum(rows.values()) < COMMIT_ROWS):
+            # A namespace is complete once none of its chunks is outstanding (all were submitted at once).
+            pending = pool.pending_namespaces()
+            complete = [ns for ns in ready if ns not in pending]
+            rows = sum(t.num_rows for tables in ready.values() for t in tables)
+            if not ready or (pool.outstanding and len(complete) < BUILD_GROUP and rows < COMMIT_ROWS):
                 return
             with store.hold():  # one connection for the step's reads and writes (see MemoryStore.hold)
                 for ns, tables in ready.items():
                     embedded[ns] += index.commit_embeddings(store, ns, pa.concat_tables(tables))
-                    unembedded[ns] -= rows[ns]
-                built.update(build_all(config.home, [ns for ns in ready if unembedded[ns] == 0]))
+                built.update(build_all(config.home, complete))
             ready.clear()
 
         for group in level0_groups(namespaces):
@@ -139,7 +139,6 @@ def index_namespaces(
                     ids, texts = index.pending_embeddings(store, ns)
                     if not ids:  # nothing to embed; a stage may still have changed what is indexed
                         nothing_to_embed.append(ns)
-                    unembedded[ns] = len(ids)
                     bar.add_total(len(ids))
                     pool.submit(ns, ids, texts)
                 commit(pool.collect(timeout=0))

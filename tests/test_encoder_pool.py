@@ -44,6 +44,8 @@ def test_broker_channels_are_separate_and_close_wakes_waiting_encoders():
     waiter.join(timeout=5)
     assert got == [None]  # woken at once, told to stop
     assert broker.get_work("b") is None
+    with pytest.raises(RuntimeError, match="closed"):
+        broker.put_work("b", [3])
 
 
 def test_take_results_gathers_up_to_min_items_within_the_timeout():
@@ -58,8 +60,6 @@ def test_take_results_gathers_up_to_min_items_within_the_timeout():
     started = time.monotonic()
     assert broker.take_results("a", timeout=10, min_items=2) == ["r2", "r3"]  # back once both came
     assert time.monotonic() - started < 5
-    with pytest.raises(RuntimeError, match="closed"):
-        broker.put_work("b", [3])
 
 
 def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
