@@ -218,16 +218,20 @@ class EncoderPool:
                 future.result()  # raises the encoder's error, if one failed
             raise RuntimeError(f"the encoders stopped with {len(self.outstanding)} chunk(s) not embedded")
 
+    def close(self) -> None:
+        """Tell the encoders to stop (results not yet collected are dropped); `stop` waits for them."""
+        self.broker.call("close")
+
     def stop(self) -> int:
         """Tell the encoders to stop and wait for them; returns how many texts they embedded."""
-        self.broker.call("close")
+        self.close()
         return sum(f.result() for f in self.futures)
 
     def __enter__(self) -> EncoderPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.broker.call("close")  # on error too: encoders see a closed channel and stop
+        self.close()  # on error too: encoders see a closed channel and stop
 
 
 def chunked(ids: Sequence[str], texts: Sequence[str], size: int) -> list[tuple[list[str], list[str]]]:

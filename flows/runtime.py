@@ -153,19 +153,24 @@ def ensure_ray(config: RuntimeConfig) -> None:
         _system_config=system_config,
     )
     if not address:
-        _stop_log_monitor()
+        _stop_unread_ray_processes()
 
 
-def _stop_log_monitor() -> None:
-    """Stop the log monitor of the Ray started here: it tails every worker's log files to publish
-    them to drivers, and with log_to_driver=False no driver reads them (0.5 core-s per 36 s on 2 cores,
-    taken from the encoders). Ray has no public switch for it; if its internals change, it runs on."""
+def _stop_unread_ray_processes() -> None:
+    """Stop the helper processes of the Ray started here that nothing reads, each waking several
+    times a second on cores the encoders need: the log monitor tails every worker's log files to
+    publish them to drivers (and log_to_driver=False: none reads them; 0.5 core-s per 36 s on 2
+    cores); the dashboard head serves a dashboard we did not include and the job and state APIs,
+    and the autoscaler monitor scales a one-machine cluster (0.3 core-s per 36 s together). Ray has
+    no public switch for them; if its internals change, they run on."""
     import ray._private.worker as ray_worker
 
-    try:
-        ray_worker._global_node.kill_log_monitor(check_alive=False)
-    except Exception as exc:  # noqa: BLE001 - an optimisation only
-        log.debug("Ray's log monitor left running: %s", exc)
+    node = ray_worker._global_node
+    for stop in ("kill_log_monitor", "kill_dashboard", "kill_monitor"):
+        try:
+            getattr(node, stop)(check_alive=False)
+        except Exception as exc:  # noqa: BLE001 - an optimisation only
+            log.debug("Ray's %s left running: %s", stop.removeprefix("kill_"), exc)
 
 
 def task_runner(config: RuntimeConfig, *, batch: bool) -> Any:

@@ -20,12 +20,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.artifacts import publish
-from flows.ingest_flow import index_namespaces
+from flows.encoder_pool import start_encoders
+from flows.index_pipeline import index_namespaces
 from flows.runtime import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from flows.services import services
 from stores.store import MemoryStore
 from tasks import compress, consolidate, forget, index, update
-from tasks.contract import StageResult, record_run, timed
+from tasks.contract import StageResult, record_run, record_runs, timed
 
 STAGES = ("compress", "consolidate", "update", "index", "forget")
 LOCK_WAIT_S = 300.0  # stages of different namespaces run side by side and take turns at the writer lock
@@ -103,13 +104,14 @@ TASKS = {
 
 
 def _finish(
-    stage: str, results: list[StageResult], failed: dict[str, str], home: Path
+    stage: str, results: list[StageResult], failed: dict[str, str], home: Path, *, recorded: bool = False
 ) -> list[dict[str, Any]]:
-    """Record runs, publish the artifact, and fail the flow run (after recording) if any namespace failed."""
+    """Record runs (unless the stage has: `recorded`), publish the artifact, and fail the flow run
+    (after recording) if any namespace failed."""
     store = _store(home)
     run_id = flow_run_id()
-    for r in results:
-        record_run(store, r, flow_run_id=run_id)
+    if not recorded:
+        record_runs(store, results, flow_run_id=run_id)
     for ns, err in failed.items():
         record_run(store, StageResult(stage, ns, figures={"error": err}), flow_run_id=run_id, status="failed")
     rows = [r.as_dict() for r in results] + [
@@ -138,8 +140,10 @@ def _run_stage(
 ) -> list[dict[str, Any]]:
     logger = get_run_logger()
     if stage == "index":
-        results = index_namespaces(config, namespaces, use_ray=use_ray, show_progress=False)
-        return _finish(stage, results, {}, config.home)
+        results = index_namespaces(
+            config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False
+        )
+        return _finish(stage, results, {}, config.home, recorded=True)
     futures = [(ns, TASKS[stage].submit(config, ns, use_ray)) for ns in namespaces]
     results, failed = [], {}
     for ns, fut in futures:

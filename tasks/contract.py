@@ -119,19 +119,30 @@ def commit_memory_changes(store: Any, rows: Sequence[dict[str, Any]], ops: Seque
 
 def record_run(store: Any, result: StageResult, *, flow_run_id: str | None, status: str = "ok") -> None:
     """Append a stage run to the `runs` table (what the dashboards plot over time)."""
+    record_runs(store, [result], flow_run_id=flow_run_id, status=status)
+
+
+def record_runs(
+    store: Any, results: Sequence[StageResult], *, flow_run_id: str | None, status: str = "ok"
+) -> None:
+    """`record_run` of several results in one transaction."""
     from stores.schema import RUNS
 
     started = now_utc()
-    row = {
-        "run_id": content_hash(result.stage, result.namespace, flow_run_id, started.isoformat()),
-        "flow_run_id": flow_run_id,
-        "stage": result.stage,
-        "namespace": result.namespace,
-        "started_at": started,
-        "duration_s": result.duration_s,
-        "changed": result.changed,
-        "figures": to_json(result.figures),
-        "status": status,
-    }
-    with store.writer() as w:
-        w.insert("runs", pa.Table.from_pylist([row], schema=RUNS))
+    rows = [
+        {
+            "run_id": content_hash(result.stage, result.namespace, flow_run_id, started.isoformat()),
+            "flow_run_id": flow_run_id,
+            "stage": result.stage,
+            "namespace": result.namespace,
+            "started_at": started,
+            "duration_s": result.duration_s,
+            "changed": result.changed,
+            "figures": to_json(result.figures),
+            "status": status,
+        }
+        for result in results
+    ]
+    if rows:
+        with store.writer() as w:
+            w.insert("runs", pa.Table.from_pylist(rows, schema=RUNS))

@@ -10,7 +10,7 @@ and a BM25 index as versioned artifacts with a manifest row — skipped when the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,78 +77,123 @@ def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: S
     ]
 
 
+def new_level0_events(store: MemoryStore, namespace: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The events of `namespace` that have no level-0 memory yet (never recreating one a stage
+    archived), and the texts their memories will have (see `level0_rows`)."""
+    new = store.query(
+        """SELECT e.* FROM events e WHERE e.namespace = ?
+           AND NOT EXISTS (SELECT 1 FROM memories m WHERE m.namespace = e.namespace AND m.id = 'm0-' || e.id)
+           ORDER BY e.session, e.seq""",
+        [namespace],
+    ).to_pylist()
+    return new, [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in new]
+
+
+def level0_rows(
+    namespace: str,
+    new: Sequence[dict[str, Any]],
+    texts: Sequence[str],
+    *,
+    count_tokens: CountTokens,
+    flow_run_id: str | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The level-0 memory rows (embedding null) of `new_level0_events`, and their `ops` rows."""
+    if not new:
+        return [], []
+    tokens = count_tokens(texts)
+    at = now_utc()
+    rows, ops = [], []
+    for ev, text, n_tok in zip(new, texts, tokens, strict=True):
+        row = {
+            "id": level0_id(ev["id"]),
+            "namespace": namespace,
+            "level": 0,
+            "text": text,
+            "tokens": n_tok,
+            "embedding": None,
+            "parent": None,
+            "event_ids": [ev["id"]],
+            "session": ev["session"],
+            "speaker": ev["speaker"],
+            "event_time": ev["event_time"],
+            "version": 1,
+            "valid_from": ev["event_time"] or at,
+            "valid_to": None,
+            "superseded_by": None,
+            "importance": 0.5,
+            "access_count": 0,
+            "last_access": None,
+            "status": "active",
+            "metadata": ev["metadata"],
+            "created_at": at,
+            "updated_at": at,
+        }
+        rows.append(row)
+        ops.append(
+            make_op(
+                namespace=namespace,
+                memory_id=row["id"],
+                stage="index",
+                action="insert",
+                before=None,
+                after=row,
+                reason="level-0 memory for a new event",
+                flow_run_id=flow_run_id,
+                at=at,
+            )
+        )
+    return rows, ops
+
+
+def insert_memories(
+    store: MemoryStore,
+    rows: Sequence[dict[str, Any]],
+    ops: Sequence[dict[str, Any]],
+    embeddings: pa.Table | None = None,
+) -> int:
+    """Insert new memory rows and their `ops` rows in one transaction; returns how many were new.
+    `embeddings` (id, embedding) of all of them: stored with the rows, so no later UPDATE rewrites them."""
+    if not rows:
+        return 0
+    table = memories_table(rows)
+    if embeddings is not None:
+        position = {i: k for k, i in enumerate(embeddings.column("id").to_pylist())}
+        order = pa.array([position[r["id"]] for r in rows], pa.int64())
+        column = embeddings.column("embedding").take(order).cast(table.schema.field("embedding").type)
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
+    with store.writer() as w:
+        new = w.insert("memories", table)
+        w.insert("ops", ops_table(ops))
+    return new
+
+
 def materialise_level0(
     store: MemoryStore, namespace: str, *, count_tokens: CountTokens, flow_run_id: str | None = None
 ) -> StageResult:
     """One active level-0 memory per event that has none yet (never recreating one a stage archived)."""
     result = StageResult("index.level0", namespace)
     with timed(result):
-        new = store.query(
-            """SELECT e.* FROM events e WHERE e.namespace = ?
-               AND NOT EXISTS (SELECT 1 FROM memories m WHERE m.namespace = e.namespace AND m.id = 'm0-' || e.id)
-               ORDER BY e.session, e.seq""",
-            [namespace],
-        ).to_pylist()
-        if not new:
-            return result
-        texts = [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in new]
-        tokens = count_tokens(texts)
-        at = now_utc()
-        rows, ops = [], []
-        for ev, text, n_tok in zip(new, texts, tokens, strict=True):
-            row = {
-                "id": level0_id(ev["id"]),
-                "namespace": namespace,
-                "level": 0,
-                "text": text,
-                "tokens": n_tok,
-                "embedding": None,
-                "parent": None,
-                "event_ids": [ev["id"]],
-                "session": ev["session"],
-                "speaker": ev["speaker"],
-                "event_time": ev["event_time"],
-                "version": 1,
-                "valid_from": ev["event_time"] or at,
-                "valid_to": None,
-                "superseded_by": None,
-                "importance": 0.5,
-                "access_count": 0,
-                "last_access": None,
-                "status": "active",
-                "metadata": ev["metadata"],
-                "created_at": at,
-                "updated_at": at,
-            }
-            rows.append(row)
-            ops.append(
-                make_op(
-                    namespace=namespace,
-                    memory_id=row["id"],
-                    stage="index",
-                    action="insert",
-                    before=None,
-                    after=row,
-                    reason="level-0 memory for a new event",
-                    flow_run_id=flow_run_id,
-                    at=at,
-                )
-            )
-        with store.writer() as w:
-            result.changed = w.insert("memories", memories_table(rows))
-            w.insert("ops", ops_table(ops))
+        new, texts = new_level0_events(store, namespace)
+        rows, ops = level0_rows(namespace, new, texts, count_tokens=count_tokens, flow_run_id=flow_run_id)
+        result.changed = insert_memories(store, rows, ops)
     result.figures = {"level0_created": result.changed}
     return result
 
 
-def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], list[str]]:
-    """(ids, texts) of the active memories whose embedding is null: new, or text changed by a stage."""
+def pending_embeddings(
+    store: MemoryStore, namespace: str, *, skip: Collection[str] = ()
+) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the active memories whose embedding is null: new, or text changed by a stage.
+    `skip`: ids whose embedding is already being computed (their texts are not looked up)."""
     todo = store.query(
         "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
         [namespace],
-    )
-    ids = todo.column("id").to_pylist()
-    return ids, index_texts(store, namespace, ids, todo.column("text").to_pylist())
+    ).to_pydict()
+    wanted = [(i, t) for i, t in zip(todo["id"], todo["text"], strict=True) if i not in skip]
+    if not wanted:
+        return [], []
+    ids, texts = (list(col) for col in zip(*wanted, strict=True))
+    return ids, index_texts(store, namespace, ids, texts)
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:

@@ -1,0 +1,177 @@
+"""Level-0 memories, embeddings and indexes of namespaces, pipelined around the encoder pool.
+
+Used by the ingest flow (after its events are stored) and by the `index` stage flow. The encoders
+(flows/encoder_pool.py) are the real cost, so they must never wait on the flow's process:
+  1. `plan_indexing` (inside the caller's store hold) reads what lacks an embedding: the level-0
+     memories that new events need, and stored memories a stage changed. All of their texts go to
+     the encoders at once; namespaces with nothing to embed get their indexes checked then.
+  2. `index_namespaces` makes the level-0 rows (token counts, `ops` rows) in memory while the
+     encoders start, then stores finished chunks as they come back (a new level-0 memory is
+     inserted with its embedding; a changed one has its embedding updated), and builds the indexes
+     of every namespace whose last chunk came back, in batches: each commit opens the store.
+Rows and their embeddings land together, so a crashed run leaves no level-0 memory half made; a
+rerun makes what is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect.utilities.annotations import quote
+
+from flows.encoder_pool import WAIT_S, EncoderPool
+from flows.progress import Progress
+from flows.runtime import RuntimeConfig, flow_run_id, stage_task
+from flows.services import services
+from stores.store import MemoryStore
+from tasks import index
+from tasks.contract import StageResult, record_runs, timed
+
+# A commit opens the store (tens of ms) and builds the indexes of the namespaces it completes in one
+# task run (tens of ms of Prefect, in the flow and in the server), so finished chunks gather until
+# BUILD_GROUP namespaces are complete, COMMIT_ROWS embeddings wait, or nothing else is outstanding.
+BUILD_GROUP = 2
+COMMIT_ROWS = 2048
+
+Texts = tuple[list[str], list[str]]  # (memory ids, texts to embed)
+
+
+@dataclass
+class IndexPlan:
+    """What one run embeds, per namespace: events that need a level-0 memory (with its text), and
+    stored memories waiting for an embedding. `built`: indexes of namespaces with nothing to embed."""
+
+    level0: dict[str, tuple[list[dict[str, Any]], list[str]]]
+    stale: dict[str, Texts]
+    built: dict[str, StageResult] = field(default_factory=dict)
+
+
+@stage_task(name="embedding-plan", task_run_name="what to embed in {label}")
+def read_plan(home: Path, namespaces: list[str], label: str) -> IndexPlan:
+    store = MemoryStore(home)
+    return IndexPlan(
+        level0={ns: index.new_level0_events(store, ns) for ns in namespaces},
+        stale={ns: index.pending_embeddings(store, ns) for ns in namespaces},
+    )
+
+
+@stage_task(name="level0-memories", task_run_name="level-0 memories of {label}")
+def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """namespace -> memory id -> (row, ops row) of the new level-0 memories, not stored yet (they are
+    stored with their embeddings). Tokens are counted here, in the flow's process (a light tokenizer)."""
+    count_tokens = services(config, use_ray=False).count_tokens
+    out = {}
+    for ns, (new, texts) in plan.level0.items():
+        rows, ops = index.level0_rows(ns, new, texts, count_tokens=count_tokens, flow_run_id=flow_run_id())
+        out[ns] = {row["id"]: (row, op) for row, op in zip(rows, ops, strict=True)}
+    return out
+
+
+@stage_task(name="build-indexes", task_run_name="indexes of {label}")
+def build_indexes(home: Path, namespaces: list[str], label: str) -> list[StageResult]:
+    store = MemoryStore(home)
+    return [index.build_indexes(store, ns, flow_run_id=flow_run_id()) for ns in namespaces]
+
+
+def build_all(home: Path, namespaces: list[str]) -> dict[str, StageResult]:
+    """One task run for the namespaces a step completed (a task run costs the server and the flow)."""
+    if not namespaces:
+        return {}
+    return dict(zip(namespaces, build_indexes(home, namespaces, span(namespaces)), strict=True))
+
+
+def span(namespaces: list[str]) -> str:
+    """How a task run names the namespaces it covers, in the Prefect UI."""
+    if not namespaces:
+        return "no namespace"
+    return namespaces[0] if len(namespaces) == 1 else f"{namespaces[0]} .. {namespaces[-1]}"
+
+
+def plan_indexing(config: RuntimeConfig, namespaces: list[str], pool: EncoderPool) -> IndexPlan:
+    """Read what to embed, hand all of it to the encoders, and check the indexes of the namespaces
+    with nothing to embed. Call inside a store hold (three steps, one store open)."""
+    plan = read_plan(config.home, namespaces, span(namespaces))
+    for ns in namespaces:
+        new, texts = plan.level0.get(ns, ([], []))
+        pool.submit(ns, [index.level0_id(e["id"]) for e in new], texts)
+        pool.submit(ns, *plan.stale.get(ns, ([], [])))
+    pending = pool.pending_namespaces()
+    plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
+    return plan
+
+
+def index_namespaces(
+    config: RuntimeConfig,
+    namespaces: list[str],
+    pool: EncoderPool,
+    *,
+    show_progress: bool,
+    plan: IndexPlan | None = None,
+) -> list[StageResult]:
+    """Level-0 memories, embeddings and indexes for each namespace; each namespace's index run is
+    recorded in the `runs` table. `plan`: from `plan_indexing` by the caller, else made here."""
+    store = MemoryStore(config.home)
+    if plan is None:
+        with store.hold():
+            plan = plan_indexing(config, namespaces, pool)
+    built = dict(plan.built)
+    created, embedded = dict.fromkeys(namespaces, 0), dict.fromkeys(namespaces, 0)
+    ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet stored
+
+    with (
+        pool,
+        Progress("embedding", sum(n for _, n in pool.outstanding.values()), enabled=show_progress) as bar,
+    ):
+        level0 = StageResult("index.level0", "")
+        with timed(level0):
+            # quote: Prefect would otherwise walk every event of the plan looking for futures (2 s on LoCoMo).
+            fresh = make_level0(config, quote(plan), span(namespaces))
+
+        def commit_ready(complete: list[str]) -> None:
+            """Store the finished chunks, then build the indexes of the complete namespaces (in a hold)."""
+            for ns, tables in ready.items():
+                table = pa.concat_tables(tables)
+                new_rows = fresh.get(ns, {})
+                is_new = pa.array([i in new_rows for i in table.column("id").to_pylist()], pa.bool_())
+                made = [new_rows.pop(i) for i in table.filter(is_new).column("id").to_pylist()]
+                created[ns] += index.insert_memories(
+                    store, [row for row, _ in made], [op for _, op in made], table.filter(is_new)
+                )
+                index.commit_embeddings(store, ns, table.filter(pc.invert(is_new)))
+                embedded[ns] += table.num_rows
+            ready.clear()
+            built.update(build_all(config.home, complete))
+
+        while pool.outstanding:
+            for ns, table in pool.collect(timeout=WAIT_S):
+                ready.setdefault(ns, []).append(table)
+                bar.advance(table.num_rows)
+            pending = pool.pending_namespaces()
+            complete = [ns for ns in ready if ns not in pending]
+            rows = sum(t.num_rows for tables in ready.values() for t in tables)
+            if pool.outstanding and (len(complete) >= BUILD_GROUP or rows >= COMMIT_ROWS):
+                with store.hold():
+                    commit_ready(complete)
+        pool.close()  # the encoders end their task runs while the last chunks are stored
+
+        results = []
+        with store.hold():  # the last step records every namespace's run with it: one store open
+            commit_ready([ns for ns in namespaces if ns not in built])
+            for ns in namespaces:
+                r = StageResult("index", ns)
+                r.changed = created[ns] + embedded[ns] + built[ns].changed
+                r.duration_s = built[ns].duration_s + level0.duration_s / max(1, len(namespaces))
+                r.figures = {
+                    "level0_created": created[ns],
+                    "embedded": embedded[ns],
+                    "indexes_rebuilt": built[ns].changed,
+                    "memories_indexed": built[ns].figures.get("memories_indexed", 0),
+                }
+                results.append(r)
+            record_runs(store, results, flow_run_id=flow_run_id())
+        pool.stop()
+    return results
