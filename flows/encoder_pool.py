@@ -8,15 +8,13 @@ task run per encoder whatever its input size, submitted before the flow parses i
 encoders share the work a chunk at a time (length-sorted, so a chunk pads little) and the flow
 commits each finished chunk while the rest encode.
 
-The chunks and results travel through a `ChunkBroker`: a threaded Ray actor owned by the flow's
-process (it dies with it), or an in-process object when the flow runs without Ray.
+The chunks and results travel through the flow process's `ChunkBroker` (flows/chunk_broker.py),
+which encoders on this machine reach through a socket, and encoders on a cluster through an actor.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from flows.chunk_broker import BrokerChannel, open_channel
 from flows.runtime import RuntimeConfig, stage_task
 from flows.services import embedding_slots, services, worker_encoder
 from tasks import index
@@ -36,116 +35,6 @@ CHUNK = {"workers": 64, "actor": 1024, "local": 256}
 WAIT_S = 2.0  # longest wait for results in one call: the flow's loop stays responsive
 GATHER = 4  # results one call waits for (within WAIT_S): each call is a round trip through the broker
 ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the encoders still run
-
-
-class ChunkBroker:
-    """Work and result queues between a flow and its encoder tasks, one pair per channel (flow run)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._channels: dict[str, tuple[queue.Queue[Any], queue.Queue[Any]]] = {}
-
-    def _queues(self, channel: str) -> tuple[queue.Queue[Any], queue.Queue[Any]] | None:
-        with self._lock:
-            return self._channels.get(channel)
-
-    def open(self, channel: str) -> None:
-        with self._lock:
-            self._channels[channel] = (queue.Queue(), queue.Queue())
-
-    def close(self, channel: str) -> None:
-        """Drop the channel; its encoders get None (stop), those waiting in `get_work` at once."""
-        with self._lock:
-            queues = self._channels.pop(channel, None)
-        if queues is not None:
-            for _ in range(64):  # more than any flow has encoders
-                queues[0].put(None)
-
-    def put_work(self, channel: str, items: list[Any]) -> None:
-        work, _ = self._queues(channel) or (None, None)
-        if work is None:
-            raise RuntimeError(f"encoder channel {channel} is closed")
-        for item in items:
-            work.put(item)
-
-    def get_work(self, channel: str, timeout: float = 10.0) -> Any:
-        """The next chunk; None when the flow is done or gone; "wait" when none came within timeout."""
-        queues = self._queues(channel)
-        if queues is None:
-            return None
-        try:
-            return queues[0].get(timeout=timeout)
-        except queue.Empty:
-            return "wait"
-
-    def put_result(self, channel: str, item: Any) -> None:
-        queues = self._queues(channel)
-        if queues is not None:  # a closed channel: the flow has failed or finished; drop the result
-            queues[1].put(item)
-
-    def exchange(self, channel: str, result: Any, timeout: float = 10.0) -> Any:
-        """`put_result` then `get_work` in one call: one round trip per chunk for an encoder."""
-        self.put_result(channel, result)
-        return self.get_work(channel, timeout)
-
-    def take_results(self, channel: str, timeout: float, min_items: int = 1) -> list[Any]:
-        """Every result ready, waiting up to `timeout` until `min_items` of them have come."""
-        queues = self._queues(channel)
-        if queues is None:
-            return []
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout
-        try:
-            while len(out) < min_items:
-                out.append(queues[1].get(timeout=max(0.0, deadline - time.monotonic())))
-            while True:
-                out.append(queues[1].get_nowait())
-        except queue.Empty:
-            return out
-
-
-@dataclass
-class BrokerChannel:
-    """One flow's channel on a broker: the Ray actor's handle, or the in-process broker itself."""
-
-    channel: str
-    actor: Any = None
-    local: ChunkBroker | None = field(default=None, repr=False)
-
-    def call(self, method: str, *args: Any) -> Any:
-        if self.actor is not None:
-            import ray
-
-            return ray.get(getattr(self.actor, method).remote(self.channel, *args))
-        assert self.local is not None
-        return getattr(self.local, method)(self.channel, *args)
-
-    def __reduce__(self) -> Any:  # only the actor's handle travels to a Ray worker
-        if self.actor is None:
-            raise TypeError("an in-process broker channel cannot leave its process")
-        return (BrokerChannel, (self.channel, self.actor))
-
-
-_broker_lock = threading.Lock()
-_local_broker = ChunkBroker()
-_actors: dict[tuple[str, str], Any] = {}  # (cluster, job) -> this process's broker actor
-
-
-def _broker_actor(slots: int) -> Any:
-    """This process's broker actor on the Ray it is connected to, created on first use. Threaded:
-    each encoder blocks in `get_work` on a thread of its own; no CPU reserved (it only moves
-    references). Keyed by cluster and job: a process that reconnects to Ray (tests, a notebook)
-    must not reuse a handle from its previous connection, whose actor died with it."""
-    import ray
-
-    context = ray.get_runtime_context()
-    key = (context.gcs_address, context.get_job_id())
-    with _broker_lock:
-        if key not in _actors:
-            _actors[key] = (
-                ray.remote(ChunkBroker).options(num_cpus=0, max_concurrency=max(16, 2 * slots + 4)).remote()
-            )
-        return _actors[key]
 
 
 @stage_task(name="encoder", task_run_name="encoder {slot} of {slots}")
@@ -246,11 +135,6 @@ def chunked(ids: Sequence[str], texts: Sequence[str], size: int) -> list[tuple[l
 def start_encoders(config: RuntimeConfig, *, use_ray: bool) -> EncoderPool:
     """Open a channel and submit one encoder task per slot (call inside a flow run)."""
     where, slots = embedding_slots(use_ray)
-    channel = uuid.uuid4().hex
-    if use_ray:
-        broker = BrokerChannel(channel, actor=_broker_actor(slots))
-    else:
-        broker = BrokerChannel(channel, local=_local_broker)
-    broker.call("open")
+    broker = open_channel(uuid.uuid4().hex, use_ray=use_ray, encoders=slots)
     futures = [run_encoder.submit(config, broker, k, slots, where) for k in range(1, slots + 1)]
     return EncoderPool(broker, futures, CHUNK[where])

@@ -3,8 +3,10 @@ encoder that fails the flow (instead of hanging it) with what was embedded kept 
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
+from multiprocessing.connection import AuthenticationError, Client
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 from conftest import SAMPLE
 from prefect import flow
 
-from flows.encoder_pool import ChunkBroker, chunked, start_encoders
+from flows.chunk_broker import REMOTE_METHODS, BrokerChannel, BrokerServer, ChunkBroker
+from flows.encoder_pool import chunked, start_encoders
 from flows.runtime import RuntimeConfig, prefect_settings, task_runner
 
 
@@ -60,6 +63,33 @@ def test_take_results_gathers_up_to_min_items_within_the_timeout():
     started = time.monotonic()
     assert broker.take_results("a", timeout=10, min_items=2) == ["r2", "r3"]  # back once both came
     assert time.monotonic() - started < 5
+
+
+def test_encoders_reach_the_flows_broker_through_its_socket_and_strangers_do_not():
+    broker = ChunkBroker()
+    server = BrokerServer(broker)
+    flow_side = BrokerChannel("c", local=broker, address=server.address, authkey=server.authkey)
+    flow_side.call("open")
+    flow_side.call("put_work", [("chunk-1", ["id"], ["text"])])
+    # What an encoder task receives: the address and key, never the queues.
+    encoder_side = pickle.loads(pickle.dumps(flow_side))
+    assert encoder_side.local is None and encoder_side.address == server.address
+    assert encoder_side.call("get_work") == ("chunk-1", ["id"], ["text"])
+    assert encoder_side.call("exchange", "result-1", 0.05) == "wait"
+    assert flow_side.call("take_results", 1.0) == ["result-1"]
+    with pytest.raises(RuntimeError, match="may not be called remotely"):
+        encoder_side.call("put_work", ["forged"])  # an encoder cannot add work
+    assert "put_work" not in REMOTE_METHODS
+    with pytest.raises(AuthenticationError):
+        Client(server.address, authkey=b"not the key")
+    flow_side.call("close")
+    got = []  # a new thread opens a new connection: the server still accepts after the stranger
+    reader = threading.Thread(target=lambda: got.append(encoder_side.call("get_work")))
+    reader.start()
+    reader.join(timeout=10)
+    assert got == [None]  # the channel is closed: stop
+    with pytest.raises(TypeError, match="cannot leave"):
+        pickle.dumps(BrokerChannel("d", local=broker))
 
 
 def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
