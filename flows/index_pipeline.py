@@ -114,10 +114,17 @@ def index_namespaces(
 ) -> list[StageResult]:
     """Level-0 memories, embeddings and indexes for each namespace; each namespace's index run is
     recorded in the `runs` table. `plan`: from `plan_indexing` by the caller, else made here."""
+    with pool:  # closed on any error too, so the encoders stop instead of waiting for work
+        if plan is None:
+            with MemoryStore(config.home).hold():
+                plan = plan_indexing(config, namespaces, pool)
+        return _embed_and_index(config, namespaces, pool, plan, show_progress=show_progress)
+
+
+def _embed_and_index(
+    config: RuntimeConfig, namespaces: list[str], pool: EncoderPool, plan: IndexPlan, *, show_progress: bool
+) -> list[StageResult]:
     store = MemoryStore(config.home)
-    if plan is None:
-        with store.hold():
-            plan = plan_indexing(config, namespaces, pool)
     built = dict(plan.built)
     created, embedded = dict.fromkeys(namespaces, 0), dict.fromkeys(namespaces, 0)
     ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet stored
