@@ -129,10 +129,7 @@ def _embed_and_index(
     created, embedded = dict.fromkeys(namespaces, 0), dict.fromkeys(namespaces, 0)
     ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet stored
 
-    with (
-        pool,
-        Progress("embedding", sum(n for _, n in pool.outstanding.values()), enabled=show_progress) as bar,
-    ):
+    with Progress("embedding", sum(n for _, n in pool.outstanding.values()), enabled=show_progress) as bar:
         level0 = StageResult("index.level0", "")
         with timed(level0):
             # quote: Prefect would otherwise walk every event of the plan looking for futures (2 s on LoCoMo).
@@ -144,9 +141,10 @@ def _embed_and_index(
                 table = pa.concat_tables(tables)
                 new_rows = fresh.get(ns, {})
                 is_new = pa.array([i in new_rows for i in table.column("id").to_pylist()], pa.bool_())
-                made = [new_rows.pop(i) for i in table.filter(is_new).column("id").to_pylist()]
+                new_table = table.filter(is_new)
+                made = [new_rows.pop(i) for i in new_table.column("id").to_pylist()]
                 created[ns] += index.insert_memories(
-                    store, [row for row, _ in made], [op for _, op in made], table.filter(is_new)
+                    store, [row for row, _ in made], [op for _, op in made], new_table
                 )
                 index.commit_embeddings(store, ns, table.filter(pc.invert(is_new)))
                 embedded[ns] += table.num_rows

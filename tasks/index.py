@@ -10,7 +10,7 @@ and a BM25 index as versioned artifacts with a manifest row — skipped when the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,20 +180,16 @@ def materialise_level0(
     return result
 
 
-def pending_embeddings(
-    store: MemoryStore, namespace: str, *, skip: Collection[str] = ()
-) -> tuple[list[str], list[str]]:
-    """(ids, texts) of the active memories whose embedding is null: new, or text changed by a stage.
-    `skip`: ids whose embedding is already being computed (their texts are not looked up)."""
+def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the active memories whose embedding is null: new, or text changed by a stage."""
     todo = store.query(
         "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
         [namespace],
-    ).to_pydict()
-    wanted = [(i, t) for i, t in zip(todo["id"], todo["text"], strict=True) if i not in skip]
-    if not wanted:
+    )
+    ids = todo.column("id").to_pylist()
+    if not ids:  # the usual case on ingest: no index_texts query
         return [], []
-    ids, texts = (list(col) for col in zip(*wanted, strict=True))
-    return ids, index_texts(store, namespace, ids, texts)
+    return ids, index_texts(store, namespace, ids, todo.column("text").to_pylist())
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
