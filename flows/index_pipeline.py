@@ -95,7 +95,13 @@ def plan_indexing(config: RuntimeConfig, namespaces: list[str], pool: EncoderPoo
     """Read what to embed, hand all of it to the encoders, and check the indexes of the namespaces
     with nothing to embed. Call inside a store hold (three steps, one store open)."""
     plan = read_plan(config.home, namespaces, span(namespaces))
-    for ns in namespaces:
+
+    def texts_of(ns: str) -> int:
+        return len(plan.level0.get(ns, ([], []))[1]) + len(plan.stale.get(ns, ([], []))[1])
+
+    # Largest first: namespaces finish in this order, and the last one's commit and index build are
+    # the flow's tail, with the encoders done; the smallest makes it shortest (LoCoMo dev: 0.2 s).
+    for ns in sorted(namespaces, key=texts_of, reverse=True):
         new, texts = plan.level0.get(ns, ([], []))
         pool.submit(ns, [index.level0_id(e["id"]) for e in new], texts)
         pool.submit(ns, *plan.stale.get(ns, ([], [])))
