@@ -4,7 +4,8 @@ Used by the ingest flow (after its events are stored) and by the `index` stage f
 (flows/encoder_pool.py) are the real cost, so they must never wait on the flow's process:
   1. `plan_indexing` (inside the caller's store hold) reads what lacks an embedding: the level-0
      memories that new events need, and stored memories a stage changed. All of their texts go to
-     the encoders at once; namespaces with nothing to embed get their indexes checked then.
+     the encoders at once, largest namespace first; namespaces with nothing to embed get their
+     indexes checked then.
   2. `index_namespaces` makes the level-0 rows (token counts, `ops` rows) in memory while the
      encoders start, then stores finished chunks as they come back (a new level-0 memory is
      inserted with its embedding; a changed one has its embedding updated), and builds the indexes
