@@ -33,7 +33,7 @@ from tasks import index
 # GPU: the card wants big batches. Local: one encoder with every core, pipelined with the flow.
 CHUNK = {"workers": 64, "actor": 1024, "local": 256}
 WAIT_S = 2.0  # longest wait for results in one call: the flow's loop stays responsive
-GATHER = 4  # results one call waits for (within WAIT_S): each call is a round trip through the broker
+GATHER = 4  # results one call waits for (within WAIT_S): a round trip when the broker is an actor
 ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the encoders still run
 
 
