@@ -51,7 +51,13 @@ def section_copy() -> dict:
 
 
 def section_search(copy_gbps: float | None) -> dict:
-    from gpu.fused_search import fused_available, topk_ip, topk_ip_fused, topk_ip_grouped, topk_ip_two_stage
+    from memstage.gpu.fused_search import (
+        fused_available,
+        topk_ip,
+        topk_ip_fused,
+        topk_ip_grouped,
+        topk_ip_two_stage,
+    )
 
     n, d, k = 1_000_000, 384, 10
     x = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1).half().contiguous()
@@ -108,7 +114,7 @@ def section_search(copy_gbps: float | None) -> dict:
 
 
 def section_encoder(texts_path: str | None) -> dict:
-    from gpu.encoder import Encoder
+    from memstage.gpu.encoder import Encoder
 
     texts = Path(texts_path).read_text().splitlines() if texts_path and Path(texts_path).exists() else []
     if not texts:
@@ -168,7 +174,7 @@ def _llama8b():
 
 
 def section_generate(quick: bool) -> dict:
-    from gpu.generator import TransformersGenerator
+    from memstage.gpu.generator import TransformersGenerator
 
     t = time.perf_counter()
     model = _llama8b()

@@ -49,8 +49,7 @@ _pool_encoder: Any = None
 def _load_single_threaded() -> None:
     global _pool_encoder
     import torch
-
-    from gpu.encoder import Encoder
+    from memstage.gpu.encoder import Encoder
 
     torch.set_num_threads(1)
     _pool_encoder = Encoder(device="cpu")
@@ -62,7 +61,7 @@ def _pool_encode(texts: list[str]) -> Any:
 
 
 def data_parallel_rate(pool: Any, texts_by_namespace: dict[str, list[str]], size: int) -> float:
-    from flows.encoder_pool import chunked
+    from memstage.runtime.encoder_pool import chunked
 
     chunks = [part for texts in texts_by_namespace.values() for _, part in chunked(texts, texts, size)]
     start = time.perf_counter()
@@ -118,10 +117,10 @@ def main() -> int:
         print(json.dumps({"skipped": f"no data at {args.data}"}))
         return 0
 
-    from flows.ingest_flow import run_ingest
-    from flows.runtime import RuntimeConfig
-    from tasks.index import level0_text
-    from tasks.ingest import parse_file
+    from memstage.flows.ingest import run_ingest
+    from memstage.runtime.backends import RuntimeConfig
+    from memstage.tasks.index import level0_text
+    from memstage.tasks.ingest import parse_file
 
     events, _ = parse_file(args.data, "locomo")
     texts, by_namespace = [], {}
@@ -129,9 +128,9 @@ def main() -> int:
         texts.append(level0_text(e["speaker"], e["text"], json.loads(e["metadata"])))
         by_namespace.setdefault(e["namespace"], []).append(texts[-1])
 
-    from flows.encoder_pool import CHUNK
-    from flows.services import embedding_slots
-    from gpu.encoder import Encoder
+    from memstage.gpu.encoder import Encoder
+    from memstage.runtime.encoder_pool import CHUNK
+    from memstage.runtime.services import embedding_slots
 
     encoder = Encoder()
     rounds = []

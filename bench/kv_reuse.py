@@ -25,13 +25,13 @@ sys.path.insert(0, str(REPO))
 
 def build_namespace(data: Path, conversation: str, home: Path, models: Path):
     """A store with one LoCoMo conversation ingested, indexed and consolidated; its retriever."""
-    from gpu.encoder import Encoder
-    from gpu.tokenizer import TokenCounter
-    from stores.store import MemoryStore
-    from tasks.consolidate import run_consolidate
-    from tasks.index import run_index
-    from tasks.ingest import commit_events, parse_file
-    from tasks.retrieve import Retriever
+    from memstage.gpu.encoder import Encoder
+    from memstage.gpu.tokenizer import TokenCounter
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.consolidate import run_consolidate
+    from memstage.tasks.index import run_index
+    from memstage.tasks.ingest import commit_events, parse_file
+    from memstage.tasks.retrieve import Retriever
 
     sample = next(s for s in json.loads(data.read_text()) if s["sample_id"] == conversation)
     home.mkdir(parents=True, exist_ok=True)
@@ -109,9 +109,9 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gpu.generator import TransformersGenerator
-    from gpu.tokenizer import ensure_converted
-    from tasks.generate import EvidenceWindow, build_messages, standing_block
+    from memstage.gpu.generator import TransformersGenerator
+    from memstage.gpu.tokenizer import ensure_converted
+    from memstage.tasks.generate import EvidenceWindow, build_messages, standing_block
 
     t_setup = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

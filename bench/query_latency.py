@@ -41,9 +41,9 @@ def main() -> int:
         print(json.dumps({"skipped": f"no data at {args.data}"}))
         return 0
 
-    from flows.ingest_flow import run_ingest
-    from flows.runtime import RuntimeConfig
-    from flows.services import services
+    from memstage.flows.ingest import run_ingest
+    from memstage.runtime.backends import RuntimeConfig
+    from memstage.runtime.services import services
 
     sample = next(s for s in json.loads(args.data.read_text()) if s["sample_id"] == args.conversation)
     questions = [q["question"] for q in sample["qa"] if q.get("category") in (1, 2, 3, 4)][: args.questions]
@@ -68,7 +68,7 @@ def main() -> int:
         cmd = [
             sys.executable,
             "-m",
-            "flows.cli",
+            "memstage.cli.main",
             "query",
             questions[0],
             "--namespace",

@@ -62,15 +62,15 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from gpu.encoder import Encoder
-    from gpu.tokenizer import TokenCounter
-    from stores.store import MemoryStore
-    from tasks.evaluate import load_questions
-    from tasks.retrieve import Retriever
+    from memstage.gpu.encoder import Encoder
+    from memstage.gpu.tokenizer import TokenCounter
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.evaluate import load_questions
+    from memstage.tasks.retrieve import Retriever
 
     tmp = None
     if args.home is None:
-        from flows.eval_flow import prepare_store
+        from memstage.cli.eval_commands import prepare_store
 
         tmp = tempfile.TemporaryDirectory(prefix="memstage-latency-")
         args.home = Path(tmp.name)

@@ -24,8 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-
-from stores.store import MemoryStore  # noqa: E402
+from memstage.stores.store import MemoryStore  # noqa: E402
 
 STAGE_COLOURS = {
     "ingest": "#4c72b0",

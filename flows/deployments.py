@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from memstage.runtime import backends as runtime
+from memstage.runtime.artifacts import publish
+from memstage.stores.store import MemoryStore
 from prefect import flow, get_run_logger, tags
 
-from flows import runtime
-from flows.artifacts import publish
-from stores.store import MemoryStore
+from memstage.settings import get_settings
 
 WRITER_WAIT_S = 6 * 3600  # a queued maintenance run waits this long for the store before giving up
 
@@ -34,9 +34,7 @@ def store_home(home: str | None) -> Path:
 
 
 def _config(home: str | None, runner: str | None) -> runtime.RuntimeConfig:
-    return runtime.RuntimeConfig(
-        home=store_home(home), runner=runner or os.environ.get("MEMSTAGE_RUNNER", "auto")
-    )
+    return runtime.RuntimeConfig(home=store_home(home), runner=runner or get_settings().runner)
 
 
 def store_limit_name(home: Path) -> str:
@@ -96,16 +94,15 @@ def _run_name(what: str) -> Callable[[], str]:
 
 def publish_report(home: Path) -> None:
     """Redraw HOME/report.html and link it from this run (MEMSTAGE_REPORT_URL if it is served)."""
+    from memstage.dashboards.report import write_report
     from prefect.artifacts import create_link_artifact
-
-    from dashboards.report import write_report
 
     try:
         out = write_report(MemoryStore(home), home / "report.html")
     except Exception as exc:  # noqa: BLE001 - a plot failing must not fail the maintenance it reports on
         get_run_logger().warning("The report could not be drawn: %s", exc)
         return
-    link = os.environ.get("MEMSTAGE_REPORT_URL") or Path(out["out"]).as_uri()
+    link = get_settings().report_url or Path(out["out"]).as_uri()
     create_link_artifact(link=link, link_text="memstage report: plots over time", key="memstage-report")
     get_run_logger().info("Report redrawn: %s", link)
 
@@ -129,7 +126,7 @@ def ingest(
     runner: str | None = None,
 ) -> dict[str, Any]:
     """Ingest a file (jsonl, LoCoMo json, parquet) into the store and index what is new."""
-    from flows.ingest_flow import ingest_flow
+    from memstage.flows.ingest import ingest_flow
 
     config = _config(home, runner)
     source = Path(path).expanduser()
@@ -148,7 +145,7 @@ def stage(
     stage: str, namespace: str | None = None, home: str | None = None, runner: str | None = None
 ) -> list[dict[str, Any]]:
     """One maintenance stage (compress, consolidate, update, index or forget) over the namespaces."""
-    from flows.stage_flows import STAGE_FLOWS
+    from memstage.flows.stages import STAGE_FLOWS
 
     if stage not in STAGE_FLOWS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_FLOWS)}")
@@ -168,7 +165,7 @@ def maintain(
     namespace: str | None = None, home: str | None = None, runner: str | None = None
 ) -> dict[str, Any]:
     """compress -> consolidate -> update -> index -> forget; the run fails (after all stages) if one did."""
-    from flows.stage_flows import maintain_flow
+    from memstage.flows.stages import maintain_flow
 
     config = _config(home, runner)
     logger = get_run_logger()
@@ -194,14 +191,14 @@ def query(
     question: str,
     namespace: str,
     budget: int | None = None,
-    engine: str = "transformers",
+    engine: str | None = None,
     answer: bool = True,
     home: str | None = None,
     runner: str | None = None,
 ) -> dict[str, Any]:
     """An ad-hoc question against one namespace: evidence within the budget, and an answer."""
-    from flows.query_flow import query_flow
-    from tasks.retrieve import DEFAULT_BUDGET
+    from memstage.flows.query import query_flow
+    from memstage.tasks.retrieve import DEFAULT_BUDGET
 
     config = _config(home, runner)
     MemoryStore(config.home).require_namespace(namespace)
@@ -217,9 +214,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """LoCoMo evidence recall on a fresh store built from `path`; the recall is recorded in `home`'s
     `runs` table (stage 'eval') so the report can plot it over time."""
-    from flows.eval_flow import evaluate_locomo
-    from tasks.contract import StageResult, record_run, timed
-    from tasks.evaluate import DEFAULT_BUDGETS
+    from memstage.cli.eval_commands import evaluate_locomo
+    from memstage.tasks.contract import StageResult, record_run, timed
+    from memstage.tasks.evaluate import DEFAULT_BUDGETS
 
     result = StageResult("eval", f"locomo:{Path(path).stem}")
     with timed(result):

@@ -11,13 +11,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from memstage.settings import get_settings
+
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIMS = 384
 
 
 def pick_device(device: str | None = None) -> str:
     """`device` if given, else MEMSTAGE_DEVICE, else cuda when torch sees a GPU, else cpu."""
-    chosen = device or os.environ.get("MEMSTAGE_DEVICE") or "auto"
+    chosen = device or get_settings().device
     if chosen != "auto":
         return chosen
     import torch
@@ -52,9 +54,7 @@ class Encoder:
         # H100 (bench/results/gpu_engines_h100_run2.json, 50k texts): 26.3k texts/s against 16.5k,
         # bounded by tokenisation (32.7k/s); min cosine to sentence-transformers' vectors 0.99976
         # (fp16). MEMSTAGE_ENCODER_FAST=0 falls back to sentence-transformers.
-        self.fast_cuda = (
-            self.device.startswith("cuda") and os.environ.get("MEMSTAGE_ENCODER_FAST", "1") != "0"
-        )
+        self.fast_cuda = self.device.startswith("cuda") and get_settings().encoder_fast
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         if len(texts) == 0:

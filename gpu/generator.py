@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu.encoder import pick_device
+from memstage.gpu.encoder import pick_device
+
+from memstage.settings import get_settings
 
 Message = dict[str, str]
 OnText = Callable[[str], None]  # receives each new piece of answer text as it is produced
@@ -82,7 +84,7 @@ class TransformersGenerator(Generator):
     name = "transformers"
 
     def __init__(self, model: Any, tokenizer: Any = None, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        from gpu.kv_cache import PrefixKVCache
+        from memstage.gpu.kv_cache import PrefixKVCache
 
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -162,8 +164,7 @@ class TransformersGenerator(Generator):
     ) -> tuple[list[int], GenerationResult]:
         """Token-level generation: the new token ids and the timing; `use_cache=False` bypasses reuse."""
         import torch
-
-        from gpu.kv_cache import PrefixMatch
+        from memstage.gpu.kv_cache import PrefixMatch
 
         if not prompt_ids:
             raise ValueError("empty prompt")
@@ -239,7 +240,7 @@ class OpenAIHTTPGenerator(Generator):
     ) -> None:
         from openai import OpenAI
 
-        base_url = base_url or os.environ.get("MEMSTAGE_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        base_url = base_url or get_settings().openai_base_url
         if not base_url:
             raise ValueError("the openai engine needs base_url (or MEMSTAGE_OPENAI_BASE_URL)")
         self.client = OpenAI(
@@ -248,7 +249,7 @@ class OpenAIHTTPGenerator(Generator):
             timeout=timeout_s,
             max_retries=1,
         )
-        self.model = model or os.environ.get("MEMSTAGE_OPENAI_MODEL") or self._first_model()
+        self.model = model or get_settings().openai_model or self._first_model()
         self.extra_body = extra_body or {}
 
     def _first_model(self) -> str:
@@ -386,9 +387,9 @@ def make_generator(
     engine: str | None, models_root: Path | str, device: str | None = None, **opts: Any
 ) -> Generator:
     """`transformers` (default; MEMSTAGE_GENERATOR overrides), `openai` (opts: base_url, model) or `vllm`."""
-    engine = engine or os.environ.get("MEMSTAGE_GENERATOR") or "transformers"
+    engine = engine or get_settings().generator
     if engine == "transformers":
-        from gpu.tokenizer import ensure_converted
+        from memstage.gpu.tokenizer import ensure_converted
 
         return TransformersGenerator.load(ensure_converted(Path(models_root)), device, **opts)
     if engine in ("openai", "http"):
@@ -396,7 +397,7 @@ def make_generator(
     if engine == "vllm":
         model = opts.pop("model", None)
         if model is None:
-            from gpu.tokenizer import ensure_converted
+            from memstage.gpu.tokenizer import ensure_converted
 
             model = str(ensure_converted(Path(models_root)))
         if device and not device.startswith("cuda"):

@@ -16,11 +16,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from memstage.settings import get_settings
+
 BACKENDS = ("faiss-cpu", "faiss-gpu", "torch-cuda")
 
 
 def pick_backend(backend: str | None = None) -> str:
-    chosen = backend or os.environ.get("MEMSTAGE_VECTOR_BACKEND") or "auto"
+    chosen = backend or get_settings().vector_backend
     if chosen != "auto":
         if chosen not in BACKENDS:
             raise ValueError(f"unknown vector backend {chosen!r}; choose one of {BACKENDS} or 'auto'")
@@ -83,8 +85,7 @@ class VectorIndex:
 
     def _search_torch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
-
-        from gpu.fused_search import topk_ip  # fused scan + top-k where it measured faster
+        from memstage.gpu.fused_search import topk_ip  # fused scan + top-k where it measured faster
 
         if self._device_index is None:
             self._device_index = torch.from_numpy(self.vectors()).to("cuda", torch.float16).contiguous()

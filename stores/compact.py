@@ -14,8 +14,7 @@ import re
 from pathlib import Path
 
 import duckdb
-
-from stores.store import MemoryStore, StoreError
+from memstage.stores.store import MemoryStore, StoreError
 
 
 def rewrite_database(store: MemoryStore) -> dict[str, int]:

@@ -24,8 +24,9 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+from memstage.stores import schema
 
-from stores import schema
+from memstage.settings import get_settings
 
 DB_FILE = "memstage.duckdb"
 LOCK_FILE = "memstage.lock"
@@ -53,7 +54,7 @@ def validate_namespace(namespace: str) -> str:
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("MEMSTAGE_HOME", "~/.memstage")).expanduser()
+    return get_settings().home
 
 
 def now_utc() -> datetime:
@@ -399,8 +400,8 @@ class MemoryStore:
 
     def models_dir(self) -> Path:
         """Converted model files: under the data directory, or MEMSTAGE_MODELS to share one copy between several."""
-        override = os.environ.get("MEMSTAGE_MODELS")
-        path = Path(override).expanduser() if override else self.home / "models"
+        override = get_settings().models
+        path = override if override else self.home / "models"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from stores.store import MemoryStore, now_utc
-from tasks.contract import StageResult, make_op, memories_table, ops_table, timed
+from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks.contract import StageResult, make_op, memories_table, ops_table, timed
 
 CountTokens = Callable[[Sequence[str]], list[int]]
 Rewrite = Callable[[str], str]

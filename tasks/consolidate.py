@@ -21,10 +21,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-
-from stores.store import MemoryStore, now_utc
-from tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
-from tasks.index import Embed, embed_missing
+from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
+from memstage.tasks.index import Embed, embed_missing
 
 CountTokens = Callable[[Sequence[str]], list[int]]
 Summarize = Callable[[Sequence[str]], str]

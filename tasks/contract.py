@@ -18,9 +18,8 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
-
-from stores.schema import MEMORIES, OPS
-from stores.store import now_utc, to_json
+from memstage.stores.schema import MEMORIES, OPS
+from memstage.stores.store import now_utc, to_json
 
 
 @dataclass
@@ -126,7 +125,7 @@ def record_runs(
     store: Any, results: Sequence[StageResult], *, flow_run_id: str | None, status: str = "ok"
 ) -> None:
     """`record_run` of several results in one transaction."""
-    from stores.schema import RUNS
+    from memstage.stores.schema import RUNS
 
     started = now_utc()
     rows = [

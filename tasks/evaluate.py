@@ -20,9 +20,8 @@ from typing import Any
 
 import bm25s
 import numpy as np
-
-from stores.store import MemoryStore
-from tasks.retrieve import pack_within_budget
+from memstage.stores.store import MemoryStore
+from memstage.tasks.retrieve import pack_within_budget
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 DEFAULT_BUDGETS = (250, 500, 1000, 2000)
@@ -188,7 +187,7 @@ class RawTurnBaselines:
 
     def _load(self, namespace: str) -> dict[str, Any]:
         if namespace not in self._ns:
-            from tasks.index import level0_text
+            from memstage.tasks.index import level0_text
 
             events = self.store.events(namespace).to_pylist()
             texts = [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in events]

@@ -17,10 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stores.store import MemoryStore, now_utc, validate_namespace
-from tasks.contract import StageResult, commit_memory_changes, make_op, timed
-from tasks.forget_hard import ForgetError, check_selector, forget_hard, matches
-from tasks.index import Embed
+from memstage.stores.store import MemoryStore, now_utc, validate_namespace
+from memstage.tasks.contract import StageResult, commit_memory_changes, make_op, timed
+from memstage.tasks.forget_hard import ForgetError, check_selector, forget_hard, matches
+from memstage.tasks.index import Embed
 
 __all__ = ["ForgetError", "forget_hard", "forget_soft", "load_policy", "restore", "run_forget", "save_policy"]
 

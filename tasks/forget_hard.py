@@ -14,11 +14,10 @@ from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - tasks.index.build_indexes uses pa.compute without importing it
-
-from stores.compact import find_bytes, rewrite_database
-from stores.store import MemoryStore, now_utc, validate_namespace
-from tasks.contract import StageResult, content_hash, make_op, ops_table, timed
-from tasks.index import Embed, build_indexes, embed_missing, remove_stale_artifacts
+from memstage.stores.compact import find_bytes, rewrite_database
+from memstage.stores.store import MemoryStore, now_utc, validate_namespace
+from memstage.tasks.contract import StageResult, content_hash, make_op, ops_table, timed
+from memstage.tasks.index import Embed, build_indexes, embed_missing, remove_stale_artifacts
 
 _HEX = re.compile(r"[0-9a-f]{24}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stores.store import MemoryStore, NamespaceError, validate_namespace
+from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
 
 
 class HistoryError(LookupError):

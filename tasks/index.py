@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from gpu.encoder import DIMS, MODEL_NAME
-from gpu.lexical_index import LexicalIndex
-from gpu.vector_index import VectorIndex
-from stores.schema import INDEX_MANIFEST
-from stores.store import MemoryStore, now_utc
-from tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
+from memstage.gpu.encoder import DIMS, MODEL_NAME
+from memstage.gpu.lexical_index import LexicalIndex
+from memstage.gpu.vector_index import VectorIndex
+from memstage.stores.schema import INDEX_MANIFEST
+from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 CountTokens = Callable[[Sequence[str]], list[int]]

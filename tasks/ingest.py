@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
-from stores.schema import EVENTS, QUARANTINE
-from stores.store import MemoryStore, NamespaceError, now_utc, to_json, validate_namespace
-from tasks.contract import StageResult, content_hash, timed
+from memstage.stores.schema import EVENTS, QUARANTINE
+from memstage.stores.store import MemoryStore, NamespaceError, now_utc, to_json, validate_namespace
+from memstage.tasks.contract import StageResult, content_hash, timed
 
 FORMATS = ("auto", "jsonl", "locomo", "parquet")
 MAX_TEXT_CHARS = 100_000  # longer than any turn or page a person writes; bigger is a broken record

@@ -33,10 +33,9 @@ from typing import Any, TypeVar
 
 import bm25s
 import numpy as np
-
-from gpu.vector_index import VectorIndex
-from stores.store import MemoryStore, NamespaceError, validate_namespace
-from tasks.index import index_text
+from memstage.gpu.vector_index import VectorIndex
+from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
+from memstage.tasks.index import index_text
 
 DEFAULT_BUDGET = 1000
 W_DENSE = 0.7  # share of the dense z-score in the hybrid score (BM25 gets the rest)

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from stores.store import MemoryStore, now_utc, validate_namespace
-from tasks.contract import StageResult, make_op, memories_table, ops_table, timed
-from tasks.index import Embed, embed_missing
+from memstage.stores.store import MemoryStore, now_utc, validate_namespace
+from memstage.tasks.contract import StageResult, make_op, memories_table, ops_table, timed
+from memstage.tasks.index import Embed, embed_missing
 
 MIN_SIMILARITY = 0.3  # cosine between the two memories; the relation match is the main signal
 _CAP = r"[A-Z][\w&'-]*(?:\s(?:[A-Z][\w&'-]*|of|de|the))*"

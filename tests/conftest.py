@@ -17,26 +17,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 LOCOMO = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
-SAMPLE = REPO / "flows" / "samples" / "sample_conversation.jsonl"
+SAMPLE = REPO / "cli" / "samples" / "sample_conversation.jsonl"
 
 
 @pytest.fixture(scope="session")
 def encoder():
-    from gpu.encoder import Encoder
+    from memstage.gpu.encoder import Encoder
 
     return Encoder(device="cpu")
 
 
 @pytest.fixture(scope="session")
 def token_counter():
-    from gpu.tokenizer import TokenCounter
+    from memstage.gpu.tokenizer import TokenCounter
 
     return TokenCounter(Path(os.environ["MEMSTAGE_MODELS"]))
 
 
 @pytest.fixture
 def store(tmp_path):
-    from stores.store import MemoryStore
+    from memstage.stores.store import MemoryStore
 
     return MemoryStore(tmp_path / "home")
 
@@ -51,8 +51,8 @@ def locomo_path() -> Path:
 @pytest.fixture
 def indexed_sample(store, encoder, token_counter):
     """A store holding the bundled sample conversation (namespace 'demo'), ingested and indexed."""
-    from tasks.index import run_index
-    from tasks.ingest import commit_events, parse_file
+    from memstage.tasks.index import run_index
+    from memstage.tasks.ingest import commit_events, parse_file
 
     commit_events(store, *parse_file(SAMPLE, "jsonl"))
     run_index(store, "demo", embed=encoder.encode, count_tokens=token_counter.count_many)
@@ -63,7 +63,7 @@ def run_json(capfd, *argv: str) -> dict:
     """Run the CLI in-process with --json; stdout must hold exactly one JSON object."""
     import json
 
-    from flows.cli import main
+    from memstage.cli.main import main
 
     code = main([*argv, "--json"])
     out, err = capfd.readouterr()
@@ -98,9 +98,9 @@ def indexed_turns(folder, turns: dict, encoder, token_counter):
     """A store under `folder` holding {namespace: [(session, time, speaker, text)]}, ingested and indexed."""
     import json
 
-    from stores.store import MemoryStore
-    from tasks.index import run_index
-    from tasks.ingest import commit_events, parse_file
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.index import run_index
+    from memstage.tasks.ingest import commit_events, parse_file
 
     path = folder / "turns.jsonl"
     path.write_text(

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stores.store import MemoryStore
-from tasks.index import materialise_level0
-from tasks.ingest import commit_events, parse_file
+from memstage.stores.store import MemoryStore
+from memstage.tasks.index import materialise_level0
+from memstage.tasks.ingest import commit_events, parse_file
 
 # Alice's facts change between the sessions (city, employer); one turn is pure filler; two turns
 # say the same thing twice; "Pixel" is a subject to forget.

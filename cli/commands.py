@@ -1,0 +1,188 @@
+"""The foundation's commands: ingest, retrieve, query, stats and demo."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from memstage.cli.main import UserError, add_common, config_from
+from memstage.tasks.ingest import FORMATS
+from memstage.tasks.retrieve import DEFAULT_BUDGET
+
+DEMO_QUESTIONS = [
+    "Where does Maya live now?",
+    "What job did Maya start in the spring?",
+    "What is the name of Sam's dog?",
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="ingest a file of turns or documents, then index it")
+    p.add_argument("path", type=Path, help="the file: .jsonl, LoCoMo .json or .parquet")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: from the file)")
+    p.add_argument(
+        "--namespace",
+        default=None,
+        help="jsonl/parquet: namespace of records that name none; locomo: prefix of each conversation's namespace",
+    )
+    add_common(p)
+    p.set_defaults(run=cmd_ingest, render=render_ingest)
+
+    for name, helptext, handler, renderer in (
+        (
+            "retrieve",
+            "print the evidence for a question that fits the token budget",
+            cmd_retrieve,
+            render_retrieve,
+        ),
+        ("query", "retrieve evidence and answer the question with the generator", cmd_query, render_query),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("question")
+        p.add_argument("--namespace", required=True, help="whose memory to search (one tenant)")
+        p.add_argument(
+            "--budget", type=int, default=DEFAULT_BUDGET, help=f"token budget (default {DEFAULT_BUDGET})"
+        )
+        if name == "query":
+            p.add_argument(
+                "--engine",
+                default=None,
+                choices=("transformers", "openai", "vllm"),
+                help="generator engine (default: $MEMSTAGE_GENERATOR, else transformers)",
+            )
+        add_common(p)
+        p.set_defaults(run=handler, render=renderer)
+
+    p = sub.add_parser("stats", help="rows per table and memories per level")
+    p.add_argument("--namespace", default=None)
+    add_common(p)
+    p.set_defaults(run=cmd_stats, render=render_stats)
+
+    p = sub.add_parser(
+        "demo", help="ingest the bundled sample conversation, ask questions, show evidence and answers"
+    )
+    add_common(p)
+    p.set_defaults(run=cmd_demo, render=render_demo)
+
+
+# ---- handlers -----------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.flows.ingest import run_ingest
+    from memstage.tasks.ingest import IngestError
+
+    try:
+        return run_ingest(
+            args.path, args.format, args.namespace, config_from(args), show_progress=not args.json
+        )
+    except IngestError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def cmd_retrieve(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.flows.query import run_query
+
+    return run_query(args.question, args.namespace, args.budget, config_from(args), answer=False)
+
+
+def cmd_query(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.flows.query import run_query
+
+    return run_query(args.question, args.namespace, args.budget, config_from(args), engine=args.engine)
+
+
+def cmd_stats(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.stores.store import MemoryStore
+
+    store = MemoryStore(config_from(args).home)
+    namespaces = [args.namespace] if args.namespace else store.namespaces()
+    return {
+        "home": str(store.home),
+        "total": store.counts(args.namespace),
+        "namespaces": {ns: store.counts(ns) for ns in namespaces},
+    }
+
+
+def sample_path() -> Path:
+    return Path(str(resources.files("memstage.cli") / "samples" / "sample_conversation.jsonl"))
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.flows.ingest import run_ingest
+    from memstage.flows.query import run_query
+
+    config = config_from(args)
+    ingested = run_ingest(sample_path(), "jsonl", None, config, show_progress=not args.json)
+    answers = [run_query(q, "demo", 400, config) for q in DEMO_QUESTIONS]
+    return {"home": str(config.home), "ingest": ingested, "questions": answers}
+
+
+# ---- renderings for people ----------------------------------------------------------------------
+
+
+def render_ingest(r: dict[str, Any]) -> str:
+    lines = [
+        f"ingested {r['records']} records in {r['duration_s']} s ({r['turns_per_s']} turns/s, runner: {r['runner']}):",
+        f"  {r['events_new']} new events, {r['events_already_stored']} already stored, {r['quarantined']} quarantined",
+    ]
+    lines += [f"  ! {reason}" for reason in r["quarantine_reasons"][:10]]
+    for ns, f in r["indexed"].items():
+        lines.append(
+            f"  {ns}: {f['level0_created']} new memories, {f['embedded']} embedded, {f['memories_indexed']} indexed"
+        )
+    return "\n".join(lines)
+
+
+def _evidence(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{len(r['memories'])} memories, {r['tokens']}/{r['budget']} tokens, {r.get('latency_ms', '?')} ms:"
+    ]
+    for m in r["memories"]:
+        tag = ",".join(m["dia_ids"]) or m["memory_id"][:12]
+        lines.append(textwrap.shorten(f"  [{tag} L{m['level']}] {m['text']}", width=160))
+    return lines
+
+
+def render_retrieve(r: dict[str, Any]) -> str:
+    return "\n".join([f"Q: {r['question']}", *_evidence(r)])
+
+
+def render_query(r: dict[str, Any]) -> str:
+    u = r.get("usage", {})
+    return "\n".join(
+        [
+            f"Q: {r['question']}",
+            f"A: {r.get('answer', '')}",
+            f"   ({u.get('prompt_tokens', '?')} prompt tokens, {u.get('cached_tokens', 0)} cached, "
+            f"first token {u.get('ttft_ms', '?')} ms, total {r.get('total_ms', '?')} ms)",
+            *_evidence(r)[:6],
+        ]
+    )
+
+
+def render_stats(r: dict[str, Any]) -> str:
+    lines = [f"data directory: {r['home']}"]
+    for ns, c in r["namespaces"].items():
+        levels = ", ".join(f"{k}: {v}" for k, v in c["memories_by_level"].items())
+        lines.append(
+            f"  {ns}: {c['events']} events, {c['memories']} memories ({levels}), {c['quarantine']} quarantined"
+        )
+    t = r["total"]
+    lines.append(
+        f"  total: {t['events']} events, {t['memories']} memories, {t['ops']} ops, {t['quarantine']} quarantined"
+    )
+    return "\n".join(lines)
+
+
+def render_demo(r: dict[str, Any]) -> str:
+    parts = [render_ingest(r["ingest"]), ""]
+    for q in r["questions"]:
+        parts += [render_query(q), ""]
+    parts.append(
+        f'data directory: {r["home"]} — try: memstage query "..." --namespace demo --home {r["home"]}'
+    )
+    return "\n".join(parts)

@@ -1,0 +1,248 @@
+"""The LoCoMo evaluation: `memstage eval locomo PATH`, evidence recall within token budgets, with baselines.
+
+Loads the file into a data directory (a fresh temporary one unless `--home`), runs the maintenance
+chain in-process (ingest, index, then compress -> consolidate -> update -> index -> forget), and asks
+every category 1-4 question with evidence at each budget. The measure itself lives in
+`tasks/evaluate.py`; this module wires the store, the models and the report (table, JSON, plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from memstage.tasks.evaluate import (
+    CATEGORIES,
+    DEFAULT_BUDGETS,
+    RawTurnBaselines,
+    load_questions,
+    own_memories,
+    run_questions,
+    summarise,
+)
+
+from memstage.settings import get_settings
+
+
+def prepare_store(
+    path: Path, home: Path, *, maintain: bool = True, models: Path | None = None
+) -> dict[str, Any]:
+    """Ingest and index `path` into `home`, then run the maintenance chain; returns what each step did."""
+    from memstage.gpu.tokenizer import TokenCounter
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.index import run_index
+    from memstage.tasks.ingest import commit_events, parse_file
+
+    store = MemoryStore(home)
+    counter = TokenCounter(models or store.models_dir())
+    steps: dict[str, Any] = {}
+    start = time.perf_counter()
+    steps["ingest"] = commit_events(store, *parse_file(path, "locomo")).figures
+    encoder = _encoder()
+    for ns in store.namespaces():
+        run_index(store, ns, embed=encoder.encode, count_tokens=counter.count_many)
+    if maintain:
+        steps["maintain"] = _maintain(home)
+    steps["prepare_s"] = round(time.perf_counter() - start, 1)
+    return steps
+
+
+def _encoder() -> Any:
+    from memstage.gpu.encoder import Encoder
+
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = Encoder()
+    return _ENCODER
+
+
+_ENCODER = None
+
+
+def _one_thread() -> None:
+    """Questions are encoded one at a time: torch's intra-op threads only add contention there (on the
+    2 shared cores here, 2 threads made a question's encoding 10x slower than 1)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _maintain(home: Path) -> dict[str, Any]:
+    """The stage chain, in-process (no Ray: one machine, one writer)."""
+    from memstage.flows.stages import run_maintain
+    from memstage.runtime.backends import RuntimeConfig
+
+    report = run_maintain(None, RuntimeConfig(home=home, runner="local"))
+    return {s: {"status": r["status"], "changed": r.get("changed")} for s, r in report["stages"].items()}
+
+
+def evaluate_locomo(
+    path: Path,
+    *,
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS,
+    baselines: bool = False,
+    home: Path | None = None,
+    maintain: bool = True,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """The whole evaluation; returns the report (memstage's figures at the top, baselines under `baselines`)."""
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.retrieve import Retriever
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    questions = load_questions(path)
+    tmp = None
+    if home is None:
+        tmp = tempfile.TemporaryDirectory(prefix="memstage-eval-")
+        home = Path(tmp.name)
+    try:
+        models = get_settings().models
+        steps = prepare_store(path, home, maintain=maintain, models=models)
+        store = MemoryStore(home)
+        encoder = _encoder()
+        from memstage.gpu.tokenizer import TokenCounter
+
+        counter = TokenCounter(models or store.models_dir())
+        namespaces = sorted({q.namespace for q in questions.items})
+        owns = {ns: own_memories(store, ns) for ns in namespaces}
+        retriever = Retriever(store, encoder, counter)
+        _one_thread()
+        for ns in namespaces:  # warm: loading a namespace is not a question's latency
+            retriever.retrieve(ns, "warm up", 10)
+        report = summarise(run_questions(retriever.retrieve, questions.items, owns, budgets))
+        report.update(
+            {
+                "evidence_dropped": len(questions.dropped_ids),
+                "evidence_dropped_ids": questions.dropped_ids,
+                "questions_without_evidence": questions.without_evidence,
+                "conversations": len(namespaces),
+                "steps": steps,
+            }
+        )
+        if baselines:
+            base = RawTurnBaselines(store, encoder, counter.count_many)
+            base_owns = {ns: base.owns(ns) for ns in namespaces}
+            report["baselines"] = {
+                method: summarise(run_questions(base.retriever(method), questions.items, base_owns, budgets))
+                for method in RawTurnBaselines.METHODS
+            }
+        if plot is not None:
+            report["plot"] = str(write_plot(report, plot))
+        return report
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def write_plot(report: dict[str, Any], path: Path) -> Path:
+    """Recall against budget, memstage and the baselines, as a PNG."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    series = {"memstage": report, **{f"{m} (raw turns)": r for m, r in report.get("baselines", {}).items()}}
+    for name, r in series.items():
+        xs = sorted(int(b) for b in r["recall"])
+        ax.plot(
+            xs,
+            [r["recall"][str(b)] for b in xs],
+            marker="o",
+            label=name,
+            linewidth=2.5 if name == "memstage" else 1.2,
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("token budget (generator tokenizer)")
+    ax.set_ylabel("evidence recall")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"LoCoMo evidence recall ({report['questions']} questions)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from memstage.cli.main import add_common
+
+    p = sub.add_parser("eval", help="evaluate retrieval quality on a benchmark")
+    bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    q = bench.add_parser("locomo", help="LoCoMo evidence recall within token budgets (categories 1-4)")
+    q.add_argument("path", type=Path, help="a LoCoMo-format .json file")
+    q.add_argument(
+        "--budget",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_BUDGETS),
+        help="token budgets (default 250 500 1000 2000)",
+    )
+    q.add_argument(
+        "--baselines", action="store_true", help="also dense, BM25 and their fusion over raw turns"
+    )
+    q.add_argument("--no-maintain", action="store_true", help="ingest and index only; skip the stage chain")
+    q.add_argument("--plot", type=Path, default=None, help="write recall against budget to this PNG")
+    add_common(q)
+    q.set_defaults(run=cmd_eval_locomo, render=render_eval)
+
+
+def cmd_eval_locomo(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.cli.main import UserError
+
+    if any(b <= 0 for b in args.budget):
+        raise UserError("every --budget must be a positive number of tokens")
+    home = args.home.expanduser().resolve() if args.home else None
+    return evaluate_locomo(
+        args.path,
+        budgets=tuple(sorted(set(args.budget))),
+        baselines=args.baselines,
+        home=home,
+        maintain=not args.no_maintain,
+        plot=args.plot,
+    )
+
+
+def render_eval(r: dict[str, Any]) -> str:
+    budgets = list(r["recall"])
+    cats = list(CATEGORIES.values())
+    head = f"{'':22s}" + "".join(f"{b:>8s}" for b in budgets)
+    lines = [
+        f"LoCoMo evidence recall: {r['questions']} questions (categories 1-4 with evidence) in "
+        f"{r['conversations']} conversations; {r['evidence_dropped']} malformed evidence ids dropped "
+        f"({', '.join(r['evidence_dropped_ids']) or 'none'}), {r['questions_without_evidence']} questions without evidence",
+        "",
+        head,
+        "memstage".ljust(22) + "".join(f"{r['recall'][b]:8.3f}" for b in budgets),
+    ]
+    for c in cats:
+        if c in r["by_category"][budgets[0]]:
+            lines.append(f"  {c}".ljust(22) + "".join(f"{r['by_category'][b][c]:8.3f}" for b in budgets))
+    lines.append("  mean tokens used".ljust(22) + "".join(f"{r['tokens'][b]:8.0f}" for b in budgets))
+    lines.append("  latency p50 ms".ljust(22) + "".join(f"{r['latency_ms'][b]['p50']:8.1f}" for b in budgets))
+    lines.append("  latency p95 ms".ljust(22) + "".join(f"{r['latency_ms'][b]['p95']:8.1f}" for b in budgets))
+    for method, base in r.get("baselines", {}).items():
+        lines.append(
+            f"{method} (raw turns)".ljust(22) + "".join(f"{base['recall'][b]:8.3f}" for b in budgets)
+        )
+        for c in cats:
+            if c in base["by_category"][budgets[0]]:
+                lines.append(
+                    f"  {c}".ljust(22) + "".join(f"{base['by_category'][b][c]:8.3f}" for b in budgets)
+                )
+    if r.get("plot"):
+        lines.append(f"plot: {r['plot']}")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Every MEMSTAGE_* environment variable, read in one place into one typed, frozen object.
+
+Nothing else in memstage reads these variables: code asks `get_settings()` (read once per process,
+cached) and passes values down through constructors. This module is a leaf: it imports nothing of
+the project, so every room (flows, tasks, stores, gpu, cli, server, runtime) may read it without an
+arrow pointing back up. Nothing here changes the environment when imported; `apply_process_defaults`
+does that, called explicitly by the entry points (the CLI, `memstage serve`, Ray workers) before
+Prefect, Ray or transformers are imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+RUNNERS = ("auto", "ray", "local")
+GENERATORS = ("transformers", "vllm", "openai")
+DEVICES = ("auto", "cpu", "cuda")
+VECTOR_BACKENDS = ("auto", "faiss", "torch", "numpy")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """memstage's configuration; each field names its variable and its default."""
+
+    home: Path  # MEMSTAGE_HOME: the data directory (default ~/.memstage)
+    runner: str  # MEMSTAGE_RUNNER: auto | ray | local
+    models: Path | None  # MEMSTAGE_MODELS: converted model files shared between data directories
+    threads: int | None  # MEMSTAGE_THREADS: torch threads of the services actor (default: all CPUs)
+    encoders: int  # MEMSTAGE_ENCODERS: at most this many encoder workers on CPU-only Ray (default 16)
+    device: str  # MEMSTAGE_DEVICE: auto | cpu | cuda[:N] for the encoder and the generator
+    vector_backend: str  # MEMSTAGE_VECTOR_BACKEND: auto | faiss | torch | numpy
+    encoder_fast: bool  # MEMSTAGE_ENCODER_FAST: batched CUDA encoder (default on; 0 = sentence-transformers)
+    generator: str  # MEMSTAGE_GENERATOR: transformers | vllm | openai
+    openai_base_url: str | None  # MEMSTAGE_OPENAI_BASE_URL (else OPENAI_BASE_URL): the openai engine's server
+    openai_model: str | None  # MEMSTAGE_OPENAI_MODEL: the openai engine's model (default: the server's first)
+    report_url: str | None  # MEMSTAGE_REPORT_URL: where `memstage report` output is published, if anywhere
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        runner = env.get("MEMSTAGE_RUNNER") or "auto"
+        generator = env.get("MEMSTAGE_GENERATOR") or "transformers"
+        backend = env.get("MEMSTAGE_VECTOR_BACKEND") or "auto"
+        device = env.get("MEMSTAGE_DEVICE") or "auto"
+        _check("MEMSTAGE_RUNNER", runner, RUNNERS)
+        _check("MEMSTAGE_GENERATOR", generator, GENERATORS)
+        _check("MEMSTAGE_VECTOR_BACKEND", backend, VECTOR_BACKENDS)
+        _check("MEMSTAGE_DEVICE", device.split(":")[0], DEVICES)
+        return cls(
+            home=Path(env.get("MEMSTAGE_HOME") or "~/.memstage").expanduser(),
+            runner=runner,
+            models=Path(env["MEMSTAGE_MODELS"]).expanduser() if env.get("MEMSTAGE_MODELS") else None,
+            threads=_int(env, "MEMSTAGE_THREADS", None),
+            encoders=_int(env, "MEMSTAGE_ENCODERS", 16) or 16,
+            device=device,
+            vector_backend=backend,
+            encoder_fast=env.get("MEMSTAGE_ENCODER_FAST", "1") != "0",
+            generator=generator,
+            openai_base_url=env.get("MEMSTAGE_OPENAI_BASE_URL") or env.get("OPENAI_BASE_URL") or None,
+            openai_model=env.get("MEMSTAGE_OPENAI_MODEL") or None,
+            report_url=env.get("MEMSTAGE_REPORT_URL") or None,
+        )
+
+    def worker_env(self) -> dict[str, str]:
+        """The variables a Ray worker or a deployment run needs to see the same settings."""
+        names = {f.name: f"MEMSTAGE_{f.name.upper()}" for f in fields(self)}
+        out = {}
+        for name, var in names.items():
+            value = getattr(self, name)
+            if value is None or name in ("openai_base_url",):
+                continue
+            out[var] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        if self.openai_base_url:
+            out["MEMSTAGE_OPENAI_BASE_URL"] = self.openai_base_url
+        return out
+
+
+def _check(var: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{var}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _int(env: Mapping[str, str], var: str, default: int | None) -> int | None:
+    raw = env.get(var)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not an integer") from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env()
+
+
+def reload_settings() -> Settings:
+    """Forget the cached settings (tests that change the environment call this)."""
+    get_settings.cache_clear()
+    return get_settings()
+
+
+# Defaults every memstage process wants before Prefect, Ray or transformers are imported: no
+# telemetry (no network on the machines this runs on), offline models, quiet tokenizers. Each is a
+# default only: a variable already set wins.
+PROCESS_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    # The temporary server takes 7-18 s to come up on a busy 2-core machine; Prefect's default is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def apply_process_defaults() -> None:
+    """Set PROCESS_DEFAULTS where unset. Called by entry points, never at import time."""
+    for name, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(name, value)

@@ -1,0 +1,139 @@
+"""Encoder pool of a batch flow: one long-running encoder task per slot, pulling small chunks of texts.
+
+Why not one Prefect task per batch: a task run on Ray costs about 0.3 core-seconds of orchestration
+(the task engine starting in the worker, state events, the API server), so batches had to be few and
+large, and a few large batches finish unevenly: on 2 cores one encoder sat idle for up to 3.7 s at
+the end of a 30 s ingest, and the second one started 0.6 s after the first. Here a flow has one
+task run per encoder whatever its input size, submitted before the flow parses its input; the
+encoders share the work a chunk at a time (length-sorted, so a chunk pads little) and the flow
+commits each finished chunk while the rest encode.
+
+The chunks and results travel through the flow process's `ChunkBroker` (flows/chunk_broker.py),
+which encoders on this machine reach through a socket, and encoders on a cluster through an actor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from memstage.runtime.backends import RuntimeConfig, stage_task
+from memstage.runtime.chunk_broker import BrokerChannel, open_channel
+from memstage.runtime.services import embedding_slots, services, worker_encoder
+from memstage.tasks import index
+
+# Texts per chunk. CPU: about a second of one core, so the encoders finish within a second of each
+# other; length-sorted 64-text chunks encode as fast as 690-text batches (padding is what costs).
+# GPU: the card wants big batches. Local: one encoder with every core, pipelined with the flow.
+CHUNK = {"workers": 64, "actor": 1024, "local": 256}
+WAIT_S = 2.0  # longest wait for results in one call: the flow's loop stays responsive
+GATHER = 4  # results one call waits for (within WAIT_S): a round trip when the broker is an actor
+ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the encoders still run
+
+
+@stage_task(name="encoder", task_run_name="encoder {slot} of {slots}")
+def run_encoder(config: RuntimeConfig, broker: BrokerChannel, slot: int, slots: int, where: str) -> int:
+    """Encode chunks until the flow says stop; returns how many texts this encoder embedded."""
+    if where == "workers":
+        encode = worker_encoder().encode
+    else:
+        encode = services(config, use_ray=where == "actor").encode
+    done = 0
+    item = broker.call("get_work")
+    while item is not None:
+        if item == "wait":
+            item = broker.call("get_work")
+            continue
+        chunk_id, ids, texts = item
+        item = broker.call("exchange", (chunk_id, index.embeddings_table(ids, encode(texts))))
+        done += len(ids)
+    return done
+
+
+@dataclass
+class EncoderPool:
+    """A flow's running encoders: submit chunks, collect embeddings, stop. Use as a context manager."""
+
+    broker: BrokerChannel
+    futures: list[Any]
+    chunk: int
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    outstanding: dict[int, tuple[str, int]] = field(default_factory=dict)  # chunk id -> (namespace, rows)
+    _last_result: float = field(default_factory=time.monotonic)
+
+    def submit(self, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> None:
+        """Queue a namespace's texts as chunks, longest first (similar lengths pad little)."""
+        chunks = []
+        for part in chunked(ids, texts, self.chunk):
+            chunk_id = next(self._ids)
+            self.outstanding[chunk_id] = (namespace, len(part[0]))
+            chunks.append((chunk_id, *part))
+        if chunks:
+            self.broker.call("put_work", chunks)
+
+    def pending_namespaces(self) -> set[str]:
+        """Namespaces with a chunk still being encoded."""
+        return {namespace for namespace, _ in self.outstanding.values()}
+
+    def collect(self, timeout: float) -> list[tuple[str, pa.Table]]:
+        """(namespace, embeddings) of every chunk finished now, waiting up to `timeout` until GATHER
+        have finished (or all that are outstanding, so the last one comes back at once).
+
+        Raises when the encoders have stopped with chunks still outstanding (a crashed worker):
+        what was committed stays, and rerunning the flow embeds the rest."""
+        out = []
+        for chunk_id, table in self.broker.call("take_results", timeout, min(GATHER, len(self.outstanding))):
+            namespace, _ = self.outstanding.pop(chunk_id)
+            out.append((namespace, table))
+        if out:
+            self._last_result = time.monotonic()
+        elif self.outstanding and time.monotonic() - self._last_result > ALIVE_CHECK_S:
+            self._check_alive()
+        return out
+
+    def _check_alive(self) -> None:
+        self._last_result = time.monotonic()
+        for future in self.futures:
+            future.wait(timeout=0)
+        states = [f.state for f in self.futures]
+        if all(s.is_final() for s in states):
+            for future in self.futures:
+                future.result()  # raises the encoder's error, if one failed
+            raise RuntimeError(f"the encoders stopped with {len(self.outstanding)} chunk(s) not embedded")
+
+    def close(self) -> None:
+        """Tell the encoders to stop (results not yet collected are dropped); `stop` waits for them."""
+        self.broker.call("close")
+
+    def stop(self) -> int:
+        """Tell the encoders to stop and wait for them; returns how many texts they embedded."""
+        self.close()
+        return sum(f.result() for f in self.futures)
+
+    def __enter__(self) -> EncoderPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()  # on error too: encoders see a closed channel and stop
+
+
+def chunked(ids: Sequence[str], texts: Sequence[str], size: int) -> list[tuple[list[str], list[str]]]:
+    """(ids, texts) chunks of at most `size`, longest texts first."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    return [
+        ([ids[i] for i in order[s : s + size]], [texts[i] for i in order[s : s + size]])
+        for s in range(0, len(order), size)
+    ]
+
+
+def start_encoders(config: RuntimeConfig, *, use_ray: bool) -> EncoderPool:
+    """Open a channel and submit one encoder task per slot (call inside a flow run)."""
+    where, slots = embedding_slots(use_ray)
+    broker = open_channel(uuid.uuid4().hex, use_ray=use_ray, encoders=slots)
+    futures = [run_encoder.submit(config, broker, k, slots, where) for k in range(1, slots + 1)]
+    return EncoderPool(broker, futures, CHUNK[where])

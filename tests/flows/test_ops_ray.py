@@ -1,0 +1,190 @@
+"""A two-node Ray cluster on this host: ingest and maintain with RAY_ADDRESS set, work placed on both nodes.
+
+`ray start --head` and `ray start --address` (the second node marked with the custom resource
+`node2`) run with `--block` in their own sessions under a private temp dir, so the test stops
+exactly the processes it started (never `ray stop`, which would stop every Ray on the machine).
+The head has no CPU for tasks (as on a production cluster, where the head only coordinates) and the
+second node has two: every stage task must cross from the driver on the head to the second node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLE
+from tests.test_ops_prefect import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def start_node(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # carries the cluster's private auth token
+    env.pop("RAY_ADDRESS", None)
+    out = open(log, "w")  # noqa: SIM115 - the node outlives this function; closed with the process
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--disable-usage-stats", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def ray_node_ip() -> str:
+    """The address Ray gives this host's nodes (it rewrites 127.0.0.1 to it): both nodes and the
+    driver must agree on it, or the driver finds no local raylet."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    if ray.is_initialized():  # another test's local Ray: this module needs its own cluster
+        ray.shutdown()
+    # Ray 2.60 authenticates with a token, by default the shared ~/.ray/auth_token that any other
+    # `ray start --head` on this machine may regenerate: this cluster and its clients use their own.
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    reset_auth_token_state()  # this process read its auth settings when ray was imported
+    logs = tmp_path_factory.mktemp("ray-logs")
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    nodes = [
+        start_node(
+            [
+                "--head",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "0",
+                "--temp-dir",
+                temp,
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(free_port()),
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--ray-client-server-port",
+                str(free_port()),
+                "--resources",
+                json.dumps({"head": 1}),
+            ],
+            logs / "head.log",
+        )
+    ]
+    address = f"{ray_node_ip()}:{port}"
+    try:
+        time.sleep(5)  # the head's GCS must listen before a node can join
+        nodes.append(
+            start_node(
+                [
+                    "--address",
+                    address,
+                    "--num-cpus",
+                    "2",
+                    "--temp-dir",
+                    temp,
+                    "--dashboard-agent-listen-port",
+                    str(free_port()),
+                    "--resources",
+                    json.dumps({"node2": 1}),
+                ],
+                logs / "node2.log",
+            )
+        )
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        deadline = time.monotonic() + 180
+        while sum(n["Alive"] for n in ray.nodes()) < 2:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in nodes):
+                raise RuntimeError(
+                    "two Ray nodes did not come up: " + (logs / "node2.log").read_text()[-2000:]
+                )
+            time.sleep(1)
+        node_ids = {
+            ("node2" if "node2" in n["Resources"] else "head"): n["NodeID"] for n in ray.nodes() if n["Alive"]
+        }
+        ray.shutdown()  # the flows join again through flows.runtime.ensure_ray, with their runtime_env
+        yield {"address": address, "nodes": node_ids, "logs": logs}
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        reset_auth_token_state()
+        # --block: on SIGTERM `ray start` stops its node's processes, but drains for up to 30 s first;
+        # the cluster's data is throwaway, so its session gets SIGKILL after a short grace period
+        for proc in nodes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for proc in nodes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# About 70 s on the loaded 2-core dev machine (setup 13 s, runs 47 s, teardown 5 s): default set.
+def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
+    import ray
+    from memstage.flows.ingest import run_ingest
+    from memstage.flows.stages import run_maintain
+    from memstage.runtime.backends import RuntimeConfig
+    from memstage.stores.store import MemoryStore
+    from ray.util.state import list_actors, list_tasks
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
+    config = RuntimeConfig(home=tmp_path / "home", runner="ray")
+    ingested = run_ingest(SAMPLE, "auto", None, config, False)
+    assert ingested["runner"] == "ray" and ingested["events_new"] == 19
+    report = run_maintain(None, config)
+    assert report["failed"] == [], report
+    assert MemoryStore(config.home).counts()["memories"] >= 19
+
+    # a task pinned by the second node's marker runs there: the node is a real, separate raylet
+    where = ray.get(
+        ray.remote(lambda: ray.get_runtime_context().get_node_id()).options(resources={"node2": 1}).remote()
+    )
+    assert where == ray_cluster["nodes"]["node2"]
+
+    tasks = list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
+    prefect_tasks = {t.node_id for t in tasks if t.node_id and t.type == "NORMAL_TASK"}
+    # the head has no CPU for tasks: every stage task had to run on the second node
+    assert prefect_tasks == {ray_cluster["nodes"]["node2"]}, (
+        f"tasks ran on {prefect_tasks}, nodes {ray_cluster['nodes']}"
+    )
+    by_node: dict[str, dict[str, int]] = {}
+    for t in tasks:
+        node = next((k for k, v in ray_cluster["nodes"].items() if v == t.node_id), str(t.node_id))
+        by_node.setdefault(node, {})
+        by_node[node][t.name] = by_node[node].get(t.name, 0) + 1
+    print("finished Ray tasks per node:", json.dumps(by_node, indent=1, sort_keys=True))
+    names = {t.name for t in tasks}
+    assert any("MemoryServices" in n for n in names)  # encoder calls went to the long-lived actor
+    actors = list_actors(filters=[("class_name", "=", "MemoryServices")], raise_on_missing_output=False)
+    assert len(actors) == 1 and actors[0].state == "ALIVE"  # one warm actor served both runs
+    ray.shutdown()

@@ -1,0 +1,66 @@
+"""The stage flows through the CLI: `memstage run STAGE` (second run changes nothing), `maintain`,
+`history`, `as-of`, and `forget --hard` (the subject is in no file under the data dir afterwards).
+
+One process runs every command, on Prefect's temporary server with the in-process task runner
+(`--runner local`); the Ray runner runs the same flows (see docs/stages.md for a run on LoCoMo).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import run_json
+from memstage.stores.compact import find_bytes
+from stage_data import ALICE, write_jsonl
+
+
+def test_stage_commands_end_to_end(tmp_path: Path, capfd):
+    home = str(tmp_path / "home")
+    common = ["--home", home, "--runner", "local"]
+    data = write_jsonl(tmp_path / "alice.jsonl", "alice", ALICE)
+    run_json(capfd, "ingest", str(data), *common)
+
+    first = run_json(capfd, "run", "compress", "--namespace", "alice", *common)
+    assert first["stage"] == "compress" and first["namespace"] == "alice" and first["changed"] > 0
+    assert first["tokens_after"] < first["tokens_before"]
+    assert run_json(capfd, "run", "compress", "--namespace", "alice", *common)["changed"] == 0
+
+    report = run_json(capfd, "maintain", "--namespace", "alice", *common)
+    assert report["failed"] == []
+    assert list(report["stages"]) == ["compress", "consolidate", "update", "index", "forget"]
+    assert report["stages"]["update"]["changed"] >= 2
+    again = run_json(capfd, "maintain", "--namespace", "alice", *common)
+    assert all(s["changed"] == 0 for s in again["stages"].values()), again
+
+    now = run_json(capfd, "as-of", "2023-10-01", "--namespace", "alice", "--grep", "Seattle", *common)
+    seattle = now["memories"][0]
+    june = run_json(capfd, "as-of", "2023-06-01", "--namespace", "alice", "--grep", "Boston", *common)
+    assert june["count"] == 1 and "Boston" in june["memories"][0]["text"]
+    history = run_json(capfd, "history", seattle["id"], *common)
+    assert [v["version"] for v in history["versions"]] == [1, 2]
+
+    assert find_bytes(Path(home), "Pixel")
+    gone = run_json(capfd, "forget", "--namespace", "alice", "--subject", "Pixel", "--hard", *common)
+    assert gone["undoable"] is False and gone["files_still_containing_subject"] == []
+    assert find_bytes(Path(home), "Pixel") == []
+
+
+def test_maintain_reports_a_failing_stage_and_runs_the_rest(tmp_path: Path, capfd, monkeypatch):
+    import memstage.tasks.update
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("update is broken")
+
+    monkeypatch.setattr(memstage.tasks.update, "run_update", broken)
+    home = str(tmp_path / "home")
+    common = ["--home", home, "--runner", "local"]
+    run_json(capfd, "ingest", str(write_jsonl(tmp_path / "alice.jsonl", "alice", ALICE)), *common)
+    report = run_json(capfd, "maintain", *common)
+    assert report["failed"] == ["update"]
+    assert "update is broken" in report["stages"]["update"]["error"]
+    assert len(calls) >= 2  # retried
+    assert report["stages"]["index"]["status"] == "ok" and report["stages"]["forget"]["status"] == "ok"
+    assert report["stages"]["consolidate"]["changed"] > 0
