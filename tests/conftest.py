@@ -7,6 +7,7 @@ per temporary data directory, so tests that make many stores stay fast.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 LOCOMO = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
 SAMPLE = REPO / "cli" / "samples" / "sample_conversation.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """memstage reads MEMSTAGE_* once per process; a test that sets one sees it (and leaves no trace)."""
+    from memstage.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

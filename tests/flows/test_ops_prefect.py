@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from tests.conftest import SAMPLE
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "memstage-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:

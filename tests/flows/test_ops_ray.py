@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from tests.conftest import SAMPLE
-from tests.test_ops_prefect import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

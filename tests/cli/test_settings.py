@@ -1,0 +1,101 @@
+"""memstage.settings: every MEMSTAGE_* variable read in one place, and each one taking effect.
+
+The openai-engine test needs an OpenAI-compatible server other than memstage's own: a hosted
+provider cannot be reached from here, so a small FastAPI app served by uvicorn on loopback stands in
+for it (a real HTTP server that records what it was sent), and `memstage query` must reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_json, serve_in_thread
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from memstage.settings import Settings, get_settings
+
+
+def test_settings_read_every_variable_with_defaults_and_checks(tmp_path: Path) -> None:
+    s = Settings.from_env({})
+    assert (s.runner, s.generator, s.device, s.vector_backend, s.encoders) == (
+        "auto",
+        "transformers",
+        "auto",
+        "auto",
+        16,
+    )
+    s = Settings.from_env(
+        {"MEMSTAGE_HOME": str(tmp_path), "MEMSTAGE_GENERATOR": "openai", "MEMSTAGE_ENCODERS": "3"}
+    )
+    assert (s.home, s.generator, s.encoders) == (tmp_path, "openai", 3)
+    assert s.worker_env()["MEMSTAGE_GENERATOR"] == "openai"
+    with pytest.raises(ValueError, match="MEMSTAGE_GENERATOR='llama.cpp' is not one of"):
+        Settings.from_env({"MEMSTAGE_GENERATOR": "llama.cpp"})
+    with pytest.raises(ValueError, match="MEMSTAGE_THREADS='many' is not an integer"):
+        Settings.from_env({"MEMSTAGE_THREADS": "many"})
+
+
+def test_importing_memstage_changes_no_environment() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import os; before = dict(os.environ); "
+        "import memstage.cli.main, memstage.runtime.backends, memstage.flows.stages, memstage.server.app; "
+        "print(sorted(set(os.environ.items()) ^ set(before.items())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _remote_llm(seen: list[dict]):
+    """An OpenAI-compatible chat server answering every question with one fixed, recognisable text.
+    (FastAPI and Request are imported at module level: FastAPI resolves these annotations there.)"""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "remote-llm", "object": "model", "owned_by": "test"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> StreamingResponse:
+        seen.append(await request.json())
+
+        def chunk(**fields) -> str:
+            body = {"id": "c1", "object": "chat.completion.chunk", "created": int(time.time())}
+            return "data: " + json.dumps({**body, "model": "remote-llm", **fields}) + "\n\n"
+
+        def events():
+            yield chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": "remote: "}}])
+            yield chunk(choices=[{"index": 0, "delta": {"content": "Biscuit"}, "finish_reason": "stop"}])
+            yield chunk(choices=[], usage={"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_memstage_generator_openai_reaches_the_openai_engine(indexed_sample, capfd, monkeypatch) -> None:
+    seen: list[dict] = []
+    url, server = serve_in_thread(_remote_llm(seen))
+    try:
+        monkeypatch.setenv("MEMSTAGE_GENERATOR", "openai")
+        monkeypatch.setenv("MEMSTAGE_OPENAI_BASE_URL", url)
+        get_settings.cache_clear()
+        question = "What is the name of Maya's dog?"
+        home = str(indexed_sample.home)
+        result = run_json(
+            capfd, "query", question, "--namespace", "demo", "--home", home, "--runner", "local"
+        )
+    finally:
+        server.should_exit = True
+    assert result["engine"] == "openai" and result["answer"] == "remote: Biscuit"
+    assert len(seen) == 1 and seen[0]["model"] == "remote-llm"
+    prompt = json.dumps(seen[0]["messages"])
+    assert question in prompt  # the question and its evidence went to the configured engine
+    assert any(m["text"][:40] in prompt for m in result["memories"])
