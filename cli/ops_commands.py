@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from memstage.cli.main import UserError, add_common, config_from
+from memstage.tasks.registry import STAGES
 
 from memstage.settings import get_settings
 
@@ -72,6 +73,19 @@ def deployment_specs(
 ) -> dict[str, Any]:
     """The prefect.yaml content with this command's choices applied (pure: tested without a server)."""
     spec = copy.deepcopy(spec)
+    listed = {d["name"] for d in spec["deployments"]}
+    template = next(d for d in spec["deployments"] if d["name"] == "forget")  # a `stage` deployment
+    for stage in STAGES:  # every registered stage gets a deployment the file does not already name
+        if stage.name not in listed:
+            spec["deployments"].append(
+                {
+                    **{k: v for k, v in template.items() if k not in ("schedules", "concurrency_limit")},
+                    "name": stage.name,
+                    "description": f"The {stage.name} stage: {stage.summary}.",
+                    "parameters": {"stage": stage.name, "namespace": None},
+                    "tags": ["memstage", "writer"],
+                }
+            )
     extra = []
     for dep in spec["deployments"]:
         dep["work_pool"] = {"name": pool, "work_queue_name": "default", "job_variables": {"env": dict(env)}}

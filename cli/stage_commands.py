@@ -8,18 +8,17 @@ import textwrap
 from typing import Any
 
 from memstage.cli.main import UserError, add_common, config_from
-
-STAGE_NAMES = ("compress", "consolidate", "update", "index", "forget")
+from memstage.tasks.registry import STAGE_NAMES, STAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run one maintenance stage as its own flow")
-    p.add_argument("stage", choices=STAGE_NAMES)
+    p.add_argument("stage", choices=STAGE_NAMES, help="; ".join(f"{s.name}: {s.summary}" for s in STAGES))
     p.add_argument("--namespace", default=None, help="one namespace (default: every namespace in the store)")
     add_common(p)
     p.set_defaults(run=cmd_run, render=render_stage)
 
-    p = sub.add_parser("maintain", help="compress -> consolidate -> update -> index -> forget, as one flow")
+    p = sub.add_parser("maintain", help=" -> ".join(STAGE_NAMES) + ", as one flow")
     p.add_argument("--namespace", default=None, help="one namespace (default: every namespace in the store)")
     add_common(p)
     p.set_defaults(run=cmd_maintain, render=render_maintain)
@@ -95,9 +94,7 @@ def cmd_history(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
-    from memstage.flows.stages import parse_date, run_forget_hard, run_stage
-    from memstage.stores.store import MemoryStore
-    from memstage.tasks.forget import forget_soft
+    from memstage.flows.stages import parse_date, run_forget, run_stage
 
     config = config_from(args)
     selector: dict[str, Any] = {}
@@ -111,18 +108,13 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
         if args.hard:
             raise UserError("--hard needs --subject, --before or --all")
         return run_stage("forget", args.namespace, config)
-    if args.hard:
-        return run_forget_hard(args.namespace, selector, config)
-    store = MemoryStore(config.home)
-    store.require_namespace(args.namespace)
-    return forget_soft(store, args.namespace, **selector).as_dict()
+    return run_forget(args.namespace, selector, config, hard=args.hard)
 
 
 def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
-    from memstage.stores.store import MemoryStore
-    from memstage.tasks.forget import restore
+    from memstage.flows.stages import run_restore
 
-    return restore(MemoryStore(config_from(args).home), args.namespace, args.memory_ids).as_dict()
+    return run_restore(args.namespace, args.memory_ids, config_from(args))
 
 
 def cmd_policy(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,16 +25,12 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from memstage.stores.store import MemoryStore  # noqa: E402
+from memstage.tasks.registry import STAGE_NAMES  # noqa: E402
 
-STAGE_COLOURS = {
-    "ingest": "#4c72b0",
-    "compress": "#dd8452",
-    "consolidate": "#55a868",
-    "update": "#c44e52",
-    "index": "#8172b3",
-    "forget": "#937860",
-    "eval": "#da8bc3",
-}
+# ingest, every registered stage in maintain order, then eval: one colour each (matplotlib's "tab10").
+STAGE_COLOURS = dict(
+    zip(["ingest", *STAGE_NAMES, "eval"], plt.get_cmap("tab10").colors, strict=False)  # type: ignore[attr-defined]
+)
 LEVEL_NAMES = {0: "raw turns (level 0)", 1: "sessions (level 1)", 2: "topics (level 2)"}
 
 

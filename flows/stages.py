@@ -23,11 +23,11 @@ from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settin
 from memstage.runtime.encoder_pool import start_encoders
 from memstage.runtime.services import services
 from memstage.stores.store import MemoryStore
-from memstage.tasks import compress, consolidate, forget, index, update
+from memstage.tasks import forget
 from memstage.tasks.contract import StageResult, record_run, record_runs, timed
+from memstage.tasks.registry import STAGES, StageTools, get_stage
 from prefect import flow, get_run_logger
 
-STAGES = ("compress", "consolidate", "update", "index", "forget")
 LOCK_WAIT_S = 300.0  # stages of different namespaces run side by side and take turns at the writer lock
 
 
@@ -35,71 +35,35 @@ def _store(home: Path) -> MemoryStore:
     return MemoryStore(home, lock_timeout_s=LOCK_WAIT_S)
 
 
-@stage_task(name="compress", task_run_name="compress {namespace}", retries=1, retry_delay_seconds=[2])
-def compress_task(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageResult:
+def _tools(config: RuntimeConfig, use_ray: bool) -> StageTools:
     svc = services(config, use_ray=use_ray)
-    store = _store(config.home)
-    # Level-0 memories of events not materialised yet (the index stage does this too; both are no-ops when done).
-    made = index.materialise_level0(
-        store, namespace, count_tokens=svc.count_tokens, flow_run_id=flow_run_id()
-    )
-    result = compress.run_compress(store, namespace, count_tokens=svc.count_tokens, flow_run_id=flow_run_id())
-    result.changed += made.changed
-    result.figures["level0_created"] = made.changed
-    return result
+    return StageTools(embed=svc.encode, count_tokens=svc.count_tokens, flow_run_id=flow_run_id())
 
 
-@stage_task(name="consolidate", task_run_name="consolidate {namespace}", retries=1, retry_delay_seconds=[2])
-def consolidate_task(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageResult:
-    svc = services(config, use_ray=use_ray)
-    return consolidate.run_consolidate(
-        _store(config.home),
-        namespace,
-        embed=svc.encode,
-        count_tokens=svc.count_tokens,
-        flow_run_id=flow_run_id(),
-    )
+@stage_task(name="stage", task_run_name="{stage} {namespace}", retries=1, retry_delay_seconds=[2])
+def stage_namespace(config: RuntimeConfig, stage: str, namespace: str, use_ray: bool) -> StageResult:
+    """One registered stage over one namespace: a coarse task (a Ray task under the Ray runner)."""
+    return get_stage(stage).run(_store(config.home), namespace, _tools(config, use_ray))
 
 
-@stage_task(name="update", task_run_name="update {namespace}", retries=1, retry_delay_seconds=[2])
-def update_task(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageResult:
-    svc = services(config, use_ray=use_ray)
-    return update.run_update(_store(config.home), namespace, embed=svc.encode, flow_run_id=flow_run_id())
-
-
-@stage_task(name="forget", task_run_name="forget {namespace}", retries=1, retry_delay_seconds=[2])
-def forget_task(config: RuntimeConfig, namespace: str, use_ray: bool) -> StageResult:
-    svc = services(config, use_ray=use_ray)
-    store = _store(config.home)
-    result = forget.run_forget(store, namespace, embed=svc.encode, flow_run_id=flow_run_id())
-    if result.figures.get(
-        "archived"
-    ):  # archived memories must leave the indexes now, not at the next index run
-        index.build_indexes(store, namespace, flow_run_id=flow_run_id())
-    return result
-
-
-@stage_task(name="forget-hard", task_run_name="hard forget in {namespace}")
-def forget_hard_task(config: RuntimeConfig, namespace: str, use_ray: bool, request: str) -> StageResult:
-    # The subject travels in a request file, never as a task or flow parameter: Prefect stores those
-    # (and shows them in its UI), which would keep the very text being deleted outside the data dir.
+def _read_request(request: str) -> dict[str, Any]:
+    # A forget's subject travels in a request file, never as a task or flow parameter: Prefect stores
+    # those (and shows them in its UI), which would keep the very text being deleted outside the data dir.
     path = Path(request)
     selector = json.loads(path.read_text())
     path.unlink()  # before the deletion's byte search of the data directory
     if selector.get("before"):
         selector["before"] = parse_date(selector["before"])
+    return selector
+
+
+@stage_task(name="forget-hard", task_run_name="hard forget in {namespace}")
+def forget_hard_task(config: RuntimeConfig, namespace: str, use_ray: bool, request: str) -> StageResult:
+    selector = _read_request(request)
     svc = services(config, use_ray=use_ray)
     return forget.forget_hard(
         _store(config.home), namespace, embed=svc.encode, flow_run_id=flow_run_id(), **selector
     )
-
-
-TASKS = {
-    "compress": compress_task,
-    "consolidate": consolidate_task,
-    "update": update_task,
-    "forget": forget_task,
-}
 
 
 def _finish(
@@ -138,12 +102,12 @@ def _run_stage(
     stage: str, namespaces: list[str], config: RuntimeConfig, use_ray: bool
 ) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    if stage == "index":
+    if get_stage(stage).uses_encoder_pool:
         results = index_namespaces(
             config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False
         )
         return _finish(stage, results, {}, config.home, recorded=True)
-    futures = [(ns, TASKS[stage].submit(config, ns, use_ray)) for ns in namespaces]
+    futures = [(ns, stage_namespace.submit(config, stage, ns, use_ray)) for ns in namespaces]
     results, failed = [], {}
     for ns, fut in futures:
         try:
@@ -164,21 +128,11 @@ def _make_stage_flow(stage: str) -> Any:
         return _run_stage(stage, namespaces, config, use_ray)
 
     stage_flow.__name__ = f"{stage}_flow"
+    stage_flow.__doc__ = f"The {stage} stage over the namespaces: {get_stage(stage).summary}."
     return stage_flow
 
 
-compress_flow = _make_stage_flow("compress")
-consolidate_flow = _make_stage_flow("consolidate")
-update_flow = _make_stage_flow("update")
-index_flow = _make_stage_flow("index")
-forget_flow = _make_stage_flow("forget")
-STAGE_FLOWS = {
-    "compress": compress_flow,
-    "consolidate": consolidate_flow,
-    "update": update_flow,
-    "index": index_flow,
-    "forget": forget_flow,
-}
+STAGE_FLOWS = {s.name: _make_stage_flow(s.name) for s in STAGES}
 
 
 @flow(name="maintain", flow_run_name="maintain {namespaces}")
@@ -187,7 +141,7 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
     report: dict[str, Any] = {"stage": "maintain", "namespaces": namespaces, "stages": {}}
     total = StageResult("maintain", ",".join(namespaces))
     with timed(total):
-        for stage in STAGES:
+        for stage in (s.name for s in STAGES):
             result = StageResult(stage, "")
             with timed(result):
                 # a subflow runs on its own task runner, not its parent's: give it the same one
@@ -229,6 +183,21 @@ def forget_hard_flow(
     return _finish("forget-hard", [result], {}, config.home)[0]
 
 
+@flow(name="forget-soft", flow_run_name="forget in {namespace}")
+def forget_soft_flow(namespace: str, request: str, config: RuntimeConfig) -> dict[str, Any]:
+    """Soft forgetting (archive, undoable) as a flow run; the selector travels in a request file."""
+    selector = _read_request(request)
+    result = forget.forget_soft(_store(config.home), namespace, flow_run_id=flow_run_id(), **selector)
+    return _finish("forget-soft", [result], {}, config.home)[0]
+
+
+@flow(name="restore", flow_run_name="restore in {namespace}")
+def restore_flow(namespace: str, memory_ids: list[str], config: RuntimeConfig) -> dict[str, Any]:
+    """Undo soft forgetting of the given memories (from their ops), as a flow run."""
+    result = forget.restore(_store(config.home), namespace, memory_ids, flow_run_id=flow_run_id())
+    return _finish("restore", [result], {}, config.home)[0]
+
+
 # ---- entry points for the CLI and tests ---------------------------------------------------------
 
 
@@ -243,8 +212,7 @@ def resolve_namespaces(config: RuntimeConfig, namespace: str | None) -> list[str
 
 
 def run_stage(stage: str, namespace: str | None, config: RuntimeConfig) -> dict[str, Any]:
-    if stage not in STAGE_FLOWS:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    get_stage(stage)  # a clear error for an unknown name
     namespaces = resolve_namespaces(config, namespace)
     use_ray = config.use_ray(batch=True)
     with prefect_settings(config, use_ray=use_ray):
@@ -263,20 +231,35 @@ def run_maintain(namespace: str | None, config: RuntimeConfig) -> dict[str, Any]
         return maintain_flow(namespaces, config, use_ray)
 
 
-def run_forget_hard(namespace: str, selector: dict[str, Any], config: RuntimeConfig) -> dict[str, Any]:
-    store = MemoryStore(config.home)
-    store.require_namespace(namespace)
-    use_ray = config.use_ray(batch=True)
+def _write_request(config: RuntimeConfig, selector: dict[str, Any]) -> Path:
     request = config.home / f".forget-request-{uuid.uuid4().hex}.json"
     fd = os.open(request, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(selector, f, default=lambda d: d.isoformat())
+    return request
+
+
+def run_forget(
+    namespace: str, selector: dict[str, Any], config: RuntimeConfig, *, hard: bool
+) -> dict[str, Any]:
+    """Forget what `selector` matches: archived (soft, undoable) or deleted everywhere (hard)."""
+    MemoryStore(config.home).require_namespace(namespace)
+    use_ray = config.use_ray(batch=True) and hard  # soft forgetting needs no encoder: in-process
+    request = _write_request(config, selector)
     try:
         with prefect_settings(config, use_ray=use_ray):
-            runnable = forget_hard_flow.with_options(task_runner=task_runner(config, batch=True))
-            return runnable(namespace, str(request), config, use_ray)
+            if hard:
+                runnable = forget_hard_flow.with_options(task_runner=task_runner(config, batch=True))
+                return runnable(namespace, str(request), config, use_ray)
+            return forget_soft_flow(namespace, str(request), config)
     finally:
         request.unlink(missing_ok=True)
+
+
+def run_restore(namespace: str, memory_ids: list[str], config: RuntimeConfig) -> dict[str, Any]:
+    MemoryStore(config.home).require_namespace(namespace)
+    with prefect_settings(config, use_ray=False):
+        return restore_flow(namespace, memory_ids, config)
 
 
 def parse_date(text: str) -> datetime:

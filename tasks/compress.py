@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from memstage.stores.store import MemoryStore, now_utc
-from memstage.tasks.contract import StageResult, make_op, memories_table, ops_table, timed
+from memstage.tasks.contract import CountTokens, StageResult, make_op, memories_table, ops_table, timed
 
-CountTokens = Callable[[Sequence[str]], list[int]]
 Rewrite = Callable[[str], str]
 COMPRESS_VERSION = 1
 

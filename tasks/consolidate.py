@@ -22,10 +22,18 @@ from typing import Any
 
 import numpy as np
 from memstage.stores.store import MemoryStore, now_utc
-from memstage.tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
-from memstage.tasks.index import Embed, embed_missing
+from memstage.tasks.contract import (
+    CountTokens,
+    Embed,
+    StageResult,
+    content_hash,
+    make_op,
+    memories_table,
+    ops_table,
+    timed,
+)
+from memstage.tasks.index import embed_missing
 
-CountTokens = Callable[[Sequence[str]], list[int]]
 Summarize = Callable[[Sequence[str]], str]
 DUP_THRESHOLD = 0.95
 MAX_EPISODE = 40  # turns; longer sessions are split at their weakest topic boundary

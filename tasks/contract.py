@@ -11,15 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from memstage.stores.schema import MEMORIES, OPS
 from memstage.stores.store import now_utc, to_json
+
+# The two tools stages are handed (by the services actor, an encoder pool, or a test):
+Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> float32 matrix, one L2-normalised row per text
+CountTokens = Callable[[Sequence[str]], list[int]]  # texts -> token counts with the generator's tokenizer
 
 
 @dataclass

@@ -26,7 +26,7 @@ SYSTEM_TEXT = (
     "If the memories do not say, answer that you do not know."
 )
 STANDING_BUDGET = 1500  # tokens for the standing block
-CountTokens = Callable[[str], int]
+CountText = Callable[[str], int]  # one text -> its token count
 
 
 def _date(value: Any) -> str:
@@ -49,7 +49,7 @@ def stable_key(memory: dict[str, Any]) -> tuple[str, str, str]:
     return (t, str(memory.get("session") or ""), str(memory.get("memory_id") or memory.get("id") or ""))
 
 
-def standing_block(memories: pa.Table, budget: int, count_tokens: CountTokens) -> str:
+def standing_block(memories: pa.Table, budget: int, count_tokens: CountText) -> str:
     """The namespace's standing memory: its level-2, then level-1 nodes by importance, within `budget`.
 
     Chosen by level and importance only (not by access count, which every query bumps: the block

@@ -22,10 +22,17 @@ from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import VectorIndex
 from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
-from memstage.tasks.contract import StageResult, content_hash, make_op, memories_table, ops_table, timed
+from memstage.tasks.contract import (
+    CountTokens,
+    Embed,
+    StageResult,
+    content_hash,
+    make_op,
+    memories_table,
+    ops_table,
+    timed,
+)
 
-Embed = Callable[[Sequence[str]], np.ndarray]
-CountTokens = Callable[[Sequence[str]], list[int]]
 EMBED_CHUNK = 512
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from memstage.tasks.registry import STAGE_NAMES
 
 from tests.conftest import SAMPLE
 
@@ -143,7 +144,7 @@ def test_deploy_registers_schedules_pool_and_store_limit(prefect_env, deployed):
             d["name"].split("/")[1]: client.read_deployment_by_name(d["name"])
             for d in deployed["deployments"]
         }
-        for stage in ("compress", "consolidate", "update", "index", "forget"):
+        for stage in STAGE_NAMES:
             assert deps[stage].parameters["stage"] == stage
         maintain = deps["maintain"]
         assert [s.schedule.cron for s in maintain.schedules] == ["15 3 * * *"]

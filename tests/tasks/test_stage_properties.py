@@ -16,11 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from memstage.stores.compact import find_bytes
 from memstage.stores.store import MemoryStore
-from memstage.tasks.compress import run_compress
-from memstage.tasks.consolidate import run_consolidate
-from memstage.tasks.forget import forget_hard, run_forget, save_policy
-from memstage.tasks.index import run_index
-from memstage.tasks.update import run_update
+from memstage.tasks.forget import forget_hard, save_policy
+from memstage.tasks.registry import STAGE_NAMES, STAGES, StageTools
 from stage_data import load, table_contents
 
 
@@ -52,7 +49,7 @@ SUBJECTS = {"ns-a": "Zanzibar", "ns-b": "Quokkaville"}
 OPS = st.one_of(
     st.tuples(st.just("ingest"), st.sampled_from(sorted(SUBJECTS)), st.integers(1, 8)),
     st.tuples(
-        st.sampled_from(["compress", "consolidate", "update", "index", "forget"]),
+        st.sampled_from(STAGE_NAMES),
         st.sampled_from(sorted(SUBJECTS)),
     ),
     st.tuples(st.just("forget_hard"), st.sampled_from(sorted(SUBJECTS))),
@@ -65,17 +62,8 @@ def run_sequence(ops: list[tuple], encoder, token_counter) -> None:
         store = MemoryStore(home)
         for ns in SUBJECTS:
             save_policy(store, ns, {"capacity": 6, "clock": "latest_event"})
-        stages = {
-            "compress": lambda ns: run_compress(store, ns, count_tokens=token_counter.count_many),
-            "consolidate": lambda ns: run_consolidate(
-                store, ns, embed=encoder.encode, count_tokens=token_counter.count_many
-            ),
-            "update": lambda ns: run_update(store, ns, embed=encoder.encode),
-            "index": lambda ns: run_index(
-                store, ns, embed=encoder.encode, count_tokens=token_counter.count_many
-            ),
-            "forget": lambda ns: run_forget(store, ns),
-        }
+        tools = StageTools(embed=encoder.encode, count_tokens=token_counter.count_many)
+        stages = {s.name: (lambda ns, s=s: s.run(store, ns, tools)) for s in STAGES}
         for op in ops:
             kind, ns = op[0], op[1]
             other = next(n for n in SUBJECTS if n != ns)
