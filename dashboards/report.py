@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import re
 import warnings
 from collections import defaultdict
@@ -24,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from memstage.stores import queries  # noqa: E402
 from memstage.stores.store import MemoryStore  # noqa: E402
 from memstage.tasks.registry import STAGE_NAMES  # noqa: E402
 
@@ -71,26 +71,12 @@ def _empty(title: str, hint: str) -> str:
 
 
 def _runs(store: MemoryStore, namespace: str | None) -> list[dict[str, Any]]:
-    sql = "SELECT stage, namespace, started_at, duration_s, changed, figures, status FROM runs"
-    params: list[Any] = []
-    if namespace:
-        # eval runs are recorded under the benchmark, not a tenant: keep them in a per-namespace report
-        sql += " WHERE namespace = ? OR stage = 'eval'"
-        params.append(namespace)
-    rows = store.query(sql + " ORDER BY started_at", params).to_pylist()
-    for r in rows:
-        r["figures"] = json.loads(r["figures"] or "{}")
-    return rows
+    return queries.runs(store, namespace)
 
 
 def plot_memories(store: MemoryStore, namespace: str | None) -> str:
     """Cumulative memories created, one line per (namespace, level); archived ones drawn dashed."""
-    sql = "SELECT namespace, level, created_at, status FROM memories"
-    params: list[Any] = []
-    if namespace:
-        sql += " WHERE namespace = ?"
-        params.append(namespace)
-    rows = store.query(sql + " ORDER BY created_at", params).to_pylist()
+    rows = queries.memory_timeline(store, namespace)
     if not rows:
         return _empty("Memories over time", "memstage ingest FILE")
     fig, ax = _figure("Memories over time, per level and namespace")
@@ -272,16 +258,12 @@ PAGE = """<!doctype html>
 
 
 def _cards(store: MemoryStore, namespace: str | None, runs: list[dict[str, Any]]) -> str:
-    where, params = ("WHERE namespace = ?", [namespace]) if namespace else ("", [])
-    counts = store.query(
-        f"SELECT count(*) FILTER (WHERE status = 'active') AS active, count(DISTINCT namespace) AS ns FROM memories {where}",
-        params,
-    ).to_pylist()[0]
+    summary = queries.memory_summary(store, namespace)
     failed = sum(r["status"] != "ok" for r in runs)
     last = max((r["started_at"] for r in runs), default=None)
     cards = [
-        (counts["active"] or 0, "active memories"),
-        (counts["ns"] or 0, "namespaces"),
+        (summary["active"], "active memories"),
+        (summary["namespaces"], "namespaces"),
         (len(runs), "stage runs"),
         (failed, "failed runs"),
         (f"{last:%Y-%m-%d %H:%M}" if last else "never", "last run (UTC)"),

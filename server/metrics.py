@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from memstage.stores import queries
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -66,10 +67,7 @@ class _ScrapeCollector(Collector):
                 "memstage_memories", "active memories per namespace and level", labels=["namespace", "level"]
             )
             try:
-                rows = self.store.query(
-                    "SELECT namespace, level, count(*) AS n FROM memories WHERE status = 'active' "
-                    "GROUP BY namespace, level"
-                ).to_pylist()
+                rows = queries.active_memory_counts(self.store)
             except Exception:  # noqa: BLE001 - a busy or missing store must not break the scrape
                 rows = []
             for r in rows:

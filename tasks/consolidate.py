@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
     CountTokens,
@@ -197,10 +198,7 @@ def run_consolidate(
         embed_missing(store, namespace, embed)  # level-0 texts changed by compress have null embeddings
         at = now_utc()
         all_mem = {m["id"]: m for m in store.memories(namespace, status=None, current=False).to_pylist()}
-        seq = {
-            r["id"]: r["seq"]
-            for r in store.query("SELECT id, seq FROM events WHERE namespace = ?", [namespace]).to_pylist()
-        }
+        seq = {eid: r["seq"] for eid, r in queries.event_sources(store, namespace).items()}
         l0 = [m for m in all_mem.values() if m["level"] == 0 and m["status"] == "active"]
         l0.sort(
             key=lambda m: (

@@ -20,6 +20,7 @@ from typing import Any
 
 import bm25s
 import numpy as np
+from memstage.stores import queries
 from memstage.stores.store import MemoryStore
 from memstage.tasks.retrieve import pack_within_budget
 
@@ -97,17 +98,7 @@ def load_questions(path: Path | str, *, namespace_prefix: str | None = None) -> 
 
 def own_memories(store: MemoryStore, namespace: str) -> dict[str, set[str]]:
     """dia_id -> ids of the current level-0 memories that hold that turn's event (its own memory)."""
-    rows = store.query(
-        """SELECT json_extract_string(e.metadata, '$.dia_id') AS dia_id, m.id AS memory_id
-           FROM events e JOIN memories m ON m.namespace = e.namespace AND list_contains(m.event_ids, e.id)
-           WHERE e.namespace = ? AND m.level = 0 AND m.status = 'active' AND m.valid_to IS NULL""",
-        [namespace],
-    ).to_pylist()
-    owns: dict[str, set[str]] = {}
-    for r in rows:
-        if r["dia_id"]:
-            owns.setdefault(r["dia_id"], set()).add(r["memory_id"])
-    return owns
+    return queries.turn_memories(store, namespace)
 
 
 def question_recall(result: dict[str, Any], evidence: Sequence[str], owns: dict[str, set[str]]) -> float:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from memstage.stores import queries
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
 
 
@@ -15,14 +15,7 @@ class HistoryError(LookupError):
 def _find_namespace(store: MemoryStore, memory_id: str) -> str:
     # Memory ids are content hashes that include the namespace, so one id names one namespace; a
     # hard-deleted memory is still found through its 'delete' op.
-    rows = (
-        store.query(
-            "SELECT namespace FROM memories WHERE id = ? UNION SELECT namespace FROM ops WHERE memory_id = ?",
-            [memory_id, memory_id],
-        )
-        .column("namespace")
-        .to_pylist()
-    )
+    rows = queries.namespaces_of_memory(store, memory_id)
     if not rows:
         raise HistoryError(f"no memory {memory_id!r} in {store.home}")
     if len(rows) > 1:
@@ -35,10 +28,7 @@ def _find_namespace(store: MemoryStore, memory_id: str) -> str:
 def memory_history(store: MemoryStore, memory_id: str, namespace: str | None = None) -> dict[str, Any]:
     """{memory_id, namespace, versions: rows older -> newer (no embeddings), ops: every op on any of them}."""
     namespace = validate_namespace(namespace) if namespace else _find_namespace(store, memory_id)
-    rows = store.query(
-        """SELECT * EXCLUDE (embedding) FROM memories WHERE namespace = ? ORDER BY version, valid_from, id""",
-        [namespace],
-    ).to_pylist()
+    rows = queries.memory_rows_without_embeddings(store, namespace)
     by_id = {r["id"]: r for r in rows}
     older: dict[str, list[str]] = {}
     for r in rows:
@@ -61,12 +51,5 @@ def memory_history(store: MemoryStore, memory_id: str, namespace: str | None = N
         (by_id[m] for m in chain if m in by_id),
         key=lambda r: (r["version"] or 0, r["valid_from"] or r["created_at"], r["id"]),
     )
-    ops = store.query(
-        """SELECT op_id, memory_id, stage, action, before, after, reason, flow_run_id, "at" FROM ops
-           WHERE namespace = ? AND memory_id IN (SELECT unnest(?)) ORDER BY "at", op_id""",
-        [namespace, chain],
-    ).to_pylist()
-    for op in ops:
-        for key in ("before", "after"):
-            op[key] = json.loads(op[key]) if op[key] else None
+    ops = queries.ops_of(store, namespace, chain)
     return {"memory_id": memory_id, "namespace": namespace, "versions": versions, "ops": ops}

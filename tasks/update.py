@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from memstage.stores.store import MemoryStore, now_utc, validate_namespace
+from memstage.stores import queries
+from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import StageResult, make_op, memories_table, ops_table, timed
 from memstage.tasks.index import Embed, embed_missing
 
@@ -109,12 +110,7 @@ def run_update(
     with timed(result):
         embed_missing(store, namespace, embed)
         mem = store.memories(namespace, level=0, status="active", current=True).to_pylist()
-        events = {
-            r["id"]: r
-            for r in store.query(
-                "SELECT id, text, seq FROM events WHERE namespace = ?", [namespace]
-            ).to_pylist()
-        }
+        events = queries.event_sources(store, namespace)
 
         def source(m: dict[str, Any]) -> tuple[str, int]:
             evs = [events[e] for e in (m["event_ids"] or []) if e in events]
@@ -213,18 +209,4 @@ def memories_as_of(
     store: MemoryStore, namespace: str, when: datetime, *, level: int | None = None
 ) -> pa.Table:
     """The memories that were current at `when`: known by then, and not yet superseded."""
-    validate_namespace(namespace)
-    where, params = (
-        ["namespace = ?", "status = 'active'", "valid_from <= ?", "(valid_to IS NULL OR valid_to > ?)"],
-        [
-            namespace,
-            when,
-            when,
-        ],
-    )
-    if level is not None:
-        where.append("level = ?")
-        params.append(level)
-    return store.query(
-        f"SELECT * FROM memories WHERE {' AND '.join(where)} ORDER BY level, event_time, id", params
-    )
+    return queries.memories_as_of(store, namespace, when, level=level)

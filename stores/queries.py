@@ -1,0 +1,141 @@
+"""Named reads over the store: every question the rest of memstage asks of its tables, as one function.
+
+All SQL lives in `stores/` (this module, `store.py` and `compact.py`); tasks, flows, the server and
+the report call these functions and get Arrow tables or plain rows back. Every read names its
+namespace (or, for operator views such as the report and /metrics, explicitly none).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+from memstage.stores.store import MemoryStore, validate_namespace
+
+
+def _where_namespace(namespace: str | None, column: str = "namespace") -> tuple[str, list[Any]]:
+    return (f" WHERE {column} = ?", [validate_namespace(namespace)]) if namespace else ("", [])
+
+
+# ---- operators' views: /metrics and the report ---------------------------------------------------
+
+
+def active_memory_counts(store: MemoryStore) -> list[dict[str, Any]]:
+    """[{namespace, level, n}] of active memories (the /metrics gauge)."""
+    return store.query(
+        "SELECT namespace, level, count(*) AS n FROM memories WHERE status = 'active' GROUP BY namespace, level"
+    ).to_pylist()
+
+
+def runs(store: MemoryStore, namespace: str | None = None) -> list[dict[str, Any]]:
+    """Recorded stage runs, oldest first, figures parsed; eval runs (not a tenant's) are always kept."""
+    sql = "SELECT stage, namespace, started_at, duration_s, changed, figures, status FROM runs"
+    params: list[Any] = []
+    if namespace:
+        sql += " WHERE namespace = ? OR stage = 'eval'"
+        params.append(validate_namespace(namespace))
+    rows = store.query(sql + " ORDER BY started_at", params).to_pylist()
+    for r in rows:
+        r["figures"] = json.loads(r["figures"] or "{}")
+    return rows
+
+
+def memory_timeline(store: MemoryStore, namespace: str | None = None) -> list[dict[str, Any]]:
+    """[{namespace, level, created_at, status}] of every memory, oldest first."""
+    where, params = _where_namespace(namespace)
+    sql = f"SELECT namespace, level, created_at, status FROM memories{where} ORDER BY created_at"
+    return store.query(sql, params).to_pylist()
+
+
+def memory_summary(store: MemoryStore, namespace: str | None = None) -> dict[str, int]:
+    """{active: active memories, namespaces: namespaces holding any memory}."""
+    where, params = _where_namespace(namespace)
+    row = store.query(
+        "SELECT count(*) FILTER (WHERE status = 'active') AS active, count(DISTINCT namespace) AS ns "
+        f"FROM memories{where}",
+        params,
+    ).to_pylist()[0]
+    return {"active": row["active"] or 0, "namespaces": row["ns"] or 0}
+
+
+# ---- history ----------------------------------------------------------------------------------
+
+
+def namespaces_of_memory(store: MemoryStore, memory_id: str) -> list[str]:
+    """The namespaces holding `memory_id` as a memory or in an op (a hard-deleted one has its delete op)."""
+    return (
+        store.query(
+            "SELECT namespace FROM memories WHERE id = ? UNION SELECT namespace FROM ops WHERE memory_id = ?",
+            [memory_id, memory_id],
+        )
+        .column("namespace")
+        .to_pylist()
+    )
+
+
+def memory_rows_without_embeddings(store: MemoryStore, namespace: str) -> list[dict[str, Any]]:
+    """Every memory of the namespace, every version, without the embedding column."""
+    return store.query(
+        "SELECT * EXCLUDE (embedding) FROM memories WHERE namespace = ? ORDER BY version, valid_from, id",
+        [validate_namespace(namespace)],
+    ).to_pylist()
+
+
+def ops_of(store: MemoryStore, namespace: str, memory_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The ops on these memories, oldest first, with `before` and `after` parsed."""
+    ops = store.query(
+        """SELECT op_id, memory_id, stage, action, before, after, reason, flow_run_id, "at" FROM ops
+           WHERE namespace = ? AND memory_id IN (SELECT unnest(?)) ORDER BY "at", op_id""",
+        [validate_namespace(namespace), list(memory_ids)],
+    ).to_pylist()
+    for op in ops:
+        for key in ("before", "after"):
+            op[key] = json.loads(op[key]) if op[key] else None
+    return ops
+
+
+def memories_as_of(
+    store: MemoryStore, namespace: str, when: datetime, *, level: int | None = None
+) -> pa.Table:
+    """The memories that were current at `when`: known by then, and not yet superseded."""
+    where = ["namespace = ?", "status = 'active'", "valid_from <= ?", "(valid_to IS NULL OR valid_to > ?)"]
+    params: list[Any] = [validate_namespace(namespace), when, when]
+    if level is not None:
+        where.append("level = ?")
+        params.append(level)
+    return store.query(
+        f"SELECT * FROM memories WHERE {' AND '.join(where)} ORDER BY level, event_time, id", params
+    )
+
+
+# ---- events, as stages need them --------------------------------------------------------------
+
+
+def event_sources(store: MemoryStore, namespace: str) -> dict[str, dict[str, Any]]:
+    """{event id: {id, text, seq}}: the original text and order of each event of the namespace."""
+    rows = store.query(
+        "SELECT id, text, seq FROM events WHERE namespace = ?", [validate_namespace(namespace)]
+    ).to_pylist()
+    return {r["id"]: r for r in rows}
+
+
+def turn_memories(store: MemoryStore, namespace: str) -> dict[str, set[str]]:
+    """LoCoMo dia_id -> ids of the current level-0 memories holding that turn's event.
+
+    An equi-join on the unnested event ids (not `list_contains`, a nested-loop join)."""
+    rows = store.query(
+        """WITH own AS (
+               SELECT id AS memory_id, unnest(event_ids) AS event_id FROM memories
+               WHERE namespace = ? AND level = 0 AND status = 'active' AND valid_to IS NULL)
+           SELECT json_extract_string(e.metadata, '$.dia_id') AS dia_id, own.memory_id
+           FROM own JOIN events e ON e.namespace = ? AND e.id = own.event_id""",
+        [validate_namespace(namespace), namespace],
+    ).to_pylist()
+    owns: dict[str, set[str]] = {}
+    for r in rows:
+        if r["dia_id"]:
+            owns.setdefault(r["dia_id"], set()).add(r["memory_id"])
+    return owns
