@@ -6,7 +6,7 @@ from typing import Any
 
 
 class Progress:
-    """A bar of `total` steps; `add_total` grows it when the work is discovered as it goes."""
+    """A bar of `total` steps on stderr (rich), or nothing when disabled."""
 
     def __init__(self, label: str, total: int, *, enabled: bool) -> None:
         self.label, self.total, self.enabled = label, total, enabled
@@ -33,13 +33,6 @@ class Progress:
             )
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=self.total)
-
-    def add_total(self, n: int) -> None:
-        self.total += n
-        if self._bar is not None:
-            self._bar.update(self._task, total=self.total)
-        elif self.total > 0:
-            self._start()
 
     def advance(self, n: int) -> None:
         if self._bar is not None:

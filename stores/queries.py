@@ -122,6 +122,16 @@ def event_sources(store: MemoryStore, namespace: str) -> dict[str, dict[str, Any
     return {r["id"]: r for r in rows}
 
 
+def session_speakers(store: MemoryStore, namespace: str) -> dict[str, list[str]]:
+    """{session: its distinct speakers, sorted}."""
+    rows = store.query(
+        "SELECT session, list(DISTINCT speaker ORDER BY speaker) AS speakers FROM events "
+        "WHERE namespace = ? GROUP BY session",
+        [validate_namespace(namespace)],
+    ).to_pylist()
+    return {r["session"]: r["speakers"] for r in rows}
+
+
 def turn_memories(store: MemoryStore, namespace: str) -> dict[str, set[str]]:
     """LoCoMo dia_id -> ids of the current level-0 memories holding that turn's event.
 

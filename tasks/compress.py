@@ -2,9 +2,7 @@
 
 The default is rule-based and needs no model: drop filler sentences and pleasantries, drop
 interjections and intensifiers, resolve "I"/"my"/"you" to the speaker's / the other speaker's name,
-and pin relative times ("yesterday") to the date of the event. An optional `rewrite(text) -> str`
-(e.g. an LLM through `generator_rewrite`) may shorten the result further; its output is used only
-when it is shorter and keeps every number of the rule-based text. A memory is never made longer;
+and pin relative times ("yesterday") to the date of the event. A memory is never made longer;
 the original stays in `events` and in the `before` of the ops row; compressed memories are marked
 in their metadata so a rerun leaves them alone.
 """
@@ -13,14 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import CountTokens, StageResult, make_op, memories_table, ops_table, timed
 
-Rewrite = Callable[[str], str]
 COMPRESS_VERSION = 1
 
 _PREFIX = re.compile(r"^(?P<speaker>[^:\n]{1,80}): (?P<body>.*)$", re.S)
@@ -304,49 +301,18 @@ def compress_text(
     return out
 
 
-def generator_rewrite(generator: Any, *, max_tokens: int = 96) -> Rewrite:
-    """Wrap a `gpu.generator.Generator` as a `rewrite(text) -> str` for `run_compress`."""
-
-    def rewrite(text: str) -> str:
-        messages = [
-            {
-                "role": "system",
-                "content": "Rewrite the memory shorter. Keep every name, number, date, place and object. No filler.",
-            },
-            {"role": "user", "content": text},
-        ]
-        return generator.generate(messages, max_tokens=max_tokens).text.strip()
-
-    return rewrite
-
-
-def _keeps_facts(candidate: str, reference: str) -> bool:
-    """An LLM rewrite is accepted only if it keeps every number and capitalised name of the rule output."""
-    needed = set(re.findall(r"\d+", reference)) | {w for w in re.findall(r"\b[A-Z][a-z]+\b", reference)}
-    return bool(candidate.strip()) and all(n in candidate for n in needed)
-
-
-def session_speakers(store: MemoryStore, namespace: str) -> dict[str, list[str]]:
-    rows = store.query(
-        "SELECT session, list(DISTINCT speaker ORDER BY speaker) AS speakers FROM events WHERE namespace = ? GROUP BY session",
-        [namespace],
-    ).to_pylist()
-    return {r["session"]: r["speakers"] for r in rows}
-
-
 def run_compress(
     store: MemoryStore,
     namespace: str,
     *,
     count_tokens: CountTokens,
-    rewrite: Rewrite | None = None,
     flow_run_id: str | None = None,
 ) -> StageResult:
     """Compress every active level-0 memory not compressed yet; one transaction for all rows and ops."""
     result = StageResult("compress", namespace)
     with timed(result):
         mem = store.memories(namespace, level=0, status="active", current=False).to_pylist()
-        speakers = session_speakers(store, namespace)
+        speakers = queries.session_speakers(store, namespace)
         todo = [m for m in mem if "compressed" not in json.loads(m["metadata"] or "{}")]
         candidates: list[list[str]] = []
         for m in todo:
@@ -359,11 +325,6 @@ def run_compress(
                 )
                 for r, p in ((True, True), (False, True), (True, False), (False, False))
             ]
-            full = cands[0]
-            if rewrite is not None:
-                llm = rewrite(full)
-                if _keeps_facts(llm, full):
-                    cands.insert(0, llm)
             candidates.append(cands)
         flat = [c for cands in candidates for c in cands]
         counts = iter(count_tokens(flat))
@@ -378,11 +339,7 @@ def run_compress(
                 continue
             text, n_tok = best
             meta = json.loads(m["metadata"] or "{}")
-            meta["compressed"] = {
-                "v": COMPRESS_VERSION,
-                "tokens_before": before_tokens,
-                "llm": rewrite is not None,
-            }
+            meta["compressed"] = {"v": COMPRESS_VERSION, "tokens_before": before_tokens}
             new = {
                 **m,
                 "text": text,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +35,6 @@ from memstage.tasks.contract import (
 )
 from memstage.tasks.index import embed_missing
 
-Summarize = Callable[[Sequence[str]], str]
 DUP_THRESHOLD = 0.95
 MAX_EPISODE = 40  # turns; longer sessions are split at their weakest topic boundary
 MIN_EPISODE = 8
@@ -56,33 +55,29 @@ def _norm(x: np.ndarray) -> np.ndarray:
 def find_duplicates(
     mem: list[dict[str, Any]], emb: np.ndarray, threshold: float
 ) -> dict[str, tuple[str, float]]:
-    """{duplicate id: (survivor id, cosine)}: union of pairs above threshold per speaker; earliest survives."""
-    parent = list(range(len(mem)))
+    """{duplicate id: (survivor id, cosine)}: connected components of the pairs above threshold, per
+    speaker (scipy's csgraph); the earliest memory of each component survives."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    best: dict[int, float] = {}
+    best = np.zeros(len(mem))
+    rows: list[int] = []
+    cols: list[int] = []
     by_speaker: dict[str, list[int]] = {}
     for i, m in enumerate(mem):
         by_speaker.setdefault(m["speaker"] or "", []).append(i)
-    for idx in by_speaker.values():
-        if len(idx) < 2:
-            continue
+    for idx in (np.asarray(v) for v in by_speaker.values() if len(v) > 1):
         sims = emb[idx] @ emb[idx].T
-        for a, b in zip(*np.nonzero(np.triu(sims, k=1) > threshold), strict=True):
-            i, j = idx[a], idx[b]
-            best[i] = max(best.get(i, 0.0), float(sims[a, b]))
-            best[j] = max(best.get(j, 0.0), float(sims[a, b]))
-            ri, rj = root(i), root(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
+        a, b = np.nonzero(np.triu(sims, k=1) > threshold)
+        rows += idx[a].tolist()
+        cols += idx[b].tolist()
+        np.maximum.at(best, idx[a], sims[a, b])
+        np.maximum.at(best, idx[b], sims[a, b])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(mem), len(mem)))
+    _, labels = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
-    for i in range(len(mem)):
-        groups.setdefault(root(i), []).append(i)
+    for i, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(i)
     out = {}
     key = lambda i: (mem[i]["event_time"] or datetime.min.replace(tzinfo=UTC), mem[i]["id"])  # noqa: E731
     for members in groups.values():
@@ -91,7 +86,7 @@ def find_duplicates(
         survivor = min(members, key=key)
         for i in members:
             if i != survivor:
-                out[mem[i]["id"]] = (mem[survivor]["id"], round(best.get(i, 0.0), 4))
+                out[mem[i]["id"]] = (mem[survivor]["id"], round(float(best[i]), 4))
     return out
 
 
@@ -135,11 +130,10 @@ def cluster_topics(emb: np.ndarray, distance: float) -> list[list[int]]:
     """Average-linkage agglomerative clusters (cosine distance), deterministic; singletons included."""
     if len(emb) < 2:
         return [[i] for i in range(len(emb))]
-    from sklearn.cluster import AgglomerativeClustering
+    from scipy.cluster.hierarchy import fcluster, linkage
 
-    labels = AgglomerativeClustering(
-        n_clusters=None, distance_threshold=distance, metric="cosine", linkage="average"
-    ).fit_predict(emb)
+    # scipy's average linkage on cosine distances, cut where a merge would pass `distance`
+    labels = fcluster(linkage(emb, method="average", metric="cosine"), t=distance, criterion="distance")
     groups: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
         groups.setdefault(int(lab), []).append(i)
@@ -187,7 +181,6 @@ def run_consolidate(
     *,
     embed: Embed,
     count_tokens: CountTokens,
-    summarize: Summarize | None = None,
     dup_threshold: float = DUP_THRESHOLD,
     topic_distance: float = TOPIC_DISTANCE,
     flow_run_id: str | None = None,
@@ -267,11 +260,8 @@ def run_consolidate(
                     f" part {part + 1}/{len(spans)}" if len(spans) > 1 else ""
                 )
                 head = f"{label} ({_date(kids[0]['event_time'])}), {speakers}:"
-                if summarize is not None:
-                    body = summarize(texts)
-                else:
-                    k = min(len(kids), max(2, math.ceil(len(kids) / 8)))
-                    body = " ".join(texts[i] for i in extractive_summary(texts, kemb, k))
+                k = min(len(kids), max(2, math.ceil(len(kids) / 8)))
+                body = " ".join(texts[i] for i in extractive_summary(texts, kemb, k))
                 node = _node(
                     namespace,
                     1,
