@@ -104,6 +104,11 @@ def cmd_stats(args: argparse.Namespace) -> dict[str, Any]:
         "home": str(store.home),
         "total": store.counts(args.namespace),
         "namespaces": {ns: store.counts(ns) for ns in namespaces},
+        # instruction-like memories (tasks.injection): what the prompt quotes with a warning or holds out
+        "flagged_memories": [
+            {**r, "event_time": str(r["event_time"]) if r["event_time"] else None, "text": r["text"][:200]}
+            for r in store.flagged(args.namespace, limit=20).to_pylist()
+        ],
     }
 
 
@@ -169,7 +174,14 @@ def render_stats(r: dict[str, Any]) -> str:
     for ns, c in r["namespaces"].items():
         levels = ", ".join(f"{k}: {v}" for k, v in c["memories_by_level"].items())
         lines.append(
-            f"  {ns}: {c['events']} events, {c['memories']} memories ({levels}), {c['quarantine']} quarantined"
+            f"  {ns}: {c['events']} events, {c['memories']} memories ({levels}), {c['quarantine']} quarantined, "
+            f"{c.get('flagged', 0)} flagged instruction-like"
+        )
+    for f in r.get("flagged_memories", []):
+        lines.append(
+            textwrap.shorten(
+                f"  ! flagged [{f['namespace']} {f['id']} L{f['level']} {f['flag']}] {f['text']}", 160
+            )
         )
     t = r["total"]
     lines.append(

@@ -257,6 +257,23 @@ PAGE = """<!doctype html>
 """
 
 
+def flagged_panel(store: MemoryStore, namespace: str | None) -> str:
+    """The memories the injection detector flagged (HTML-escaped text), or why the panel is empty."""
+    rows = store.flagged(namespace, limit=15).to_pylist()
+    title = "<h3>Instruction-like memories (flagged)</h3>"
+    if not rows:
+        return f"{title}<p class='sub'>No memory reads as an instruction: nothing is quoted with a warning or held out.</p>"
+    body = "".join(
+        f"<tr><td>{html.escape(r['namespace'])}</td><td>L{r['level']}</td><td>{html.escape(r['flag'])}</td>"
+        f"<td>{html.escape((r['text'] or '')[:160])}</td></tr>"
+        for r in rows
+    )
+    return (
+        f"{title}<table><tr><th>namespace</th><th>level</th><th>why</th><th>text (quoted, never followed)</th></tr>"
+        f"{body}</table>"
+    )
+
+
 def _cards(store: MemoryStore, namespace: str | None, runs: list[dict[str, Any]]) -> str:
     summary = queries.memory_summary(store, namespace)
     failed = sum(r["status"] != "ok" for r in runs)
@@ -266,6 +283,7 @@ def _cards(store: MemoryStore, namespace: str | None, runs: list[dict[str, Any]]
         (summary["namespaces"], "namespaces"),
         (len(runs), "stage runs"),
         (failed, "failed runs"),
+        (store.counts(namespace).get("flagged", 0), "flagged instruction-like"),
         (f"{last:%Y-%m-%d %H:%M}" if last else "never", "last run (UTC)"),
     ]
     return "".join(f"<div class='card'><b>{html.escape(str(v))}</b><span>{k}</span></div>" for v, k in cards)
@@ -287,7 +305,7 @@ def write_report(store: MemoryStore, out: Path | str, *, namespace: str | None =
         home=html.escape(str(store.home)),
         when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         cards=_cards(store, namespace, runs),
-        plots="".join(f"<div class='plot'>{p}</div>" for p in plots),
+        plots="".join(f"<div class='plot'>{p}</div>" for p in [*plots, flagged_panel(store, namespace)]),
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,45 @@ class GenerationResult:
         }
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Engine-independent answer controls: stop strings and a repetition guard.
+
+    `stop`: the answer ends before the first of these strings (a next speaker tag, a new question).
+    `repetition_penalty` (CTRL-style, > 1 discourages) and `no_repeat_ngram` (an n-gram of the answer
+    may not occur twice) look at the answer's own tokens only, never the prompt's: an answer must be
+    free to copy the evidence it quotes. Engines without a guard of their own apply `stop_at` and
+    `tasks.generate.clean_answer` afterwards.
+    """
+
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+
+    def stop_at(self, text: str) -> int | None:
+        cuts = [i for i in (text.find(s) for s in self.stop if s) if i >= 0]
+        return min(cuts) if cuts else None
+
+    def guard(self, logits: Any, out: Sequence[int]) -> Any:
+        """`logits` of the next token with the repetition guard applied (a copy when changed)."""
+        if not out or (self.repetition_penalty == 1.0 and self.no_repeat_ngram <= 0):
+            return logits
+        logits = logits.clone()
+        if self.repetition_penalty != 1.0:
+            seen = list(set(out))
+            vals = logits[seen]
+            logits[seen] = vals.where(vals < 0, vals / self.repetition_penalty).where(
+                vals >= 0, vals * self.repetition_penalty
+            )
+        n = self.no_repeat_ngram
+        if n > 0 and len(out) >= n:
+            head = tuple(out[-(n - 1) :]) if n > 1 else ()
+            banned = [out[i + n - 1] for i in range(len(out) - n + 1) if tuple(out[i : i + n - 1]) == head]
+            if banned:
+                logits[banned] = float("-inf")
+        return logits
+
+
 class Generator(ABC):
     """An answer engine. Implementations hold their model (or client) and are reused across calls."""
 
@@ -82,6 +121,7 @@ class TransformersGenerator(Generator):
     """A causal LM in-process, greedy (or sampled) decoding with the prefix KV cache of `gpu.kv_cache`."""
 
     name = "transformers"
+    supports_options = True  # `generate(..., options=GenerationOptions(...))`
 
     def __init__(self, model: Any, tokenizer: Any = None, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         from memstage.gpu.kv_cache import PrefixKVCache
@@ -125,18 +165,23 @@ class TransformersGenerator(Generator):
         temperature: float = 0.0,
         on_text: OnText | None = None,
         use_cache: bool = True,
+        options: GenerationOptions | None = None,
     ) -> GenerationResult:
         start = time.perf_counter()
+        opts = options or GenerationOptions()
         ids = self.prompt_ids(messages)
         pieces: list[str] = []
 
-        def emit(out_ids: list[int]) -> None:
+        def emit(out_ids: list[int]) -> bool:
             text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            cut = opts.stop_at(text)
+            text = text[:cut] if cut is not None else text
             done = "".join(pieces)
             if len(text) > len(done) and not text.endswith("\ufffd"):  # wait out split multi-byte chars
                 pieces.append(text[len(done) :])
                 if on_text is not None:
                     on_text(pieces[-1])
+            return cut is not None
 
         out, stats = self.generate_ids(
             ids,
@@ -145,8 +190,12 @@ class TransformersGenerator(Generator):
             use_cache=use_cache,
             on_token=emit,
             start=start,
+            options=opts,
         )
         text = self.tokenizer.decode(out, skip_special_tokens=True)
+        cut = opts.stop_at(text)
+        if cut is not None:
+            text, stats.finish_reason = text[:cut], "stop"
         if on_text is not None and len(text) > len("".join(pieces)):
             on_text(text[len("".join(pieces)) :])
         stats.text = text
@@ -159,10 +208,14 @@ class TransformersGenerator(Generator):
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         use_cache: bool = True,
-        on_token: Callable[[list[int]], None] | None = None,
+        on_token: Callable[[list[int]], bool | None] | None = None,
         start: float | None = None,
+        options: GenerationOptions | None = None,
     ) -> tuple[list[int], GenerationResult]:
-        """Token-level generation: the new token ids and the timing; `use_cache=False` bypasses reuse."""
+        """Token-level generation: the new token ids and the timing; `use_cache=False` bypasses reuse.
+
+        `on_token` sees the ids so far and returns True to stop there (a stop string was produced);
+        `options` adds the repetition guard (penalty and no-repeat n-grams over the answer's own tokens)."""
         import torch
         from memstage.gpu.kv_cache import PrefixMatch
 
@@ -180,7 +233,8 @@ class TransformersGenerator(Generator):
             cache = match.dynamic_cache(self.num_layers, reserve=max_new_tokens)
             x = torch.tensor([list(prompt_ids[match.length :])], device=self.device)
             logits = self.model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            tok = self._pick(logits[0, -1], temperature)
+            opts = options or GenerationOptions()
+            tok = self._pick(opts.guard(logits[0, -1], []), temperature)
             sync()
             ttft = time.perf_counter() - start
             if use_cache:  # the prompt's KV is now in the layers' buffers; the tree copies the new span
@@ -192,13 +246,14 @@ class TransformersGenerator(Generator):
                     finish = "stop"
                     break
                 out.append(tok)
-                if on_token is not None:
-                    on_token(out)
+                if on_token is not None and on_token(out):
+                    finish = "stop"
+                    break
                 if len(out) >= max_new_tokens:
                     break
                 x = torch.tensor([[tok]], device=self.device)
                 logits = self.model(input_ids=x, past_key_values=cache, use_cache=True).logits
-                tok = self._pick(logits[0, -1], temperature)
+                tok = self._pick(opts.guard(logits[0, -1], out), temperature)
             sync()
         total = time.perf_counter() - start
         return out, GenerationResult(

@@ -100,11 +100,16 @@ class MemoryServices:
         return self.retriever.retrieve(namespace, question, budget, **options)
 
     def answer(self, retrieval: dict[str, Any], engine: str | None = None, **options: Any) -> dict[str, Any]:
+        from memstage.tasks.forget import load_policy
         from memstage.tasks.generate import STANDING_BUDGET, answer_question, standing_block
 
+        if "flagged" not in options:  # instruction-like memories: quoted with a warning, or held out
+            options["flagged"] = load_policy(self.store, retrieval["namespace"])["flagged"]
         if "standing" not in options:  # the namespace's stable block goes first, so its KV cache is reused
             memories = self.store.memories(retrieval["namespace"])
-            options["standing"] = standing_block(memories, STANDING_BUDGET, self.counter.count)
+            options["standing"] = standing_block(
+                memories, STANDING_BUDGET, self.counter.count, flagged=options["flagged"]
+            )
         return answer_question(self.generator(engine), retrieval, **options)
 
 

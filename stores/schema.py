@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TS = pa.timestamp("us", tz="UTC")
 
@@ -51,6 +51,8 @@ MEMORIES = pa.schema(
         ("metadata", pa.string()),  # JSON object
         ("created_at", TS),
         ("updated_at", TS),
+        # instruction-like text (tasks.injection): comma-joined reasons, "" when clean, null if never scanned
+        ("flag", pa.string()),
     ]
 )
 
@@ -161,4 +163,7 @@ def create_table_sql(name: str) -> str:
 
 # Each migration takes the store from version N-1 to N. Version 1 is the initial layout, created
 # by create_table_sql; later versions append (from_version, [sql, ...]) here and bump SCHEMA_VERSION.
-MIGRATIONS: list[tuple[int, list[str]]] = []
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    # 2: memories.flag (instruction-like memories); rows stored before it read null until rescanned
+    (2, ["ALTER TABLE memories ADD COLUMN IF NOT EXISTS flag VARCHAR"]),
+]

@@ -383,7 +383,33 @@ class MemoryStore:
             f"SELECT level, status, count(*) AS n FROM memories {ns_where} GROUP BY ALL ORDER BY ALL", params
         ).to_pylist()
         out["memories_by_level"] = {f"L{r['level']}/{r['status']}": r["n"] for r in levels}
+        out["flagged"] = (
+            self.query(
+                f"SELECT count(*) AS n FROM memories {ns_where} {'AND' if ns_where else 'WHERE'} "
+                "coalesce(flag, '') <> '' AND status = 'active' AND valid_to IS NULL",
+                params,
+            )
+            .column("n")[0]
+            .as_py()
+        )
         return out
+
+    def flagged(self, namespace: str | None = None, limit: int = 100) -> pa.Table:
+        """Active, current memories the injection detector flagged: id, level, flag, text (newest first)."""
+        where, params = ("AND namespace = ?", [validate_namespace(namespace)]) if namespace else ("", [])
+        return self.query(
+            f"""SELECT namespace, id, level, flag, text, event_time FROM memories
+                WHERE coalesce(flag, '') <> '' AND status = 'active' AND valid_to IS NULL {where}
+                ORDER BY event_time DESC NULLS LAST, id LIMIT ?""",
+            [*params, int(limit)],
+        )
+
+    def unscanned_memories(self, namespace: str) -> pa.Table:
+        """Memories stored before the flag column existed (flag null): what the index stage scans once."""
+        return self.query(
+            "SELECT * FROM memories WHERE namespace = ? AND flag IS NULL ORDER BY id",
+            [validate_namespace(namespace)],
+        )
 
     # ---- index artifacts ---------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import CountTokens, StageResult, make_op, memories_table, ops_table, timed
+from memstage.tasks.injection import flag_text
 
 COMPRESS_VERSION = 1
 
@@ -347,6 +348,7 @@ def run_compress(
                 "embedding": None,
                 "metadata": json.dumps(meta, sort_keys=True),
                 "updated_at": at,
+                "flag": flag_text(text),  # a shorter text is scanned again
             }
             rows.append(new)
             ops.append(

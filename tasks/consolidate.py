@@ -34,6 +34,7 @@ from memstage.tasks.contract import (
     timed,
 )
 from memstage.tasks.index import embed_missing
+from memstage.tasks.injection import node_flag
 
 DUP_THRESHOLD = 0.95
 MAX_EPISODE = 40  # turns; longer sessions are split at their weakest topic boundary
@@ -172,6 +173,8 @@ def _node(
         "metadata": None,
         "created_at": at,
         "updated_at": at,
+        # its own text scanned, and "carried" when a child is flagged: a summary does not launder an injection
+        "flag": node_flag(text, (c.get("flag") for c in children)),
     }
 
 
@@ -324,7 +327,7 @@ def run_consolidate(
             if n["id"] in retexted:
                 keep = {k: v for k, v in keep.items() if k not in ("embedding", "tokens")}
             merged = {**n, **keep}
-            fields = ("text", "parent", "status", "event_ids", "valid_to", "superseded_by")
+            fields = ("text", "parent", "status", "event_ids", "valid_to", "superseded_by", "flag")
             if any(merged[f] != old[f] for f in fields):
                 change(merged, "update", "children or their text changed")
         wanted = {n["id"] for n in nodes}

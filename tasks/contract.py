@@ -109,7 +109,12 @@ def ops_table(ops: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def memories_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=MEMORIES)
+    """Memory rows as a table; a row that carries no `flag` is scanned here (tasks.injection), so no
+    stage stores a memory unscanned."""
+    from memstage.tasks.injection import flag_text
+
+    rows = [r if r.get("flag") is not None else {**r, "flag": flag_text(r.get("text") or "")} for r in rows]
+    return pa.Table.from_pylist(rows, schema=MEMORIES)
 
 
 def commit_memory_changes(store: Any, rows: Sequence[dict[str, Any]], ops: Sequence[dict[str, Any]]) -> int:

@@ -32,7 +32,11 @@ DEFAULT_POLICY: dict[str, Any] = {
     "capacity": None,  # at most this many active level-0 memories; the lowest-R beyond it archived
     "strength_days": 30.0,  # S of a never-used memory of importance 0.5
     "clock": "wall",  # "wall", or "latest_event": ages counted from the namespace's newest event (replays)
+    # memories flagged instruction-like (tasks.injection) in prompts: "quote" (shown with a warning, the
+    # flagged sentences withheld) or "hold" (left out of prompts)
+    "flagged": "quote",
 }
+FLAGGED_CHOICES = ("quote", "hold")
 # ---- policies --------------------------------------------------------------------------------
 
 
@@ -61,6 +65,8 @@ def save_policy(store: MemoryStore, namespace: str, policy: dict[str, Any]) -> d
     unknown = set(policy) - set(DEFAULT_POLICY)
     if unknown:
         raise ForgetError(f"unknown policy keys {sorted(unknown)}; known: {sorted(DEFAULT_POLICY)}")
+    if "flagged" in policy and policy["flagged"] not in FLAGGED_CHOICES:
+        raise ForgetError(f"flagged must be one of {FLAGGED_CHOICES}, got {policy['flagged']!r}")
     path = _policy_path(store)
     stored = json.loads(path.read_text()) if path.exists() else {}
     stored.setdefault("namespaces", {}).setdefault(namespace, {}).update(policy)

@@ -26,12 +26,14 @@ from memstage.tasks.contract import (
     CountTokens,
     Embed,
     StageResult,
+    commit_memory_changes,
     content_hash,
     make_op,
     memories_table,
     ops_table,
     timed,
 )
+from memstage.tasks.injection import flag_text
 
 EMBED_CHUNK = 512
 
@@ -133,6 +135,7 @@ def level0_rows(
             "metadata": ev["metadata"],
             "created_at": at,
             "updated_at": at,
+            "flag": flag_text(text),  # instruction-like turns are marked at ingest (tasks.injection)
         }
         rows.append(row)
         ops.append(
@@ -182,8 +185,33 @@ def materialise_level0(
         new, texts = new_level0_events(store, namespace)
         rows, ops = level0_rows(namespace, new, texts, count_tokens=count_tokens, flow_run_id=flow_run_id)
         result.changed = insert_memories(store, rows, ops)
-    result.figures = {"level0_created": result.changed}
+        rescanned = scan_unscanned(store, namespace, flow_run_id=flow_run_id)
+    result.figures = {"level0_created": result.changed, "flags_scanned": rescanned}
+    result.changed += rescanned
     return result
+
+
+def scan_unscanned(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> int:
+    """Memories stored before the detector existed (flag null) get their flag, once, with an `ops` row each."""
+    old = store.unscanned_memories(namespace).to_pylist()
+    at, rows, ops = now_utc(), [], []
+    for m in old:
+        new = {**m, "flag": flag_text(m["text"])}
+        rows.append(new)
+        ops.append(
+            make_op(
+                namespace=namespace,
+                memory_id=m["id"],
+                stage="index",
+                action="update",
+                before=m,
+                after=new,
+                reason="injection scan of a memory stored before flags existed",
+                flow_run_id=flow_run_id,
+                at=at,
+            )
+        )
+    return commit_memory_changes(store, rows, ops)
 
 
 def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], list[str]]:

@@ -248,7 +248,7 @@ class Retriever:
                 f"namespace {namespace!r} has no index yet; run `memstage run index --namespace {namespace}`"
             )
         rows = self.store.query(
-            """SELECT m.id, m.level, m.text, m.tokens, m.event_ids, m.session, m.event_time, m.speaker, m.parent,
+            """SELECT m.id, m.level, m.text, m.tokens, m.event_ids, m.session, m.event_time, m.speaker, m.parent, m.flag,
                       min(e.seq) AS seq, list(e ORDER BY e.seq) FILTER (WHERE e.id IS NOT NULL) AS events,
                       list(json_extract_string(e.metadata, '$.dia_id')) FILTER (WHERE e.id IS NOT NULL) AS dia_ids
                FROM memories m LEFT JOIN events e ON e.namespace = m.namespace AND list_contains(m.event_ids, e.id)
@@ -419,6 +419,8 @@ class Retriever:
                     "dia_ids": [d for d in (row["dia_ids"] or []) if d],
                     "session": row["session"],
                     "event_time": row["event_time"].isoformat() if row["event_time"] else None,
+                    "speaker": row["speaker"],
+                    "flag": row["flag"] or "",  # instruction-like (tasks.injection): quoted or held out
                 }
             )
         return {

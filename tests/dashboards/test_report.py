@@ -66,6 +66,7 @@ def test_report_draws_every_plot(report_store, tmp_path):
         assert fetch not in page  # self-contained: nothing to load from anywhere
     for title in ("Memories over time", "Stage durations", "Compression", "Forgotten", "recall", "KV cache"):
         assert title in page
+    assert "Instruction-like memories" in page and "nothing is quoted with a warning" in page  # none flagged
 
 
 def test_report_on_empty_store_says_what_is_missing(store, tmp_path):

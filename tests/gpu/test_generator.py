@@ -176,13 +176,13 @@ def test_prompt_layout_is_stable_first_and_ignores_scores() -> None:
 
     a = {"question": "Q1?", "memories": [mem("b", "2023-02-01", 0.9), mem("a", "2023-01-01", 0.1)]}
     b = {"question": "Q2?", "memories": [mem("a", "2023-01-01", 0.8), mem("c", "2023-03-01", 0.7)]}
-    ma, mb = build_messages(a, standing="- profile"), build_messages(b, standing="- profile")
-    assert ma[0] == mb[0] and "- profile" in ma[0]["content"]  # system + standing block: identical
+    ma, mb = build_messages(a, standing="[s1] profile"), build_messages(b, standing="[s1] profile")
+    assert ma[0] == mb[0] and "profile" not in ma[0]["content"]  # system: instructions only, identical
     ua, ub = ma[1]["content"], mb[1]["content"]
-    assert ua.index("memory a") < ua.index("memory b")  # by event time, not by score
+    assert ua.index("[s1] profile") < ua.index("memory a") < ua.index("memory b")  # by event time, not score
     assert ua.rstrip().endswith("Question: Q1?\nAnswer:")
     shared = len(os.path.commonprefix([ua, ub]))
-    assert "memory a\n" in ua[:shared]  # consecutive questions share the common evidence
+    assert 'memory a"\n' in ua[:shared]  # consecutive questions share the standing block and common evidence
 
 
 def test_evidence_window_is_append_only_until_full() -> None:
@@ -195,7 +195,7 @@ def test_evidence_window_is_append_only_until_full() -> None:
     second = build_messages(
         {"question": "Q2?", "memories": [mem("c", "2023-00", 0.9), mem("a", "2023-01", 0.5)]}, window=w
     )
-    evidence = first[1]["content"].split("\n\nQuestion")[0]
+    evidence = first[1]["content"].split("\n</memories")[0]
     assert second[1]["content"].startswith(evidence)  # earlier evidence kept in place, new appended
     assert [m["memory_id"] for m in w.items] == ["a", "b", "c"] and w.tokens == 30
     build_messages({"question": "Q3?", "memories": [mem("d", "2023-04", 0.9)]}, window=w)
@@ -214,7 +214,7 @@ def test_standing_block_by_level_and_importance_within_budget() -> None:
         {"id": "r1", "level": 0, "text": "raw turn", "tokens": 1, "importance": 1.0, "access_count": 99, "event_time": None},
     ]  # fmt: skip
     block = standing_block(pa.Table.from_pylist(rows), budget=10, count_tokens=len)
-    assert block == "- topic one\n- session one"  # access counts ignored: they change every query
+    assert block == '[s1] "topic one"\n[s2] "session one"'  # access counts ignored: they change every query
     assert standing_block(pa.Table.from_pylist(rows[3:]), budget=10, count_tokens=len) == ""
 
 
@@ -225,10 +225,10 @@ def test_answer_question_reports_usage() -> None:
         name = "echo"
 
         def generate(self, messages, *, max_tokens, temperature, on_text=None):
-            return GenerationResult("  yes ", 120, 100, 2, 0.01, 0.02)
+            return GenerationResult("  yes [m1]\nBob: and more ", 120, 100, 2, 0.01, 0.02)
 
     out = answer_question(Echo(), {"question": "Q?", "memories": [mem("a", "2023-01-01", 1.0)]})
-    assert out["answer"] == "yes"
+    assert out["answer"] == "yes [m1]" and out["citations"] == ["a"]  # cut at the next speaker tag
     assert set(out["usage"]) >= {"prompt_tokens", "cached_tokens", "ttft_ms", "total_ms", "tokens_per_s"}
     with pytest.raises(ValueError):
         answer_question(Echo(), {"question": " ", "memories": []})
