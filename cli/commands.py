@@ -19,8 +19,22 @@ DEMO_QUESTIONS = [
 ]
 
 
+INGEST_EXIT_CODES = """exit status:
+  0  every record stored (or already stored)
+  3  the run completed, but some records were quarantined (`memstage stats` counts them)
+  2  user error: missing file, a directory, unknown or unreadable format, bad namespace; printed
+     as one line, no traceback, before Prefect or Ray start
+  1  internal error"""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="ingest a file of turns or documents, then index it")
+    p = sub.add_parser(
+        "ingest",
+        help="ingest a file of turns or documents, then index it",
+        description="Ingest a file of turns or documents, then index it.",
+        epilog=INGEST_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("path", type=Path, help="the file: .jsonl, LoCoMo .json or .parquet")
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: from the file)")
     p.add_argument(
@@ -29,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="jsonl/parquet: namespace of records that name none; locomo: prefix of each conversation's namespace",
     )
     add_common(p)
-    p.set_defaults(run=cmd_ingest, render=render_ingest)
+    p.set_defaults(run=cmd_ingest, render=render_ingest, exit_status=ingest_exit_status)
 
     for name, helptext, handler, renderer in (
         (
@@ -72,8 +86,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.stores.store import NamespaceError, validate_namespace
+    from memstage.tasks.ingest import IngestError, check_input
+
+    try:  # everything a user can get wrong, before Prefect or Ray start (seconds) and without a traceback
+        check_input(args.path, args.format)
+        if args.namespace is not None:
+            validate_namespace(args.namespace)
+    except (IngestError, NamespaceError) as exc:
+        raise UserError(str(exc)) from None
     from memstage.flows.ingest import run_ingest
-    from memstage.tasks.ingest import IngestError
 
     try:
         return run_ingest(
@@ -81,6 +103,10 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
         )
     except IngestError as exc:
         raise UserError(str(exc)) from exc
+
+
+def ingest_exit_status(result: dict[str, Any]) -> int:
+    return 3 if result.get("quarantined") else 0
 
 
 def cmd_retrieve(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Each command module in COMMAND_MODULES has `register(subparsers)`, which adds its subcommands with
 `set_defaults(run=handler, render=renderer)`; a handler takes the parsed args and returns a dict.
 With `--json`, stdout carries exactly one JSON object: everything else any library prints is moved
-to stderr for the duration of the command.
+to stderr for the duration of the command. Exit status: 0 done; 2 a user error (one line on stderr,
+no traceback); 1 an internal error; a command may set `exit_status` (ingest: 3 when some records
+were quarantined).
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             render = getattr(args, "render", None)
             out.write((render(result) if render else json.dumps(result, indent=2, default=str)) + "\n")
         out.flush()
-    return 0
+    status = getattr(args, "exit_status", None)  # e.g. ingest: 3 when records were quarantined
+    return status(result) if status else 0
 
 
 def _error(args: argparse.Namespace, out: Any, exc: BaseException) -> None:

@@ -1,6 +1,6 @@
 """Ingest: raw turns and documents in, validated and normalised into `events`, bad records into `quarantine`.
 
-Formats: `jsonl` (one turn per line), `locomo` (the LoCoMo benchmark's file: one namespace per
+Readers in tasks/readers.py. Formats: `jsonl` (one turn per line), `locomo` (the LoCoMo benchmark's file: one namespace per
 conversation), `parquet` (the jsonl columns), and `auto`, which picks by extension and content.
 Ids are content hashes, so ingesting the same file twice stores nothing new. A bad record never
 stops the others: it is kept in `quarantine` with the reason, and the run reports it.
@@ -12,147 +12,41 @@ import functools
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from memstage.stores.schema import EVENTS, QUARANTINE
-from memstage.stores.store import MemoryStore, NamespaceError, now_utc, to_json, validate_namespace
+from memstage.stores.store import MemoryStore, NamespaceError, now_utc, validate_namespace
 from memstage.tasks.contract import StageResult, content_hash, timed
+from memstage.tasks.readers import (  # noqa: F401 - FORMATS, IngestError, detect_format: this module's API too
+    FORMATS,
+    RECORD_ERRORS,
+    IngestError,
+    RawRecord,
+    check_input,
+    clean_text,
+    describe,
+    detect_format,
+    read_records,
+)
 
-FORMATS = ("auto", "jsonl", "locomo", "parquet")
 MAX_TEXT_CHARS = 100_000  # longer than any turn or page a person writes; bigger is a broken record
-MAX_LINE_BYTES = 1_000_000
 DEFAULT_SESSION = "default"
 
 
-class IngestError(Exception):
-    """The input as a whole cannot be read (missing file, unknown format); single bad records are quarantined."""
+SEQ_LIMIT = 2**62  # an int64 column, with room for the next position after it
+MAX_METADATA_CHARS = 100_000
 
 
-@dataclass
-class RawRecord:
-    record_no: int  # line number (jsonl), row number (parquet) or turn position (locomo), from 1
-    raw: str  # the record as read, for the quarantine row
-    value: dict[str, Any] | None  # parsed record, or None when it could not be parsed
-    error: str | None = None
-
-
-# ---- reading ---------------------------------------------------------------------------------
-
-
-def detect_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix == ".json":
-        with path.open("rb") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith((b"[", b"{")) and (b'"conversation"' in head or b'"qa"' in head):
-            return "locomo"
-        raise IngestError(
-            f"{path}: a .json file that is not in LoCoMo format; use --format jsonl for one turn per line"
-        )
-    raise IngestError(
-        f"{path}: cannot tell the format from the extension {suffix!r}; pass --format jsonl|locomo|parquet"
-    )
-
-
-def read_jsonl(path: Path) -> Iterator[RawRecord]:
-    with path.open("rb") as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            raw = line.decode("utf-8", errors="replace").rstrip("\n")
-            if len(line) > MAX_LINE_BYTES:
-                yield RawRecord(no, raw[:4096], None, f"line of {len(line)} bytes exceeds {MAX_LINE_BYTES}")
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield RawRecord(no, raw, None, f"invalid UTF-8 at byte {exc.start}")
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(no, raw, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
-                continue
-            if not isinstance(value, dict):
-                yield RawRecord(no, raw, None, f"expected a JSON object, got {type(value).__name__}")
-                continue
-            yield RawRecord(no, raw, value)
-
-
-def read_parquet(path: Path) -> Iterator[RawRecord]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise IngestError(f"{path}: not a readable Parquet file ({exc})") from exc
-    for no, row in enumerate(table.to_pylist(), start=1):
-        yield RawRecord(no, to_json(row), row)
-
-
-_SESSION_KEY = re.compile(r"^session_(\d+)$")
+# ---- validation ------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4096)  # every turn of a session carries the same stamp
 def parse_locomo_time(text: str) -> datetime:
     """'1:56 pm on 8 May, 2023' -> 2023-05-08 13:56 UTC."""
     return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=UTC)
-
-
-def read_locomo(path: Path, namespace_prefix: str | None) -> Iterator[RawRecord]:
-    try:
-        samples = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IngestError(f"{path}: not a readable LoCoMo JSON file ({exc})") from exc
-    if not isinstance(samples, list):
-        samples = [samples]
-    no = 0
-    for sample in samples:
-        sample_id = str(sample.get("sample_id", "")) if isinstance(sample, dict) else ""
-        conv = sample.get("conversation") if isinstance(sample, dict) else None
-        namespace = f"{namespace_prefix}-{sample_id}" if namespace_prefix else sample_id
-        if not isinstance(conv, dict):
-            no += 1
-            yield RawRecord(
-                no, to_json(sample)[:4096], None, f"sample {sample_id!r} has no conversation object"
-            )
-            continue
-        sessions = sorted((int(m.group(1)), k) for k in conv if (m := _SESSION_KEY.match(k)))
-        for session_no, key in sessions:
-            stamp = conv.get(f"{key}_date_time")
-            for seq, turn in enumerate(conv[key] or [], start=1):
-                no += 1
-                if not isinstance(turn, dict):
-                    yield RawRecord(
-                        no, to_json(turn)[:4096], None, f"{sample_id} {key} turn {seq} is not an object"
-                    )
-                    continue
-                meta = {k: turn[k] for k in ("dia_id", "blip_caption", "img_url", "query") if k in turn}
-                meta["sample_id"] = sample_id
-                value = {
-                    "namespace": namespace,
-                    "session": key,
-                    "seq": seq,
-                    "speaker": turn.get("speaker"),
-                    "text": turn.get("text"),
-                    "time": stamp,
-                    "id": turn.get("dia_id"),
-                    "metadata": meta,
-                    "_time_format": "locomo",
-                    "_session_no": session_no,
-                }
-                yield RawRecord(no, to_json(turn), value)
-
-
-# ---- validation ------------------------------------------------------------------------------
 
 
 def _parse_time(value: Any, fmt: str | None) -> datetime | None:
@@ -211,27 +105,51 @@ def validate(record: dict[str, Any], default_namespace: str | None) -> dict[str,
         raise ValueError(f"metadata must be an object, got {type(metadata).__name__}")
     try:
         event_time = _parse_time(record.get("time"), record.get("_time_format"))
-    except (ValueError, OverflowError, OSError) as exc:
-        raise ValueError(f"unparsable time {record.get('time')!r}: {exc}") from None
+    except (*RECORD_ERRORS, OSError) as exc:
+        raise ValueError(f"unparsable time {str(record.get('time'))[:100]!r}: {describe(exc)}") from None
     seq = record.get("seq")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
         raise ValueError(f"seq must be an integer, got {type(seq).__name__}")
-    return {
+    if seq is not None and not -SEQ_LIMIT < seq < SEQ_LIMIT:
+        raise ValueError(f"seq outside the range +-2**62 ({len(str(seq))} digits)")
+    source_id = record.get("id")
+    ev = {
         "namespace": namespace,
         "session": str(session),
         "seq": seq,
         "speaker": speaker or "unknown",
         "text": text,
         "event_time": event_time,
-        "metadata": metadata,
-        "source_id": record.get("id"),
+        "metadata": _metadata_json(metadata),
+        "source_id": None if source_id is None else str(source_id),
     }
+    for field in ("session", "speaker", "source_id"):
+        if ev[field] is not None and _SURROGATE.search(ev[field]):
+            raise ValueError(f"{field} is not valid UTF-8 (lone surrogate characters)")
+    if ev["source_id"] is not None and len(ev["source_id"]) > 1000:
+        raise ValueError(f"id of {len(ev['source_id'])} characters exceeds 1000")
+    return ev
+
+
+def _metadata_json(metadata: dict[str, Any]) -> str:
+    """The metadata as a JSON string; too deep, non-finite numbers or lone surrogates are errors."""
+    try:
+        text = json.dumps(metadata, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
+    except RecursionError:
+        raise ValueError("metadata nested too deeply") from None
+    except ValueError as exc:  # NaN / Infinity (a JSON number too big for a float), or a huge integer
+        raise ValueError(f"metadata holds a number JSON cannot store: {str(exc)[:100]}") from None
+    if len(text) > MAX_METADATA_CHARS:
+        raise ValueError(f"metadata of {len(text)} characters exceeds {MAX_METADATA_CHARS}")
+    if _SURROGATE.search(text):
+        raise ValueError("metadata is not valid UTF-8 (lone surrogate characters)")
+    return text
 
 
 def event_id(ev: dict[str, Any]) -> str:
     """Content hash: an explicit source id wins; else the turn itself, its position only when it has no time."""
     if ev["source_id"] is not None:
-        return content_hash(ev["namespace"], "id", str(ev["source_id"]), ev["text"])
+        return content_hash(ev["namespace"], "id", ev["source_id"], ev["text"])
     position = None if ev["event_time"] is not None else ev["seq"]
     return content_hash(ev["namespace"], ev["session"], ev["speaker"], ev["text"], ev["event_time"], position)
 
@@ -254,18 +172,19 @@ def normalise(
         if error is None:
             try:
                 ev = validate(rec.value or {}, default_namespace)
-            except ValueError as exc:
-                error = str(exc)
+            except RECORD_ERRORS as exc:  # anything one record raises is that record's, never the file's
+                error = str(exc) if isinstance(exc, ValueError) else describe(exc)
         if ev is None:
             ns = (rec.value or {}).get("namespace") if isinstance(rec.value, dict) else None
+            raw = clean_text(rec.raw[:4096])
             bad.append(
                 {
-                    "id": content_hash(source, rec.record_no, rec.raw),
-                    "namespace": ns if isinstance(ns, str) else (default_namespace or ""),
+                    "id": content_hash(source, rec.record_no, raw),
+                    "namespace": clean_text(ns[:200]) if isinstance(ns, str) else (default_namespace or ""),
                     "source": source,
                     "record_no": rec.record_no,
-                    "raw": rec.raw[:4096],
-                    "reason": f"record {rec.record_no} of {source}: {error}",
+                    "raw": raw,
+                    "reason": clean_text(f"record {rec.record_no} of {source}: {error}"[:1000]),
                     "flow_run_id": flow_run_id,
                     "at": at,
                 }
@@ -287,7 +206,7 @@ def normalise(
                 "text": ev["text"],
                 "event_time": ev["event_time"],
                 "source": source,
-                "metadata": to_json(ev["metadata"]),
+                "metadata": ev["metadata"],
                 "ingested_at": at,
             },
         )
@@ -297,19 +216,6 @@ def normalise(
     )
 
 
-def read_records(path: Path, fmt: str, namespace: str | None) -> Iterator[RawRecord]:
-    if not path.exists():
-        raise IngestError(f"{path}: no such file")
-    if fmt not in FORMATS:
-        raise IngestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "jsonl":
-        return read_jsonl(path)
-    if fmt == "parquet":
-        return read_parquet(path)
-    return read_locomo(path, namespace)
-
-
 def parse_file(
     path: Path, fmt: str = "auto", namespace: str | None = None, flow_run_id: str | None = None
 ) -> tuple[pa.Table, pa.Table]:
@@ -317,7 +223,7 @@ def parse_file(
     path = Path(path)
     if namespace is not None:
         validate_namespace(namespace)
-    fmt_used = detect_format(path) if fmt == "auto" else fmt
+    fmt_used = check_input(path, fmt)
     default_ns = None if fmt_used == "locomo" else namespace
     return normalise(
         read_records(path, fmt_used, namespace),
