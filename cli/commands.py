@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from memstage.cli.main import UserError, add_common, config_from
-from memstage.tasks.ingest import FORMATS
-from memstage.tasks.retrieve import DEFAULT_BUDGET
+
+from memstage.defaults import DEFAULT_BUDGET, FORMATS
 
 DEMO_QUESTIONS = [
     "Where does Maya live now?",
@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--namespace", required=True, help="whose memory to search (one tenant)")
         p.add_argument(
             "--budget", type=int, default=DEFAULT_BUDGET, help=f"token budget (default {DEFAULT_BUDGET})"
+        )
+        p.add_argument(
+            "--no-service",
+            action="store_true",
+            help="answer in this process even when a `memstage serve` of this data directory is running",
         )
         if name == "query":
             p.add_argument(
@@ -110,15 +115,73 @@ def ingest_exit_status(result: dict[str, Any]) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> dict[str, Any]:
-    from memstage.flows.query import run_query
-
-    return run_query(args.question, args.namespace, args.budget, config_from(args), answer=False)
+    return _query(args, answer=False)
 
 
 def cmd_query(args: argparse.Namespace) -> dict[str, Any]:
-    from memstage.flows.query import run_query
+    return _query(args, answer=True)
 
-    return run_query(args.question, args.namespace, args.budget, config_from(args), engine=args.engine)
+
+def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
+    """Warm: the `memstage serve` of this data directory answers (models loaded, ~1 s). Cold: this
+    process loads them, as a Prefect flow run when PREFECT_API_URL is set, else without Prefect."""
+    import os
+    import sys
+
+    from memstage.server.local import ServiceError, ask, find_service
+
+    config = config_from(args)
+    engine = getattr(args, "engine", None)
+    service = None if args.no_service else find_service(config.home)
+    if service is not None:
+        payload = {"question": args.question, "namespace": args.namespace, "budget": args.budget}
+        payload.update(answer=answer, engine=engine)
+        try:
+            result = ask(service, payload)
+        except ServiceError as exc:
+            if exc.status in (400, 404, 413, 422):
+                raise UserError(exc.args[0]) from None
+            print(f"memstage: the service at {service['url']} refused ({exc.status}: {exc}); "
+                  "answering in this process", file=sys.stderr)  # fmt: skip
+        except OSError as exc:
+            print(f"memstage: no answer from the service at {service['url']} ({exc}); "
+                  "answering in this process", file=sys.stderr)  # fmt: skip
+        else:
+            _say_warm(service, result)
+            return result
+    api = os.environ.get("PREFECT_API_URL")
+    print(
+        f"memstage: cold query: no `memstage serve` running for {config.home}, so this process loads the "
+        "models and indexes (10-15 s; `memstage serve` keeps them warm for ~1 s queries); "
+        + (f"the run goes to the Prefect server at {api}" if api else
+           "no PREFECT_API_URL, so no Prefect server is started: the run is recorded in the store "
+           "(memstage report) only"),
+        file=sys.stderr,
+    )  # fmt: skip
+    if api or config.use_ray(batch=False):
+        from memstage.flows.query import run_query
+
+        return run_query(args.question, args.namespace, args.budget, config, engine=engine, answer=answer)
+    from memstage.flows.query_steps import run_plain
+    from memstage.stores.store import MemoryStore
+
+    MemoryStore(config.home).require_namespace(args.namespace)
+    return run_plain(args.question, args.namespace, args.budget, config, engine=engine, answer=answer)
+
+
+def _say_warm(service: dict[str, Any], result: dict[str, Any]) -> None:
+    import os
+    import sys
+
+    served = result.get("served") or {}
+    where = f"the Prefect run {served['flow_run_id']}" if served.get("flow_run_id") else "the store's runs"
+    print(f"memstage: answered by the warm service at {service['url']} (pid {service['pid']}); "
+          f"recorded in {where}", file=sys.stderr)  # fmt: skip
+    api = os.environ.get("PREFECT_API_URL")
+    if api and served.get("prefect_api_url") != api:
+        print(f"memstage: note: the service reports to {served.get('prefect_api_url') or 'no Prefect server'}, "
+              f"not {api}: restart `memstage serve` with this PREFECT_API_URL to see its runs there",
+              file=sys.stderr)  # fmt: skip
 
 
 def cmd_stats(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from memstage.tasks.registry import STAGE_NAMES  # noqa: E402
 STAGE_COLOURS = dict(
     zip(["ingest", *STAGE_NAMES, "eval"], plt.get_cmap("tab10").colors, strict=False)  # type: ignore[attr-defined]
 )
+FORGET_BARS = 24  # hourly forget runs: the last day's, not every bar since the store began
 LEVEL_NAMES = {0: "raw turns (level 0)", 1: "sessions (level 1)", 2: "topics (level 2)"}
 
 
@@ -55,18 +56,22 @@ def _figure(title: str) -> tuple[plt.Figure, Any]:
 
 
 def _time_axis(ax: Any, times: list[datetime] | None = None) -> None:
-    if times and max(times) - min(times) < timedelta(minutes=10):
-        # one run (or a burst): matplotlib would stretch a zero-width date range over years
-        ax.set_xlim(min(times) - timedelta(minutes=10), max(times) + timedelta(minutes=10))
+    """Dates on x, the axis fitted to the points (a 6% margin, at least 30 s each side): two minutes of
+    runs fill the plot instead of sitting in the middle of a padded twenty-minute axis."""
+    if times:
+        lo, hi = min(times), max(times)
+        pad = max((hi - lo) * 0.06, timedelta(seconds=30))
+        ax.set_xlim(lo - pad, hi + pad)
     loc = mdates.AutoDateLocator(maxticks=6)
     ax.xaxis.set_major_locator(loc)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(loc))
 
 
-def _empty(title: str, hint: str) -> str:
+def _empty(title: str, hint: str, headline: str = "No data yet") -> str:
+    """A panel that says why it is empty (and what would fill it) instead of an empty axis."""
     fig, ax = _figure(title)
     ax.axis("off")
-    ax.text(0.5, 0.5, f"No data yet\n{hint}", ha="center", va="center", fontsize=11, color="#777")
+    ax.text(0.5, 0.5, f"{headline}\n{hint}", ha="center", va="center", fontsize=11, color="#777")
     return _svg(fig)
 
 
@@ -98,12 +103,10 @@ def plot_memories(store: MemoryStore, namespace: str | None) -> str:
             linewidth=2,
         )
     first = min(r["created_at"] for r in rows)
-    if (now - first) < timedelta(hours=2):  # a fresh store: show its minutes, not an empty year
-        ax.set_xlim(first - timedelta(minutes=5), now + timedelta(minutes=5))
     archived = sum(r["status"] != "active" for r in rows)
     ax.set_ylabel("memories created")
     ax.legend(fontsize=8, frameon=False)
-    _time_axis(ax)
+    _time_axis(ax, [first, now])
     ax.annotate(
         f"{len(rows) - archived} active, {archived} archived",
         xy=(0.99, 0.02),
@@ -171,14 +174,25 @@ def plot_forget(runs: list[dict[str, Any]]) -> str:
     rs = [r for r in runs if r["stage"] in ("forget", "forget-hard") and r["status"] == "ok"]
     if not rs:
         return _empty("Forgotten memories", "memstage run forget")
-    fig, ax = _figure("Forgotten per run")
-    xs = list(range(len(rs)))
     archived = [int(r["figures"].get("archived", 0) or 0) for r in rs]
     deleted = [
         int(r["figures"].get("ttl_hard_deleted", 0) or 0)
         + (r["changed"] if r["stage"] == "forget-hard" else 0)
         for r in rs
     ]
+    if not any(archived) and not any(deleted):
+        return _empty(
+            "Forgotten memories",
+            f"{len(rs)} forget run(s) since {rs[0]['started_at']:%Y-%m-%d %H:%M} archived 0 memories:\n"
+            "none was past its TTL, decayed below the threshold or over capacity",
+            headline="Nothing forgotten",
+        )
+    shown = FORGET_BARS
+    rs, archived, deleted = rs[-shown:], archived[-shown:], deleted[-shown:]  # the latest runs only
+    fig, ax = _figure(
+        f"Forgotten per run (latest {len(rs)})" if len(archived) == shown else "Forgotten per run"
+    )
+    xs = list(range(len(rs)))
     ax.bar(xs, archived, color="#937860", label="archived (undoable)")
     ax.bar(xs, deleted, bottom=archived, color="#c44e52", label="hard-deleted")
     ax.set_xticks(
@@ -228,7 +242,9 @@ def plot_kv_cache(runs: list[dict[str, Any]]) -> str:
     """Share of prompt tokens served from the prefix KV cache, per run that reported it."""
     pts = [(r["started_at"], h, r["stage"]) for r in runs if (h := _hit_rate(r["figures"])) is not None]
     if not pts:
-        return _empty("KV cache hit rate", "recorded by query/serve runs (figures.kv_cache.hit_token_share)")
+        return _empty(
+            "KV cache hit rate", "recorded by every answered query (memstage query, serve, the query flow)"
+        )
     fig, ax = _figure("KV cache: share of prompt tokens reused")
     ax.plot([t for t, _, _ in pts], [h for _, h, _ in pts], marker="o", color="#4c72b0")
     ax.fill_between([t for t, _, _ in pts], [h for _, h, _ in pts], alpha=0.15, color="#4c72b0")
@@ -236,6 +252,52 @@ def plot_kv_cache(runs: list[dict[str, Any]]) -> str:
     ax.set_ylabel("hit share")
     _time_axis(ax, [t for t, _, _ in pts])
     return _svg(fig)
+
+
+def plot_queries(runs: list[dict[str, Any]]) -> str:
+    """Seconds from question to answer per recorded query; answered ones green, 'I don't know' grey."""
+    rs = [r for r in runs if r["stage"] == "query" and r["status"] == "ok"]
+    if not rs:
+        return _empty("Queries", "memstage query QUESTION --namespace NS\n(or the memstage-query deployment)")
+    fig, ax = _figure("Queries: seconds from question to answer")
+    kinds = (
+        ("answered", lambda f: f.get("answered") is True, "o", "#55a868"),
+        ("not answered", lambda f: f.get("answered") is False, "x", "#999999"),
+        ("retrieval only", lambda f: "answered" not in f, ".", "#4c72b0"),
+    )
+    for label, pick, marker, colour in kinds:
+        pts = [r for r in rs if pick(r["figures"])]
+        if pts:
+            ax.scatter(
+                [r["started_at"] for r in pts], [r["duration_s"] for r in pts],
+                marker=marker, color=colour, s=28, label=f"{label} ({len(pts)})",
+            )  # fmt: skip
+    seconds = sorted(r["duration_s"] for r in rs)
+    if seconds[-1] > 20 * max(seconds[0], 1e-3):
+        ax.set_yscale("log")  # cold (seconds) and warm (under one) queries both readable
+    else:
+        ax.set_ylim(0, seconds[-1] * 1.15)
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8, frameon=False)
+    _time_axis(ax, [r["started_at"] for r in rs])
+    ax.annotate(
+        _query_summary(rs), xy=(0.99, 0.98), xycoords="axes fraction", ha="right", va="top",
+        fontsize=9, color="#555",
+    )  # fmt: skip
+    return _svg(fig)
+
+
+def _query_summary(rs: list[dict[str, Any]]) -> str:
+    seconds = sorted(r["duration_s"] for r in rs)
+    answers = [r["figures"]["answered"] for r in rs if "answered" in r["figures"]]
+    prompt = sum(int(r["figures"].get("prompt_tokens") or 0) for r in rs)
+    cached = sum(int(r["figures"].get("cached_tokens") or 0) for r in rs)
+    parts = [f"{len(rs)} queries, median {seconds[len(seconds) // 2]:.2f} s"]
+    if answers:
+        parts.append(f"{sum(answers) / len(answers):.0%} answered")
+    if prompt:
+        parts.append(f"{cached / prompt:.0%} of prompt tokens cached")
+    return " · ".join(parts)
 
 
 PAGE = """<!doctype html>
@@ -276,38 +338,58 @@ def flagged_panel(store: MemoryStore, namespace: str | None) -> str:
 
 def _cards(store: MemoryStore, namespace: str | None, runs: list[dict[str, Any]]) -> str:
     summary = queries.memory_summary(store, namespace)
-    failed = sum(r["status"] != "ok" for r in runs)
-    last = max((r["started_at"] for r in runs), default=None)
+    stage_runs = [r for r in runs if r["stage"] != "query"]
+    asked = [r for r in runs if r["stage"] == "query" and r["status"] == "ok"]
+    seconds = sorted(r["duration_s"] for r in asked)
+    failed = sum(r["status"] != "ok" for r in stage_runs)
+    last = max((r["started_at"] for r in stage_runs), default=None)
     cards = [
         (summary["active"], "active memories"),
         (summary["namespaces"], "namespaces"),
-        (len(runs), "stage runs"),
+        (len(stage_runs), "stage runs"),
         (failed, "failed runs"),
         (store.counts(namespace).get("flagged", 0), "flagged instruction-like"),
-        (f"{last:%Y-%m-%d %H:%M}" if last else "never", "last run (UTC)"),
+        (f"{last:%Y-%m-%d %H:%M}" if last else "never", "last stage run (UTC)"),
+        (len(asked), "queries"),
+        (f"{seconds[len(seconds) // 2]:.2f} s" if seconds else "–", "median query"),
     ]
     return "".join(f"<div class='card'><b>{html.escape(str(v))}</b><span>{k}</span></div>" for v, k in cards)
 
 
-def write_report(store: MemoryStore, out: Path | str, *, namespace: str | None = None) -> dict[str, Any]:
-    """Draw every plot and write the page; returns where it went and how many plots it holds."""
-    runs = _runs(store, namespace)
+def render_report(store: MemoryStore, *, namespace: str | None = None) -> str:
+    """The page: every plot drawn from the store's tables (what `memstage serve` GET /report returns)."""
+    return _page(store, namespace, _runs(store, namespace))
+
+
+def _page(store: MemoryStore, namespace: str | None, runs: list[dict[str, Any]]) -> str:
     plots = [
         plot_memories(store, namespace),
-        plot_durations([r for r in runs if r["stage"] != "eval"]),
+        plot_queries(runs),
+        plot_durations([r for r in runs if r["stage"] not in ("eval", "query")]),
         plot_compression(runs),
         plot_forget(runs),
         plot_recall(runs),
         plot_kv_cache(runs),
     ]
-    page = PAGE.format(
+    return PAGE.format(
         title=html.escape(namespace or "all namespaces"),
         home=html.escape(str(store.home)),
         when=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         cards=_cards(store, namespace, runs),
         plots="".join(f"<div class='plot'>{p}</div>" for p in [*plots, flagged_panel(store, namespace)]),
     )
+
+
+def write_report(store: MemoryStore, out: Path | str, *, namespace: str | None = None) -> dict[str, Any]:
+    """Draw every plot and write the page; returns where it went and how many plots it holds."""
+    runs = _runs(store, namespace)
+    page = _page(store, namespace, runs)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    return {"out": str(out.resolve()), "plots": len(plots), "runs": len(runs), "bytes": out.stat().st_size}
+    return {
+        "out": str(out.resolve()),
+        "plots": page.count("<svg"),
+        "runs": len(runs),
+        "bytes": out.stat().st_size,
+    }

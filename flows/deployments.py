@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from memstage.runtime import backends as runtime
-from memstage.runtime.artifacts import publish
+from memstage.runtime.artifacts import figures_text, namespaces_label, publish, run_key
 from memstage.stores.store import MemoryStore
 from prefect import flow, get_run_logger, tags
 
 from memstage.settings import get_settings
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repository (an editable install's source)
 WRITER_WAIT_S = 6 * 3600  # a queued maintenance run waits this long for the store before giving up
 
 
@@ -86,6 +87,8 @@ def _run_name(what: str) -> Callable[[], str]:
         ns = params.get("namespace") or (
             Path(params["path"]).name if params.get("path") else "all namespaces"
         )
+        if what == "query" and params.get("question"):  # the question is what tells query runs apart
+            ns = f"{ns}: {str(params['question'])[:60]}"
         when = flow_run.scheduled_start_time
         return f"{label} {ns}" + (f" {when:%Y-%m-%d %H:%M}" if when else "")
 
@@ -93,18 +96,59 @@ def _run_name(what: str) -> Callable[[], str]:
 
 
 def publish_report(home: Path) -> None:
-    """Redraw HOME/report.html and link it from this run (MEMSTAGE_REPORT_URL if it is served)."""
+    """Redraw HOME/report.html and link it from this run over HTTP: MEMSTAGE_REPORT_URL, else the
+    GET /report of the `memstage serve` running for this data directory; never a file:// link (a
+    browser will not open one from the UI, and the file is on the worker)."""
     from memstage.dashboards.report import write_report
-    from prefect.artifacts import create_link_artifact
+    from memstage.server.local import find_service
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+    logger = get_run_logger()
     try:
         out = write_report(MemoryStore(home), home / "report.html")
     except Exception as exc:  # noqa: BLE001 - a plot failing must not fail the maintenance it reports on
-        get_run_logger().warning("The report could not be drawn: %s", exc)
+        logger.warning("The report could not be drawn: %s", exc)
         return
-    link = get_settings().report_url or Path(out["out"]).as_uri()
-    create_link_artifact(link=link, link_text="memstage report: plots over time", key="memstage-report")
-    get_run_logger().info("Report redrawn: %s", link)
+    service = find_service(home)
+    link = get_settings().report_url or (service["url"] + "/report" if service else None)
+    if link:
+        create_link_artifact(link=link, link_text="memstage report: plots over time", key="memstage-report")
+        logger.info("Report redrawn: %s", link)
+        return
+    create_markdown_artifact(
+        key="memstage-report",
+        markdown=f"The report was redrawn on the worker ({out['plots']} plots). To open it in a browser, "
+        f"serve it: `memstage serve --home {home}`, then http://127.0.0.1:8000/report "
+        "(or set MEMSTAGE_REPORT_URL to where it is published, and this card links there).",
+        description="memstage report: plots over time",
+    )
+    logger.info("Report redrawn at %s; serve it with `memstage serve` (GET /report)", out["out"])
+
+
+def tag_this_run(namespaces: list[str]) -> None:
+    """Add `namespace:NS` tags to the flow run we are in (a deployment's run is created by the server,
+    before anyone knows which namespaces it covers: the UI's tag filter finds it from its start on)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not namespaces or not flow_run.id:
+        return
+    tags_now = list(flow_run.tags or [])
+    wanted = sorted({*tags_now, *(f"namespace:{ns}" for ns in namespaces)})
+    if set(wanted) != set(tags_now):
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=wanted)
+
+
+def input_path(path: str, what: str) -> Path:
+    """An input file named by a deployment parameter: absolute, or relative to the checkout (the worker
+    starts in the data directory, so a relative path must not be resolved there)."""
+    source = Path(path).expanduser()
+    if not source.is_absolute():
+        source = CHECKOUT / source
+    if not source.exists():
+        raise FileNotFoundError(f"{what} input {path} does not exist on this worker (looked at {source})")
+    return source
 
 
 def _namespaces(config: runtime.RuntimeConfig, namespace: str | None) -> list[str]:
@@ -129,15 +173,20 @@ def ingest(
     from memstage.flows.ingest import ingest_flow
 
     config = _config(home, runner)
-    source = Path(path).expanduser()
-    if not source.is_absolute() and not source.exists():
-        source = (
-            Path(__file__).resolve().parent.parent / source
-        )  # prefect.yaml's defaults name checkout files
-    if not source.exists():
-        raise FileNotFoundError(f"ingest input {path} does not exist on this worker")
+    source = input_path(path, "ingest")
+    if namespace:
+        tag_this_run([namespace])
     with store_slot(config.home), tags(*([f"namespace:{namespace}"] if namespace else [])):
-        return _on_runner(ingest_flow, config, batch=True)(source, fmt, namespace, config, False)
+        out = _on_runner(ingest_flow, config, batch=True)(source, fmt, namespace, config, False)
+    tag_this_run(out["namespaces"])
+    publish(
+        run_key("ingest", out["namespaces"]),
+        [{"namespace": ns, **figures} for ns, figures in out["indexed"].items()],
+        f"Ingested **{source.name}** into {namespaces_label(out['namespaces'])}: {out['events_new']} new "
+        f"events, {out['events_already_stored']} already stored, {out['quarantined']} quarantined, "
+        f"in {out['duration_s']} s.",
+    )
+    return out
 
 
 @flow(name="memstage-stage", flow_run_name=_run_name("stage"))
@@ -154,10 +203,18 @@ def stage(
     if not namespaces:
         get_run_logger().info("The store at %s holds no namespaces yet: nothing to %s.", config.home, stage)
         return []
+    tag_this_run(namespaces)
     with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
-        return _on_runner(STAGE_FLOWS[stage], config, batch=True)(
+        rows = _on_runner(STAGE_FLOWS[stage], config, batch=True)(
             namespaces, config, config.use_ray(batch=True)
         )
+    publish(
+        run_key(stage, namespaces),
+        rows,
+        f"**{stage}** over {namespaces_label(namespaces)}: {sum(r.get('changed', 0) for r in rows)} rows "
+        f"changed ({figures_text(rows, skip=('changed', 'duration_s')) or 'no figures'}).",
+    )
+    return rows
 
 
 @flow(name="memstage-maintain", flow_run_name=_run_name("maintain"))
@@ -173,9 +230,11 @@ def maintain(
     if not namespaces:
         logger.info("The store at %s holds no namespaces yet: nothing to maintain.", config.home)
         return {"stage": "maintain", "namespaces": [], "stages": {}, "failed": []}
+    tag_this_run(namespaces)
     with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
-        # maintain_flow gives each stage subflow its own task runner; its own runner is never used
-        report = maintain_flow(namespaces, config, config.use_ray(batch=True))
+        # maintain_flow's body in this run (its stage subflows, its `maintain-NS` artifact), not one
+        # level down; each stage subflow gets its own task runner
+        report = maintain_flow.fn(namespaces, config, config.use_ray(batch=True))
     publish_report(config.home)
     for name, r in report["stages"].items():
         if r["status"] == "ok":
@@ -197,15 +256,16 @@ def query(
     runner: str | None = None,
 ) -> dict[str, Any]:
     """An ad-hoc question against one namespace: evidence within the budget, and an answer."""
-    from memstage.flows.query import query_flow
-    from memstage.tasks.retrieve import DEFAULT_BUDGET
+    from memstage.flows.query import answer_in_run
+
+    from memstage.defaults import DEFAULT_BUDGET
 
     config = _config(home, runner)
     MemoryStore(config.home).require_namespace(namespace)
-    with tags(f"namespace:{namespace}"):  # reads only: no writer slot (access counts skip a busy store)
-        return _on_runner(query_flow, config, batch=False)(
-            question, namespace, budget or DEFAULT_BUDGET, config, engine, answer
-        )
+    tag_this_run([namespace])
+    # The query's tasks and its `query-NS` artifact in this run. Reads only: no writer slot (the
+    # query's record is skipped when a maintenance run holds the store).
+    return answer_in_run(question, namespace, budget or DEFAULT_BUDGET, config, engine, answer, "deployment")
 
 
 @flow(name="memstage-eval", flow_run_name=_run_name("eval"))
@@ -218,10 +278,11 @@ def evaluate(
     from memstage.tasks.contract import StageResult, record_run, timed
     from memstage.tasks.evaluate import DEFAULT_BUDGETS
 
-    result = StageResult("eval", f"locomo:{Path(path).stem}")
+    source = input_path(path, "eval")
+    result = StageResult("eval", f"locomo:{source.stem}")
     with timed(result):
         report = evaluate_locomo(
-            Path(path), budgets=tuple(budgets or DEFAULT_BUDGETS), baselines=baselines, home=None
+            source, budgets=tuple(budgets or DEFAULT_BUDGETS), baselines=baselines, home=None
         )
     result.figures = {
         "benchmark": "locomo",
@@ -232,7 +293,7 @@ def evaluate(
     record_run(MemoryStore(store_home(home)), result, flow_run_id=runtime.flow_run_id())
     recall = report.get("recall", {})
     publish(
-        f"eval-{Path(path).stem}",
+        f"eval-{source.stem}",
         [{"budget": b, "recall": r} for b, r in recall.items()],
         f"LoCoMo evidence recall over {report.get('questions')} questions: "
         + ", ".join(f"{r:.3f} at {b} tokens" for b, r in recall.items()),

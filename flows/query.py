@@ -1,9 +1,11 @@
-"""The query flow: a question in, evidence within a token budget and an answer out.
+"""The query flow: a question in, evidence within a token budget and an answer out, as a Prefect flow run.
 
-retrieve -> generate against the long-lived services (warm indexes, loaded generator); accesses are
-then recorded for the forget policy. For one ad-hoc question without a cluster the tasks stay in
-process (starting Ray would cost more than the question), and the models load in a background
-thread while Prefect starts its temporary server.
+retrieve -> generate against the long-lived services (warm indexes, loaded generator); then the
+query is recorded (a `runs` row and the access counts of the memories used, `flows.query_steps`)
+and its evidence and answer published as the artifact `query-<namespace>`. Who runs it:
+`memstage serve` in its warm process (the CLI's warm path), the `memstage-query` deployment, and
+a cold `memstage query` when PREFECT_API_URL names a server (without one, the CLI runs the same
+steps without Prefect: `query_steps.run_plain`).
 """
 
 from __future__ import annotations
@@ -12,35 +14,74 @@ import threading
 import time
 from typing import Any
 
+from memstage.flows import query_steps as steps
 from memstage.runtime.artifacts import publish
-from memstage.runtime.backends import RuntimeConfig, prefect_settings, stage_task, task_runner
+from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from memstage.runtime.services import services
-from memstage.stores.store import MemoryStore, StoreLockedError
-from memstage.tasks.retrieve import DEFAULT_BUDGET, record_access
-from prefect import flow, get_run_logger
+from memstage.stores.store import MemoryStore
+from prefect import flow, tags
+
+from memstage.defaults import DEFAULT_BUDGET
+from memstage.settings import get_settings
 
 
 @stage_task(name="retrieve", task_run_name="retrieve from {namespace}")
 def retrieve(
     config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool
 ) -> dict[str, Any]:
-    return services(config, use_ray=use_ray).retrieve(namespace, question, budget)
+    return steps.retrieve_step(config, namespace, question, budget, use_ray)
 
 
 @stage_task(name="generate", task_run_name="answer in {namespace}", retries=1, retry_delay_seconds=2)
 def generate(
-    config: RuntimeConfig, namespace: str, retrieval: dict[str, Any], engine: str, use_ray: bool
+    config: RuntimeConfig, namespace: str, retrieval: dict[str, Any], engine: str | None, use_ray: bool
 ) -> dict[str, Any]:
-    return services(config, use_ray=use_ray).answer(retrieval, engine=engine)
+    return steps.answer_step(config, retrieval, engine, use_ray)
 
 
-@stage_task(name="record-access", task_run_name="record access in {namespace}")
-def record_memory_access(home: Any, namespace: str, memory_ids: list[str]) -> int:
-    try:
-        return record_access(MemoryStore(home), namespace, memory_ids)
-    except StoreLockedError:  # a maintenance run holds the store: losing one access count is harmless
-        get_run_logger().warning("store busy; access counts of this query not recorded")
-        return 0
+@stage_task(name="record-query", task_run_name="record query in {namespace}")
+def record(home: Any, namespace: str, result: dict[str, Any], answer: bool, served_by: str) -> bool:
+    return steps.record_step(
+        home, namespace, result, answer=answer, served_by=served_by, flow_run_id=flow_run_id()
+    )
+
+
+def answer_in_run(
+    question: str,
+    namespace: str,
+    budget: int,
+    config: RuntimeConfig,
+    engine: str | None = None,
+    answer: bool = True,
+    served_by: str = "flow",
+) -> dict[str, Any]:
+    """The flow's body, as tasks of the current flow run (the deployment's run calls it directly, so
+    the tasks and the artifact sit on the run a user triggered, not one level down)."""
+    use_ray = config.use_ray(batch=False)
+    start = time.perf_counter()
+    result = retrieve.submit(config, namespace, question, budget, use_ray).result()
+    if answer:
+        result.update(generate.submit(config, namespace, result, engine, use_ray).result())
+    result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
+    record(config.home, namespace, result, answer, served_by)
+    result["flow_run_id"] = flow_run_id()
+    usage = result.get("usage") or {}
+    publish(
+        f"query-{namespace}",
+        [
+            {"memory_id": m["memory_id"], "level": m["level"], "score": m["score"], "text": m["text"][:120]}
+            for m in result["memories"]
+        ],
+        f"**Q:** {question}\n\n**A:** {result.get('answer', '(retrieval only)')}\n\n"
+        f"{len(result['memories'])} memories, {result['tokens']} of {budget} evidence tokens; "
+        f"{result['total_ms']:.0f} ms"
+        + (
+            f" ({usage.get('prompt_tokens')} prompt tokens, {usage.get('cached_tokens')} from the KV cache)"
+            if answer
+            else ""
+        ),
+    )
+    return result
 
 
 @flow(name="query", flow_run_name="query {namespace}")
@@ -51,25 +92,10 @@ def query_flow(
     config: RuntimeConfig | None = None,
     engine: str | None = None,
     answer: bool = True,
+    served_by: str = "flow",
 ) -> dict[str, Any]:
     config = config or RuntimeConfig(home=MemoryStore().home)
-    use_ray = config.use_ray(batch=False)
-    start = time.perf_counter()
-    result = retrieve.submit(config, namespace, question, budget, use_ray).result()
-    if answer:
-        result.update(generate.submit(config, namespace, result, engine, use_ray).result())
-    record_memory_access(config.home, namespace, [m["memory_id"] for m in result["memories"]])
-    result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
-    publish(
-        f"query-{namespace}",
-        [
-            {"memory_id": m["memory_id"], "level": m["level"], "score": m["score"], "text": m["text"][:120]}
-            for m in result["memories"]
-        ],
-        f"**Q:** {question}\n\n**A:** {result.get('answer', '(retrieval only)')}\n\n"
-        f"{len(result['memories'])} memories, {result['tokens']} of {budget} tokens.",
-    )
-    return result
+    return answer_in_run(question, namespace, budget, config, engine, answer, served_by)
 
 
 def run_query(
@@ -80,16 +106,20 @@ def run_query(
     *,
     engine: str | None = None,
     answer: bool = True,
+    served_by: str = "cli",
 ) -> dict[str, Any]:
-    """Entry point for the CLI: validates the namespace, warms the models while Prefect starts, runs the flow."""
+    """The flow in this process: validates the namespace, warms the models while Prefect starts, runs it
+    tagged `namespace:NS` (the tag is on the run from its creation)."""
     use_ray = config.use_ray(batch=False)
     MemoryStore(config.home).require_namespace(namespace)
     if not use_ray:
         svc = services(config, use_ray=False)
         warm = threading.Thread(
-            target=svc.warm, kwargs={"generator": engine if answer else None}, daemon=True
+            target=svc.warm,
+            kwargs={"generator": (engine or get_settings().generator) if answer else None},
+            daemon=True,
         )
         warm.start()
-    with prefect_settings(config, use_ray=config.use_ray(batch=False)):
+    with prefect_settings(config, use_ray=use_ray), tags(f"namespace:{namespace}"):
         runnable = query_flow.with_options(task_runner=task_runner(config, batch=False))
-        return runnable(question, namespace, budget, config, engine, answer)
+        return runnable(question, namespace, budget, config, engine, answer, served_by)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from memstage.flows.index_pipeline import index_namespaces
-from memstage.runtime.artifacts import publish
+from memstage.runtime.artifacts import figures_text, namespaces_label, publish, run_key
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from memstage.runtime.encoder_pool import start_encoders
 from memstage.runtime.services import services
@@ -27,6 +27,7 @@ from memstage.tasks import forget
 from memstage.tasks.contract import StageResult, record_run, record_runs, timed
 from memstage.tasks.registry import STAGES, StageTools, get_stage
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 LOCK_WAIT_S = 300.0  # stages of different namespaces run side by side and take turns at the writer lock
 
@@ -82,7 +83,7 @@ def _finish(
     ]
     changed = sum(r.changed for r in results)
     publish(
-        f"{stage}-{run_id or 'local'}",
+        run_key(stage, [str(r["namespace"]) for r in rows]),
         rows,
         f"**{stage}** over {len(rows)} namespace(s): {changed} rows changed"
         + (f"; failed: {', '.join(failed)}" if failed else "")
@@ -121,7 +122,12 @@ def _run_stage(
 
 
 def _make_stage_flow(stage: str) -> Any:
-    @flow(name=f"stage-{stage}", flow_run_name=f"{stage} {{namespaces}}", retries=1, retry_delay_seconds=2)
+    @flow(
+        name=f"stage-{stage}",
+        flow_run_name=lambda: f"{stage} {namespaces_label(flow_run.parameters['namespaces'])}",
+        retries=1,
+        retry_delay_seconds=2,
+    )
     def stage_flow(
         namespaces: list[str], config: RuntimeConfig, use_ray: bool = False
     ) -> list[dict[str, Any]]:
@@ -135,7 +141,9 @@ def _make_stage_flow(stage: str) -> Any:
 STAGE_FLOWS = {s.name: _make_stage_flow(s.name) for s in STAGES}
 
 
-@flow(name="maintain", flow_run_name="maintain {namespaces}")
+@flow(
+    name="maintain", flow_run_name=lambda: "maintain " + namespaces_label(flow_run.parameters["namespaces"])
+)
 def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = False) -> dict[str, Any]:
     """Every stage in order over the namespaces; a failed stage is reported and the next one still runs."""
     report: dict[str, Any] = {"stage": "maintain", "namespaces": namespaces, "stages": {}}
@@ -164,11 +172,18 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
     report["failed"] = [s for s, r in report["stages"].items() if r["status"] != "ok"]
     report["duration_s"] = round(total.duration_s, 3)
     publish(
-        "maintain",
+        run_key("maintain", namespaces),
         [
-            {"stage": s, "status": r["status"], "changed": r.get("changed"), "duration_s": r["duration_s"]}
+            {
+                "stage": s,
+                "status": r["status"],
+                "changed": r.get("changed"),
+                "duration_s": r["duration_s"],
+                "what": figures_text(r.get("namespaces", []), skip=("changed", "duration_s"))
+                or r.get("error"),
+            }
             for s, r in report["stages"].items()
-        ],
+        ],  # fmt: skip
         f"maintain over {len(namespaces)} namespace(s) in {report['duration_s']} s; failed: {report['failed'] or 'none'}",
     )
     return report

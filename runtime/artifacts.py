@@ -14,6 +14,30 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
+def namespaces_label(namespaces: Sequence[str], *, most: int = 3) -> str:
+    """'demo', 'alice, bob' or '12 namespaces': how run names and artifact keys name what a run covered."""
+    names = list(namespaces)
+    if not names:
+        return "no namespaces"
+    return ", ".join(names) if len(names) <= most else f"{len(names)} namespaces"
+
+
+def run_key(what: str, namespaces: Sequence[str]) -> str:
+    """A stable, readable artifact key: 'maintain-demo', 'compress-12-namespaces' (one per kind of run and
+    tenant set, so the Artifacts page lists what each did last instead of one card per run id)."""
+    return artifact_key(what, namespaces_label(namespaces, most=1))
+
+
+def figures_text(rows: Sequence[dict[str, Any]], skip: Sequence[str] = ()) -> str:
+    """'archived=2, merged=0': the numeric figures of some stage rows, summed over namespaces."""
+    totals: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in skip and isinstance(v, int | float) and not isinstance(v, bool):
+                totals[k] = totals.get(k, 0) + v
+    return ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in totals.items())
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4)

@@ -59,8 +59,6 @@ class ChatRequest(BaseModel):
 
 
 def _namespace(request: Request, body: ChatRequest, store: Any) -> str:
-    from memstage.stores.store import NamespaceError, validate_namespace
-
     ns = request.headers.get("x-memstage-namespace") or body.user
     if not ns:
         raise ApiError(
@@ -68,6 +66,13 @@ def _namespace(request: Request, body: ChatRequest, store: Any) -> str:
             "name the memory namespace in the X-Memstage-Namespace header or the `user` field",
             "namespace_missing",
         )
+    return require_namespace(ns, store)
+
+
+def require_namespace(ns: str, store: Any) -> str:
+    """400 for a malformed name, 404 for one the store does not hold (never a list of the others)."""
+    from memstage.stores.store import NamespaceError, validate_namespace
+
     try:
         validate_namespace(ns)
     except NamespaceError as exc:
@@ -118,6 +123,10 @@ def create_app(
         return JSONResponse(
             {"error": {"message": msg, "type": "invalid_request_error", "code": "invalid_body"}}, 422
         )
+
+    from memstage.server.local_routes import mount_local_routes
+
+    mount_local_routes(app, services, check_namespace=lambda ns: require_namespace(ns, services.store))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -224,13 +233,44 @@ def create_app(
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
     from memstage.cli.main import config_from
-    from memstage.runtime.services import MemoryServices
+    from memstage.runtime.services import services
+    from memstage.server.local import remove_service_file, write_service_file
 
     config = config_from(args)
-    svc = MemoryServices(str(config.home))
+    config.home.mkdir(parents=True, exist_ok=True)
+    svc = services(config, use_ray=False)  # the instance the query flow's tasks use in this process
     app = create_app(svc, budget=args.budget, engine=args.engine)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+
+    def warm_then_announce() -> None:
+        # Load what a query needs before announcing HOME/serve.json: `memstage query` finds the server
+        # only once a question costs it about a second.
+        _warm(svc, args.engine)
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            write_service_file(config.home, args.host, args.port)
+
+    threading.Thread(target=warm_then_announce, name="memstage-warm", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        remove_service_file(config.home)
     return {"served": f"http://{args.host}:{args.port}/v1", "home": str(config.home)}
+
+
+def _warm(svc: Any, engine: str | None) -> None:
+    import logging
+    import os
+
+    from memstage.settings import get_settings
+
+    try:
+        svc.warm(generator=engine or get_settings().generator)
+        if os.environ.get("PREFECT_API_URL"):
+            import memstage.flows.query  # noqa: F401 - Prefect's import, paid before the first query
+    except Exception as exc:  # noqa: BLE001 - an empty store or a missing model: the first query says why
+        logging.getLogger("memstage").warning("warming the query models failed: %s", exc)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("auto", "jsonl", "locomo", "parquet")
+from memstage.defaults import FORMATS  # noqa: F401 - one list, read by the light CLI too
+
 MAX_LINE_BYTES = 1_000_000
 RAW_CHARS = 4096  # what a quarantine row keeps of a record
 DEEP_PARSE_LIMIT = 200_000  # nesting a LoCoMo document may have and still be parsed (in a big-stack thread)

@@ -37,7 +37,8 @@ from memstage.gpu.vector_index import VectorIndex
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
 from memstage.tasks.index import index_text
 
-DEFAULT_BUDGET = 1000
+from memstage.defaults import DEFAULT_BUDGET  # noqa: F401 - re-exported
+
 W_DENSE = 0.7  # share of the dense z-score in the hybrid score (BM25 gets the rest)
 NEIGHBOUR = 0.4  # share of the better adjacent turn's score a turn inherits (same session only)
 SESSION = 0.5  # weight of the session's score (mean of its SESSION_TOP best turns) on its turns

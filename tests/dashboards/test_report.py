@@ -60,7 +60,7 @@ def test_report_draws_every_plot(report_store, tmp_path):
 
     out = write_report(report_store, tmp_path / "report.html", namespace="demo")
     page = Path(out["out"]).read_text()
-    assert out["plots"] == 6 and page.count("<svg") == 6
+    assert out["plots"] == 7 and page.count("<svg") == 7
     assert "No data yet" not in page  # memories, durations, compression, forget, recall, KV cache
     for fetch in ('src="http', 'href="http', "url(http", "<script", "<link"):
         assert fetch not in page  # self-contained: nothing to load from anywhere
@@ -74,7 +74,7 @@ def test_report_on_empty_store_says_what_is_missing(store, tmp_path):
 
     assert main(["report", "--home", str(store.home), "--out", str(tmp_path / "r.html"), "--json"]) == 0
     page = (tmp_path / "r.html").read_text()
-    assert page.count("<svg") == 6 and page.count("No data yet") == 6
+    assert page.count("<svg") == 7 and page.count("No data yet") == 7
     assert "memstage ingest FILE" in page
 
 
