@@ -32,7 +32,7 @@ def active_memory_counts(store: MemoryStore) -> list[dict[str, Any]]:
 
 def runs(store: MemoryStore, namespace: str | None = None) -> list[dict[str, Any]]:
     """Recorded stage runs, oldest first, figures parsed; eval runs (not a tenant's) are always kept."""
-    sql = "SELECT stage, namespace, started_at, duration_s, changed, figures, status FROM runs"
+    sql = "SELECT stage, namespace, flow_run_id, started_at, duration_s, changed, figures, status FROM runs"
     params: list[Any] = []
     if namespace:
         sql += " WHERE namespace = ? OR stage = 'eval'"

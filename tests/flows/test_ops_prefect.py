@@ -197,17 +197,19 @@ def test_worker_runs_ingest_deployment_with_artifacts(prefect_env, deployed, tmp
             if r.name == f"ingest {SAMPLE.name}"
         ]
         assert children, "the working ingest flow ran as a subflow"
-        run_ids = [fr.id, *[c.id for c in children]]
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)),
+        artifacts = client.read_artifacts(  # on the run the user triggered, not one level down
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])),
             limit=100,
             offset=0,
             sort=ArtifactSort.CREATED_DESC,
         )
-        kinds = {a.type for a in artifacts}
-        assert {"table", "markdown"} <= kinds, artifacts
+        assert {(a.key, a.type) for a in artifacts} >= {
+            ("ingest-demo", "table"),
+            ("ingest-demo-summary", "markdown"),
+        }
         summary = next(a for a in artifacts if a.type == "markdown")
         assert "new events" in summary.data
+        assert "namespace:demo" in fr.tags
         result = client.read_flow_run(run.id)
     assert result.state.is_completed()
     from memstage.stores.store import MemoryStore
@@ -219,7 +221,7 @@ def test_maintain_flow_takes_the_store_slot_and_links_the_report(prefect_env, de
     """The maintain deployment's flow, called here against the same server, on the store the worker filled."""
     from memstage.flows.deployments import maintain
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
     home = Path(prefect_env["MEMSTAGE_HOME"])
@@ -242,9 +244,53 @@ def test_maintain_flow_takes_the_store_slot_and_links_the_report(prefect_env, de
         "index",
         "forget",
     }
-    assert links and (home / "report.html").as_uri() in links[0].data
-    assert (home / "report.html").read_text().count("<svg") == 6
+    assert links and "file://" not in links[0].data and "/report" in links[0].data  # served over HTTP
+    assert (home / "report.html").read_text().count("<svg") == 7
     assert slot.active_slots == 0  # released after the run
+    with client_settings(prefect_env), get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        mine = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])),
+            limit=50,
+            offset=0,
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    assert "namespace:demo" in run.tags
+    table = next(a for a in mine if a.key == "maintain-demo")  # the stage summary on the triggered run
+    assert {row["stage"] for row in json.loads(table.data)} == set(STAGE_NAMES)
+
+
+def test_query_deployment_flow_answers_with_its_artifact_and_record(prefect_env, deployed):
+    """The query deployment's flow with its deployed defaults (namespace demo), retrieval only here."""
+    import yaml
+    from memstage.cli.ops_commands import PREFECT_FILE
+    from memstage.flows.deployments import query
+    from memstage.stores import queries
+    from memstage.stores.store import MemoryStore
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    defaults = next(
+        d for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"] if d["name"] == "query"
+    )
+    params = {**defaults["parameters"], "answer": False}
+    home = Path(prefect_env["MEMSTAGE_HOME"])
+    with client_settings(prefect_env):
+        state = query(**params, home=str(home), runner="local", return_state=True)
+        assert state.is_completed(), state.message
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(state.state_details.flow_run_id)
+            mine = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])),
+                limit=50,
+                offset=0,
+                sort=ArtifactSort.CREATED_DESC,
+            )
+    assert run.name.startswith("query demo: Where does Maya live now?") and "namespace:demo" in run.tags
+    assert {a.key for a in mine} >= {"query-demo", "query-demo-summary"}
+    [row] = [r for r in queries.runs(MemoryStore(home), "demo") if r["stage"] == "query"]
+    assert row["flow_run_id"] == str(run.id) and row["figures"]["served_by"] == "deployment"
 
 
 def test_prefect_yaml_covers_every_flow_with_importable_entrypoints():
