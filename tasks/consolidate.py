@@ -178,6 +178,172 @@ def _node(
     }
 
 
+class _Changes:
+    """The rows a consolidate run changes and their ops, in order; `all_mem` always holds the latest row."""
+
+    def __init__(self, namespace: str, all_mem: dict[str, dict[str, Any]], flow_run_id: str | None) -> None:
+        self.namespace, self.all_mem, self.flow_run_id = namespace, all_mem, flow_run_id
+        self.at = now_utc()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.ops: list[dict[str, Any]] = []
+
+    def change(self, new: dict[str, Any], action: str, reason: str) -> None:
+        old = self.all_mem.get(new["id"])
+        self.rows[new["id"]] = new
+        self.ops.append(
+            make_op(
+                namespace=self.namespace,
+                memory_id=new["id"],
+                stage="consolidate",
+                action=action,
+                before=old,
+                after=new,
+                reason=reason,
+                flow_run_id=self.flow_run_id,
+                at=self.at,
+            )
+        )
+        self.all_mem[new["id"]] = new
+
+
+Node1 = tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]  # (node, its children, their mean embedding)
+
+
+def _matrix(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    return _norm(np.asarray([r["embedding"] for r in rows], dtype=np.float32)) if rows else np.zeros((0, 1))
+
+
+def merge_duplicates(l0: list[dict[str, Any]], changes: _Changes, threshold: float) -> set[str]:
+    """Archive near-duplicates of current level-0 memories (history is not merged); the survivor
+    absorbs their source events. Returns the archived ids."""
+    current = [m for m in l0 if m["valid_to"] is None]
+    dups = find_duplicates(current, _matrix(current), threshold)
+    mem, at = changes.all_mem, changes.at
+    for dup_id, (surv_id, cos) in sorted(dups.items()):
+        dup, surv = mem[dup_id], mem[surv_id]
+        changes.change(
+            {**dup, "status": "archived", "superseded_by": surv_id, "updated_at": at},
+            "merge",
+            f"near-duplicate of {surv_id} (cosine {cos}, same speaker); source events kept on the survivor",
+        )
+        ids = sorted(set(surv["event_ids"] or []) | set(dup["event_ids"] or []))
+        if ids != sorted(surv["event_ids"] or []):
+            changes.change(
+                {**surv, "event_ids": ids, "updated_at": at}, "merge", f"absorbed near-duplicate {dup_id}"
+            )
+    return set(dups)
+
+
+def session_nodes(namespace: str, l0: list[dict[str, Any]], changes: _Changes) -> list[Node1]:
+    """Level 1: one node per session, or per episode of a long or shifting session; extractive text."""
+    by_session: dict[str, list[dict[str, Any]]] = {}
+    for m in l0:
+        by_session.setdefault(m["session"] or "", []).append(changes.all_mem[m["id"]])
+    nodes: list[Node1] = []
+    for session, members in sorted(by_session.items()):
+        emb = _matrix(members)
+        spans = split_episodes(emb)
+        for part, (lo, hi) in enumerate(spans):
+            kids, kemb = members[lo:hi], emb[lo:hi]
+            texts = [k["text"] for k in kids]
+            speakers = ", ".join(sorted({k["speaker"] for k in kids if k["speaker"]}))
+            label = session.replace("_", " ") + (f" part {part + 1}/{len(spans)}" if len(spans) > 1 else "")
+            head = f"{label} ({_date(kids[0]['event_time'])}), {speakers}:"
+            k = min(len(kids), max(2, math.ceil(len(kids) / 8)))
+            body = " ".join(texts[i] for i in extractive_summary(texts, kemb, k))
+            node_id = "m1-" + content_hash(namespace, sorted(k["id"] for k in kids))
+            nodes.append(
+                (_node(namespace, 1, node_id, f"{head} {body}", kids, changes.at), kids, kemb.mean(0))
+            )
+    return nodes
+
+
+def topic_nodes(
+    namespace: str, level1: list[Node1], distance: float, at: datetime
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Level 2: clusters of level-1 nodes from two sessions or more (what a person comes back to)."""
+    if len(level1) < 2:
+        return []
+    raw = np.asarray([c for _, _, c in level1], dtype=np.float32)
+    out = []
+    for group in cluster_topics(_norm(raw - raw.mean(0)), distance):
+        members = [level1[i] for i in group]
+        if len({n["session"] for n, _, _ in members}) < 2:
+            continue
+        kids = [k for _, ks, _ in members for k in ks]
+        kemb = _matrix(kids)
+        centre = _norm(_norm(raw[group]).mean(0))
+        top = sorted(sorted(range(len(kids)), key=lambda i: (-float(kemb[i] @ centre), i))[:3])
+        dates = sorted(n["event_time"] for n, _, _ in members if n["event_time"])
+        first, last = _date(dates[0] if dates else None), _date(dates[-1] if dates else None)
+        head = f"Topic across {len(members)} sessions ({first} to {last}):"
+        node_id = "m2-" + content_hash(namespace, sorted(n["id"] for n, _, _ in members))
+        nodes = [n for n, _, _ in members]
+        out.append(
+            (
+                _node(namespace, 2, node_id, head + " " + " ".join(kids[i]["text"] for i in top), nodes, at),
+                nodes,
+            )
+        )
+    return out
+
+
+_KEPT_ON_UPDATE = ("embedding", "tokens", "created_at", "access_count", "last_access", "importance")
+_COMPARED = ("text", "parent", "status", "event_ids", "valid_to", "superseded_by", "flag")
+
+
+def reconcile_nodes(
+    nodes: list[dict[str, Any]], changes: _Changes, *, embed: Embed, count_tokens: CountTokens
+) -> None:
+    """Insert new nodes, update changed ones (re-embedding only new texts), archive unwanted ones."""
+    mem = changes.all_mem
+    new_texts = [n for n in nodes if (mem.get(n["id"]) or {}).get("text") != n["text"]]
+    retexted = {n["id"] for n in new_texts}
+    if new_texts:
+        texts = [n["text"] for n in new_texts]
+        for n, v, t in zip(new_texts, embed(texts), count_tokens(texts), strict=True):
+            n["embedding"], n["tokens"] = [float(x) for x in v], t
+    for n in nodes:
+        old = mem.get(n["id"])
+        if old is None:
+            changes.change(n, "insert", f"level-{n['level']} node over {len(n['event_ids'])} events")
+            continue
+        kept = [k for k in _KEPT_ON_UPDATE if not (n["id"] in retexted and k in ("embedding", "tokens"))]
+        merged = {**n, **{k: old[k] for k in kept}}
+        if any(merged[f] != old[f] for f in _COMPARED):
+            changes.change(merged, "update", "children or their text changed")
+    wanted = {n["id"] for n in nodes}
+    for m in list(mem.values()):
+        if m["level"] >= 1 and m["status"] == "active" and m["id"] not in wanted:
+            changes.change(
+                {**m, "status": "archived", "updated_at": changes.at},
+                "archive",
+                "its children changed; replaced by a node over the current children",
+            )
+
+
+def link_children(l0: list[dict[str, Any]], level1: list[Node1], changes: _Changes) -> None:
+    parent_of = {k["id"]: n["id"] for n, kids, _ in level1 for k in kids}
+    for m in l0:
+        cur = changes.all_mem[m["id"]]
+        if cur["parent"] != parent_of.get(m["id"]):
+            changes.change(
+                {**cur, "parent": parent_of.get(m["id"]), "updated_at": changes.at},
+                "link",
+                f"child of level-1 node {parent_of.get(m['id'])}",
+            )
+
+
+def _level0_in_order(
+    store: MemoryStore, namespace: str, mem: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Active level-0 memories by session, then by the order of their first source event."""
+    seq = {eid: r["seq"] for eid, r in queries.event_sources(store, namespace).items()}
+    l0 = [m for m in mem.values() if m["level"] == 0 and m["status"] == "active"]
+    first = lambda m: min((seq.get(e, 0) for e in m["event_ids"] or []), default=0)  # noqa: E731
+    return sorted(l0, key=lambda m: (m["session"] or "", first(m), m["id"]))
+
+
 def run_consolidate(
     store: MemoryStore,
     namespace: str,
@@ -192,172 +358,29 @@ def run_consolidate(
     result = StageResult("consolidate", namespace)
     with timed(result):
         embed_missing(store, namespace, embed)  # level-0 texts changed by compress have null embeddings
-        at = now_utc()
         all_mem = {m["id"]: m for m in store.memories(namespace, status=None, current=False).to_pylist()}
-        seq = {eid: r["seq"] for eid, r in queries.event_sources(store, namespace).items()}
-        l0 = [m for m in all_mem.values() if m["level"] == 0 and m["status"] == "active"]
-        l0.sort(
-            key=lambda m: (
-                m["session"] or "",
-                min((seq.get(e, 0) for e in m["event_ids"] or []), default=0),
-                m["id"],
-            )
-        )
-        changed: dict[str, dict[str, Any]] = {}
-        ops: list[dict[str, Any]] = []
-
-        def change(new: dict[str, Any], action: str, reason: str) -> None:
-            old = all_mem.get(new["id"])
-            changed[new["id"]] = new
-            ops.append(
-                make_op(
-                    namespace=namespace,
-                    memory_id=new["id"],
-                    stage="consolidate",
-                    action=action,
-                    before=old,
-                    after=new,
-                    reason=reason,
-                    flow_run_id=flow_run_id,
-                    at=at,
-                )
-            )
-            all_mem[new["id"]] = new
-
-        # --- merge near-duplicates (current level-0 memories only: history is not merged) ---
-        current = [m for m in l0 if m["valid_to"] is None]
-        emb0 = (
-            _norm(np.asarray([m["embedding"] for m in current], dtype=np.float32))
-            if current
-            else np.zeros((0, 1))
-        )
-        dups = find_duplicates(current, emb0, dup_threshold)
-        for dup_id, (surv_id, cos) in sorted(dups.items()):
-            dup = all_mem[dup_id]
-            surv = all_mem[surv_id]
-            change(
-                {**dup, "status": "archived", "superseded_by": surv_id, "updated_at": at},
-                "merge",
-                f"near-duplicate of {surv_id} (cosine {cos}, same speaker); source events kept on the survivor",
-            )
-            ids = sorted(set(surv["event_ids"] or []) | set(dup["event_ids"] or []))
-            if ids != sorted(surv["event_ids"] or []):
-                change(
-                    {**surv, "event_ids": ids, "updated_at": at}, "merge", f"absorbed near-duplicate {dup_id}"
-                )
-        l0 = [m for m in l0 if m["id"] not in dups]
-
-        # --- level 1: sessions / episodes ---
-        by_session: dict[str, list[dict[str, Any]]] = {}
-        for m in l0:
-            by_session.setdefault(m["session"] or "", []).append(all_mem[m["id"]])
-        desired1: list[tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]] = []
-        for session, members in sorted(by_session.items()):
-            emb = _norm(np.asarray([m["embedding"] for m in members], dtype=np.float32))
-            spans = split_episodes(emb)
-            for part, (lo, hi) in enumerate(spans):
-                kids, kemb = members[lo:hi], emb[lo:hi]
-                texts = [k["text"] for k in kids]
-                speakers = ", ".join(sorted({k["speaker"] for k in kids if k["speaker"]}))
-                label = session.replace("_", " ") + (
-                    f" part {part + 1}/{len(spans)}" if len(spans) > 1 else ""
-                )
-                head = f"{label} ({_date(kids[0]['event_time'])}), {speakers}:"
-                k = min(len(kids), max(2, math.ceil(len(kids) / 8)))
-                body = " ".join(texts[i] for i in extractive_summary(texts, kemb, k))
-                node = _node(
-                    namespace,
-                    1,
-                    "m1-" + content_hash(namespace, sorted(k["id"] for k in kids)),
-                    f"{head} {body}",
-                    kids,
-                    at,
-                )
-                desired1.append((node, kids, kemb.mean(0)))
-
-        # --- level 2: topics across sessions ---
-        desired2: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-        if len(desired1) >= 2:
-            raw = np.asarray([c for _, _, c in desired1], dtype=np.float32)
-            cent = _norm(raw - raw.mean(0))
-            for group in cluster_topics(cent, topic_distance):
-                members = [desired1[i] for i in group]
-                if len({n["session"] for n, _, _ in members}) < 2:
-                    continue  # a topic is something a person comes back to: two sessions at least
-                kids = [k for _, ks, _ in members for k in ks]
-                kemb = _norm(np.asarray([k["embedding"] for k in kids], dtype=np.float32))
-                centre = _norm(_norm(raw[group]).mean(0))
-                top = sorted(sorted(range(len(kids)), key=lambda i: (-float(kemb[i] @ centre), i))[:3])
-                dates = sorted(n["event_time"] for n, _, _ in members if n["event_time"])
-                head = f"Topic across {len(members)} sessions ({_date(dates[0] if dates else None)} to {_date(dates[-1] if dates else None)}):"
-                node = _node(
-                    namespace,
-                    2,
-                    "m2-" + content_hash(namespace, sorted(n["id"] for n, _, _ in members)),
-                    head + " " + " ".join(kids[i]["text"] for i in top),
-                    [n for n, _, _ in members],
-                    at,
-                )
-                desired2.append((node, [n for n, _, _ in members]))
-        topic_of = {n["id"]: t["id"] for t, ns in desired2 for n in ns}
-
-        # --- diff desired nodes against what is stored ---
-        nodes = [n for n, _, _ in desired1] + [t for t, _ in desired2]
+        changes = _Changes(namespace, all_mem, flow_run_id)
+        l0 = _level0_in_order(store, namespace, all_mem)
+        merged = merge_duplicates(l0, changes, dup_threshold)
+        l0 = [m for m in l0 if m["id"] not in merged]
+        level1 = session_nodes(namespace, l0, changes)
+        level2 = topic_nodes(namespace, level1, topic_distance, changes.at)
+        topic_of = {n["id"]: t["id"] for t, ns in level2 for n in ns}
+        nodes = [n for n, _, _ in level1] + [t for t, _ in level2]
         for n in nodes:
             n["parent"] = topic_of.get(n["id"])
-        new_texts = [n for n in nodes if (all_mem.get(n["id"]) or {}).get("text") != n["text"]]
-        retexted = {n["id"] for n in new_texts}
-        if new_texts:
-            vecs = embed([n["text"] for n in new_texts])
-            for n, v, t in zip(new_texts, vecs, count_tokens([n["text"] for n in new_texts]), strict=True):
-                n["embedding"], n["tokens"] = [float(x) for x in v], t
-        for n in nodes:
-            old = all_mem.get(n["id"])
-            if old is None:
-                change(n, "insert", f"level-{n['level']} node over {len(n['event_ids'])} events")
-                continue
-            keep = {
-                "embedding": old["embedding"],
-                "tokens": old["tokens"],
-                "created_at": old["created_at"],
-                "access_count": old["access_count"],
-                "last_access": old["last_access"],
-                "importance": old["importance"],
-            }
-            if n["id"] in retexted:
-                keep = {k: v for k, v in keep.items() if k not in ("embedding", "tokens")}
-            merged = {**n, **keep}
-            fields = ("text", "parent", "status", "event_ids", "valid_to", "superseded_by", "flag")
-            if any(merged[f] != old[f] for f in fields):
-                change(merged, "update", "children or their text changed")
-        wanted = {n["id"] for n in nodes}
-        for m in list(all_mem.values()):
-            if m["level"] >= 1 and m["status"] == "active" and m["id"] not in wanted:
-                change(
-                    {**m, "status": "archived", "updated_at": at},
-                    "archive",
-                    "its children changed; replaced by a node over the current children",
-                )
-        parent_of = {k["id"]: n["id"] for n, kids, _ in desired1 for k in kids}
-        for m in l0:
-            cur = all_mem[m["id"]]
-            if cur["parent"] != parent_of.get(m["id"]):
-                change(
-                    {**cur, "parent": parent_of.get(m["id"]), "updated_at": at},
-                    "link",
-                    f"child of level-1 node {parent_of.get(m['id'])}",
-                )
-
-        if changed:
+        reconcile_nodes(nodes, changes, embed=embed, count_tokens=count_tokens)
+        link_children(l0, level1, changes)
+        if changes.rows:
             with store.writer() as w:
-                w.insert("memories", memories_table(list(changed.values())), replace=True)
-                w.insert("ops", ops_table(ops))
-        result.changed = len(changed)
+                w.insert("memories", memories_table(list(changes.rows.values())), replace=True)
+                w.insert("ops", ops_table(changes.ops))
+        result.changed = len(changes.rows)
         result.figures = {
-            "merged_duplicates": len(dups),
-            "level1_nodes": len(desired1),
-            "level2_nodes": len(desired2),
-            "rows_changed": len(changed),
-            "ops": len(ops),
+            "merged_duplicates": len(merged),
+            "level1_nodes": len(level1),
+            "level2_nodes": len(level2),
+            "rows_changed": len(changes.rows),
+            "ops": len(changes.ops),
         }
     return result
