@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "memstage.cli.ops_commands",
     "memstage.cli.eval_commands",
     "memstage.server.app",
+    "memstage.cli.keys_commands",
 ]
 # Commands a person waits on: parsed with only their own module, so that a query answered by a warm
 # `memstage serve` imports no other command's dependencies (0.9 s of imports for the full parser).

@@ -4,8 +4,10 @@
 comes from the `X-Memstage-Namespace` header or the request's `user` field; memories are retrieved
 for the last user message and packed into the prompt by `tasks.generate` (stable parts first, so
 the engine's prefix cache hits across questions). Bad requests get OpenAI-style errors: 400 for a
-missing or malformed namespace or message, 404 for a namespace the store does not hold (never
-another tenant's data), 422 for a body that does not parse.
+missing, malformed or ambiguous namespace or message, 401 without a valid API key (unless served
+with `--insecure-local`), 403 for a namespace the key may not read, 404 for a namespace the store
+does not hold (never another tenant's data), 413 over a size limit, 422 for a body that does not
+parse. Keys, limits and the namespace rule live in server/guard.py.
 """
 
 from __future__ import annotations
@@ -13,24 +15,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
+import sys
 import threading
 import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from memstage.server.guard import (
+    ALL,
+    AUTH_RESPONSES,
+    ERROR_RESPONSES,
+    ApiError,
+    BodyLimit,
+    Limits,
+    authorize,
+    check_question,
+    error_json,
+    resolve_namespace,
+)
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 MODEL_ID = "memstage"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 class ChatMessage(BaseModel):
@@ -56,17 +66,6 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     user: str | None = None
-
-
-def _namespace(request: Request, body: ChatRequest, store: Any) -> str:
-    ns = request.headers.get("x-memstage-namespace") or body.user
-    if not ns:
-        raise ApiError(
-            400,
-            "name the memory namespace in the X-Memstage-Namespace header or the `user` field",
-            "namespace_missing",
-        )
-    return require_namespace(ns, store)
 
 
 def require_namespace(ns: str, store: Any) -> str:
@@ -98,24 +97,56 @@ def _messages(body: ChatRequest, retrieval: dict[str, Any], standing: str) -> li
     return [base[0], *history, base[1]]
 
 
+NAMESPACE_DOC = (
+    "the memory namespace to answer from; required here or in the body's `user` field (both: they must agree)"
+)
+
+
 def create_app(
-    services: Any, *, budget: int = 1000, engine: str | None = None, standing_budget: int = 1500
+    services: Any,
+    *,
+    budget: int = 1000,
+    engine: str | None = None,
+    standing_budget: int = 1500,
+    keys: Any | None = None,
+    limits: Limits | None = None,
+    metrics_namespaces: bool = False,
+    local_token: str | None = None,
 ) -> FastAPI:
-    """The app over one `MemoryServices` (store, retriever, generator); tests pass their own."""
+    """The app over one `MemoryServices` (store, retriever, generator); tests pass their own.
+
+    `keys` (a stores.keys.KeyRing) makes every /v1 request need a key; None serves without
+    authentication (`memstage serve --insecure-local` only). `metrics_namespaces` puts namespace
+    names in /metrics labels (off: other tenants' names stay private)."""
     from memstage.server.metrics import generator_cache_stats, mount_metrics
     from memstage.tasks.generate import standing_block
 
-    app = FastAPI(title="memstage", version="0.1.0")
+    limits = limits or Limits()
+    app = FastAPI(
+        title="memstage",
+        version="0.1.0",
+        description="OpenAI-compatible chat over a namespace's memory. Every /v1 request needs "
+        "`Authorization: Bearer <key>` (a key from `memstage keys add`) unless the server runs with "
+        "--insecure-local; /v1/chat/completions needs a namespace (X-Memstage-Namespace header or `user`).",
+    )
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
     app.state.generator = None
     metrics = mount_metrics(
-        app, cache_stats=lambda: generator_cache_stats(app.state.generator), store=services.store
+        app,
+        cache_stats=lambda: generator_cache_stats(app.state.generator),
+        store=services.store,
+        namespaces=metrics_namespaces,
     )
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+    bearer = HTTPBearer(auto_error=False, description="an API key from `memstage keys add`")
+
+    def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Any:
+        return authorize(keys, credentials.credentials if credentials else None, local_token)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}, exc.status
-        )
+        return JSONResponse(error_json(exc.status, exc.message, exc.code), exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,10 +157,22 @@ def create_app(
 
     from memstage.server.local_routes import mount_local_routes
 
-    mount_local_routes(app, services, check_namespace=lambda ns: require_namespace(ns, services.store))
+    def operator(key: Any = Depends(caller)) -> Any:
+        """The local routes (warm CLI query, report) read every namespace: an all-namespaces key only."""
+        if key is not None and ALL not in key.namespaces:
+            raise ApiError(403, "this route needs an all-namespaces key", "operator_only")
+        return key
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    mount_local_routes(
+        app,
+        services,
+        check_namespace=lambda ns: require_namespace(ns, services.store),
+        dependencies=[Depends(operator)],
+        responses={**AUTH_RESPONSES, 403: ERROR_RESPONSES[403]},
+    )
+
+    @app.get("/v1/models", responses=AUTH_RESPONSES)
+    async def models(_key: Any = Depends(caller)) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "memstage"}],
@@ -139,19 +182,36 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    def prepare(request: Request, body: ChatRequest) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
-        ns = _namespace(request, body, services.store)
+    def prepare(
+        header: str | None, key: Any, body: ChatRequest
+    ) -> tuple[str, dict[str, Any], list[dict[str, str]]]:
+        ns = resolve_namespace(header, body.user, key, services.store)
         users = [m for m in body.messages if m.role == "user"]
         question = users[-1].text().strip() if users else ""
+        check_question(question, len(body.messages), limits)
         if not question:
             raise ApiError(400, "the last user message is empty", "message_missing")
         retrieval = services.retrieve(ns, question, budget)
         standing = standing_block(services.store.memories(ns), standing_budget, services.counter.count)
         return ns, retrieval, _messages(body, retrieval, standing)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(request: Request, body: ChatRequest) -> Any:
-        ns, retrieval, messages = await run_in_threadpool(prepare, request, body)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            200: {
+                "description": "the answer (JSON), or server-sent events with `stream: true`",
+                "content": {"application/json": {}, "text/event-stream": {}},
+            },
+            **ERROR_RESPONSES,
+        },
+    )
+    async def chat(
+        body: ChatRequest,
+        key: Any = Depends(caller),
+        x_memstage_namespace: str | None = Header(None, description=NAMESPACE_DOC),
+    ) -> Any:
+        ns, retrieval, messages = await run_in_threadpool(prepare, x_memstage_namespace, key, body)
         gen = await run_in_threadpool(services.generator, engine)
         app.state.generator = gen
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
@@ -232,14 +292,37 @@ def create_app(
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
-    from memstage.cli.main import config_from
+    from memstage.cli.main import UserError, config_from
     from memstage.runtime.services import services
     from memstage.server.local import remove_service_file, write_service_file
+    from memstage.stores.keys import KeyRing
 
     config = config_from(args)
     config.home.mkdir(parents=True, exist_ok=True)
+    keys = None if args.insecure_local else KeyRing(config.home)
+    if args.insecure_local and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise UserError(
+            f"--insecure-local serves every namespace without a key: loopback only, not {args.host}"
+        )
+    if keys is not None and not keys.entries():
+        print(
+            f"memstage serve: no API keys in {config.home}; /v1 requests get 401 until "
+            "`memstage keys add --namespace NS` makes one (or use --insecure-local on loopback)",
+            file=sys.stderr,
+        )
+    # the data directory's owner (who can read HOME/serve.json, mode 0600) queries through this token
+    local_token = secrets.token_urlsafe(32)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_question_chars=args.max_question_chars)
     svc = services(config, use_ray=False)  # the instance the query flow's tasks use in this process
-    app = create_app(svc, budget=args.budget, engine=args.engine)
+    app = create_app(
+        svc,
+        budget=args.budget,
+        engine=args.engine,
+        keys=keys,
+        limits=limits,
+        metrics_namespaces=args.metrics_namespaces,
+        local_token=local_token,
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
 
     def warm_then_announce() -> None:
@@ -249,7 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
-            write_service_file(config.home, args.host, args.port)
+            write_service_file(config.home, args.host, args.port, token=local_token)
 
     threading.Thread(target=warm_then_announce, name="memstage-warm", daemon=True).start()
     try:
@@ -283,5 +366,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--budget", type=int, default=1000, help="evidence tokens per answer (default 1000)")
     p.add_argument("--engine", default=None, help="generator engine: transformers (default), openai, vllm")
+    p.add_argument(
+        "--insecure-local",
+        action="store_true",
+        help="serve without API keys: any client reads any namespace (loopback hosts only)",
+    )
+    p.add_argument(
+        "--metrics-namespaces", action="store_true", help="label /metrics gauges with namespace names"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes, help="larger bodies get 413")
+    p.add_argument(
+        "--max-question-chars", type=int, default=Limits.max_question_chars, help="longer questions get 413"
+    )
     add_common(p)
     p.set_defaults(run=cmd_serve)

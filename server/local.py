@@ -33,10 +33,12 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # a wildcard bind is reached on loopback
 
 
-def write_service_file(home: Path, host: str, port: int) -> Path:
-    """Record that this process serves `home` at host:port (read by `find_service`)."""
+def write_service_file(home: Path, host: str, port: int, token: str | None = None) -> Path:
+    """Record that this process serves `home` at host:port (read by `find_service`), with the token
+    its owner's commands authenticate with (the file is mode 0600)."""
     path = Path(home) / SERVICE_FILE
     info = {
+        "token": token,
         "url": f"http://{_client_host(host)}:{port}",
         "pid": os.getpid(),
         "home": str(home),
@@ -81,7 +83,7 @@ def find_service(home: Path) -> dict[str, Any] | None:
 def ask(service: dict[str, Any], payload: dict[str, Any], *, timeout_s: float = 300.0) -> dict[str, Any]:
     """POST a query to the service; its JSON answer, or ServiceError (4xx) / OSError (unreachable)."""
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get("MEMSTAGE_API_KEY")
+    key = service.get("token") or os.environ.get("MEMSTAGE_API_KEY")
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(

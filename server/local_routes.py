@@ -56,15 +56,23 @@ def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
     return result
 
 
-def mount_local_routes(app: FastAPI, services: Any, *, check_namespace: Any) -> None:
-    """Add POST /memstage/query and GET /report; `check_namespace(ns)` raises the app's 400/404 errors."""
+def mount_local_routes(
+    app: FastAPI,
+    services: Any,
+    *,
+    check_namespace: Any,
+    dependencies: list[Any] | None = None,
+    responses: dict[int | str, Any] | None = None,
+) -> None:
+    """Add POST /memstage/query and GET /report; `check_namespace(ns)` raises the app's 400/404 errors;
+    `dependencies` (the app's authentication) run before either route."""
 
-    @app.post("/memstage/query")
+    @app.post("/memstage/query", dependencies=dependencies, responses=responses)
     async def query(body: QueryRequest) -> dict[str, Any]:
         check_namespace(body.namespace)
         return await run_in_threadpool(run_served_query, services, body)
 
-    @app.get("/report", response_class=HTMLResponse)
+    @app.get("/report", response_class=HTMLResponse, dependencies=dependencies, responses=responses)
     async def report(namespace: str | None = Query(default=None, max_length=128)) -> HTMLResponse:
         if namespace is not None:
             check_namespace(namespace)

@@ -1,5 +1,8 @@
 """Prometheus metrics for `memstage serve`: request counts and latency, KV cache reuse, store size; `/metrics`.
 
+Namespace names appear only with `memstage serve --metrics-namespaces`; by default the memories
+gauge is summed per level.
+
 `mount_metrics(app, ...)` adds the `/metrics` route and a timing middleware to a FastAPI app. The
 KV cache and store figures are read when Prometheus scrapes (a custom collector), so nothing on the
 request path pays for them. Each `Metrics` has its own registry: two servers (or two tests) in one
@@ -33,9 +36,10 @@ def generator_cache_stats(generator: Any) -> dict[str, Any] | None:
 class _ScrapeCollector(Collector):
     """KV cache counters and memories per namespace/level, computed at scrape time."""
 
-    def __init__(self, cache_stats: CacheStatsFn | None, store: Any | None) -> None:
+    def __init__(self, cache_stats: CacheStatsFn | None, store: Any | None, namespaces: bool = False) -> None:
         self.cache_stats = cache_stats
         self.store = store
+        self.namespaces = namespaces  # namespace names as labels only when the operator opts in
 
     def collect(self) -> Iterator[Any]:
         stats = self.cache_stats() if self.cache_stats else None
@@ -63,15 +67,18 @@ class _ScrapeCollector(Collector):
                 g.add_metric([], float(stats.get(key, 0)))
                 yield g
         if self.store is not None:
-            g = GaugeMetricFamily(
-                "memstage_memories", "active memories per namespace and level", labels=["namespace", "level"]
-            )
+            labels = ["namespace", "level"] if self.namespaces else ["level"]
+            g = GaugeMetricFamily("memstage_memories", "active memories per level", labels=labels)
             try:
                 rows = queries.active_memory_counts(self.store)
             except Exception:  # noqa: BLE001 - a busy or missing store must not break the scrape
                 rows = []
+            totals: dict[tuple[str, ...], float] = {}
             for r in rows:
-                g.add_metric([r["namespace"], str(r["level"])], float(r["n"]))
+                key = (r["namespace"], str(r["level"])) if self.namespaces else (str(r["level"]),)
+                totals[key] = totals.get(key, 0.0) + float(r["n"])
+            for key, n in sorted(totals.items()):
+                g.add_metric(list(key), n)
             yield g
 
     def describe(self) -> Iterable[Any]:
@@ -81,7 +88,9 @@ class _ScrapeCollector(Collector):
 class Metrics:
     """The server's registry and its request metrics."""
 
-    def __init__(self, *, cache_stats: CacheStatsFn | None = None, store: Any | None = None) -> None:
+    def __init__(
+        self, *, cache_stats: CacheStatsFn | None = None, store: Any | None = None, namespaces: bool = False
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "memstage_requests", "HTTP requests", ["path", "status"], registry=self.registry
@@ -96,7 +105,7 @@ class Metrics:
         self.tokens = Counter(
             "memstage_tokens", "tokens handled", ["kind"], registry=self.registry
         )  # kind: evidence | prompt | completion | cached
-        self.registry.register(_ScrapeCollector(cache_stats, store))
+        self.registry.register(_ScrapeCollector(cache_stats, store, namespaces))
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         self.requests.labels(path, str(status)).inc()
@@ -112,8 +121,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def mount_metrics(app: Any, *, cache_stats: CacheStatsFn | None = None, store: Any | None = None) -> Metrics:
-    """Add GET /metrics and per-request timing to a FastAPI app; returns the Metrics for custom counts."""
+def mount_metrics(
+    app: Any, *, cache_stats: CacheStatsFn | None = None, store: Any | None = None, namespaces: bool = False
+) -> Metrics:
+    """Add GET /metrics and per-request timing to a FastAPI app; returns the Metrics for custom counts.
+
+    `namespaces`: label the memories gauge with namespace names (off by default: one tenant's
+    scrape must not list the others)."""
     from starlette.requests import Request
     from starlette.responses import Response
 

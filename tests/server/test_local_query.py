@@ -27,9 +27,12 @@ def warm_service(indexed_sample, encoder, token_counter, monkeypatch):
     home = indexed_sample.home
     svc = services_mod.services(RuntimeConfig(home=home, runner="local"), use_ray=False)
     svc._encoder, svc._counter = encoder, token_counter  # the session's models: no second load
-    url, server = serve_in_thread(create_app(svc))
+    from memstage.stores.keys import KeyRing
+
+    token = "local-token-of-this-test"  # cmd_serve makes a random one per process
+    url, server = serve_in_thread(create_app(svc, keys=KeyRing(home), local_token=token))
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    write_service_file(home, "127.0.0.1", port)
+    write_service_file(home, "127.0.0.1", port, token=token)
     yield home, url.removesuffix("/v1")
     server.should_exit = True
     services_mod._local.pop(str(home), None)
@@ -62,7 +65,14 @@ def test_unknown_namespace_through_the_service_is_a_user_error(warm_service, cap
 
 
 def test_report_is_served_over_http(warm_service):
-    _, base = warm_service
+    home, base = warm_service
+    with pytest.raises(urllib.error.HTTPError) as err:  # the report reads every namespace: a key is needed
+        urllib.request.urlopen(base + "/report?namespace=demo", timeout=30)
+    assert err.value.code == 401
+    token = json.loads((home / "serve.json").read_text())["token"]
+    opener = urllib.request.build_opener()
+    opener.addheaders = [("Authorization", f"Bearer {token}")]
+    urllib.request.install_opener(opener)
     with urllib.request.urlopen(base + "/report?namespace=demo", timeout=60) as r:
         page = r.read().decode()
         assert r.headers["content-type"].startswith("text/html")
@@ -70,6 +80,7 @@ def test_report_is_served_over_http(warm_service):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(base + "/report?namespace=nobody", timeout=30)
     assert err.value.code == 404
+    urllib.request.install_opener(urllib.request.build_opener())
 
 
 def test_stale_service_file_is_ignored(tmp_path):

@@ -65,4 +65,12 @@ def test_metrics_endpoint_reports_requests_kv_cache_and_memories(metrics_server)
     assert samples[("memstage_request_seconds_count", (("path", "/v1/models"),))] == 3
     assert samples[("memstage_kv_cache_hit_rate", ())] == pytest.approx(0.75)
     assert samples[("memstage_kv_cache_hit_tokens_total", ())] == 300
-    assert samples[("memstage_memories", (("level", "0"), ("namespace", "demo")))] == 19
+    assert samples[("memstage_memories", (("level", "0"),))] == 19  # summed: no namespace names by default
+    assert "demo" not in r.text
+
+
+def test_metrics_name_namespaces_only_when_the_operator_opts_in(indexed_sample):
+    from memstage.server.metrics import Metrics
+
+    assert 'namespace="demo"' in Metrics(store=indexed_sample, namespaces=True).render().decode()
+    assert "demo" not in Metrics(store=indexed_sample).render().decode()
