@@ -168,7 +168,7 @@ def create_app(
         services,
         check_namespace=lambda ns: require_namespace(ns, services.store),
         dependencies=[Depends(operator)],
-        responses={**AUTH_RESPONSES, 403: ERROR_RESPONSES[403]},
+        responses=ERROR_RESPONSES,
     )
 
     @app.get("/v1/models", responses=AUTH_RESPONSES)

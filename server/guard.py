@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from memstage.stores.keys import ALL, ApiKey
-from pydantic import BaseModel
 
 
 @dataclass(frozen=True)
@@ -34,16 +33,6 @@ class ApiError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    code: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
 def error_json(status: int, message: str, code: str) -> dict[str, Any]:
     kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
         status, "invalid_request_error"
@@ -51,8 +40,21 @@ def error_json(status: int, message: str, code: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+_ERROR_SCHEMA = {  # the error body, inline (no $ref), so routes of any media type document JSON errors
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {k: {"type": "string"} for k in ("message", "type", "code")},
+        }
+    },
+}
+
+
 def _doc(text: str) -> dict[str, Any]:
-    return {"model": ErrorBody, "description": text}
+    return {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
