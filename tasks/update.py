@@ -12,7 +12,7 @@ event time and `superseded_by`; the newer gets version = older + 1. Nothing is d
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -102,6 +102,86 @@ def _same(a: str, b: str) -> bool:
     return a == b or a.startswith(b + " ") or b.startswith(a + " ")
 
 
+class _Supersessions:
+    """The rows an update run changes and their ops: one `walk` per (speaker, relation)."""
+
+    def __init__(
+        self, namespace: str, flow_run_id: str | None, seq_of: Callable[[dict[str, Any]], int]
+    ) -> None:
+        self.namespace, self.flow_run_id, self.seq_of = namespace, flow_run_id, seq_of
+        self.at = now_utc()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.ops: list[dict[str, Any]] = []
+        self.candidates = self.rejected = 0
+
+    def walk(self, speaker: str, relation: str, stated: list[tuple[dict[str, Any], str]]) -> None:
+        """Statements oldest first: one that changes the object of the current ones supersedes them."""
+        holders: list[tuple[dict[str, Any], str]] = []  # current statements of the same object
+        for m, obj in sorted(stated, key=self._order):
+            changed_from = [(h, o) for h, o in holders if not _same(o, obj)]
+            if not changed_from:
+                holders.append((m, obj))
+                continue
+            self.candidates += 1
+            sims = [_cosine(h["embedding"], m["embedding"]) for h, _ in changed_from]
+            if max(sims) < MIN_SIMILARITY:
+                self.rejected += 1
+                holders.append((m, obj))
+                continue
+            self._supersede(f"{speaker} {relation}", m, obj, changed_from, sims)
+            holders = [(m, obj)] + [(h, o) for h, o in holders if _same(o, obj)]
+
+    def _order(self, stated: tuple[dict[str, Any], str]) -> tuple[Any, ...]:
+        m = stated[0]  # when it was said; then its session and its place in it
+        return (m["event_time"] or self.at, m["session"] or "", self.seq_of(m), m["id"])
+
+    def _op(self, memory_id: str, action: str, before: Any, after: Any, reason: str) -> None:
+        at = self.at + timedelta(microseconds=len(self.ops))  # op ids hash `at`: one per op
+        self.ops.append(
+            make_op(
+                namespace=self.namespace,
+                memory_id=memory_id,
+                stage="update",
+                action=action,
+                before=before,
+                after=after,
+                reason=reason,
+                flow_run_id=self.flow_run_id,
+                at=at,
+            )
+        )
+
+    def _supersede(
+        self,
+        fact: str,
+        m: dict[str, Any],
+        obj: str,
+        changed_from: list[tuple[dict[str, Any], str]],
+        sims: list[float],
+    ) -> None:
+        rows, at = self.rows, self.at
+        newer = rows.get(m["id"], m)
+        version = max(rows.get(h["id"], h)["version"] or 1 for h, _ in changed_from) + 1
+        new_row = {**newer, "version": version, "updated_at": at}
+        when = m["event_time"] or at
+        for (h, old_obj), sim in zip(changed_from, sims, strict=True):
+            old = rows.get(h["id"], h)
+            if old["valid_to"] is not None and old["valid_to"] <= when:
+                # already superseded through another of its facts in this run: the earlier end stands
+                old_row = {**old, "updated_at": at}
+            else:
+                old_row = {**old, "valid_to": when, "superseded_by": m["id"], "updated_at": at}
+            rows[h["id"]] = old_row
+            reason = (
+                f"{fact}: {old_obj!r} -> {obj!r}, stated by {m['id']} on {when:%Y-%m-%d} "
+                f"(cosine {sim:.2f}); valid_to set, superseded_by {m['id']}"
+            )
+            self._op(h["id"], "supersede", old, old_row, reason)
+        supersedes = ", ".join(h["id"] for h, _ in changed_from)
+        self._op(m["id"], "version", newer, new_row, f"{fact} is now {obj!r}; supersedes {supersedes}")
+        rows[m["id"]] = new_row
+
+
 def run_update(
     store: MemoryStore, namespace: str, *, embed: Embed, flow_run_id: str | None = None
 ) -> StageResult:
@@ -118,82 +198,21 @@ def run_update(
 
         facts: dict[tuple[str, str], list[tuple[dict[str, Any], str]]] = {}
         for m in mem:
-            text, _ = source(m)
-            for relation, obj in extract_facts(text):
+            for relation, obj in extract_facts(source(m)[0]):
                 facts.setdefault((m["speaker"] or "", relation), []).append((m, obj))
-        at = now_utc()
-        rows: dict[str, dict[str, Any]] = {}
-        ops: list[dict[str, Any]] = []
-        candidates = rejected = 0
-        order = lambda mo: (mo[0]["event_time"] or at, mo[0]["session"] or "", source(mo[0])[1], mo[0]["id"])  # noqa: E731
+        plan = _Supersessions(namespace, flow_run_id, seq_of=lambda m: source(m)[1])
         for (speaker, relation), stated in sorted(facts.items()):
-            stated.sort(key=order)
-            holders: list[tuple[dict[str, Any], str]] = []  # current statements of the same object
-            for m, obj in stated:
-                changed_from = [(h, o) for h, o in holders if not _same(o, obj)]
-                if not changed_from:
-                    holders.append((m, obj))
-                    continue
-                candidates += 1
-                newer = rows.get(m["id"], m)
-                sims = [_cosine(h["embedding"], m["embedding"]) for h, _ in changed_from]
-                if max(sims) < MIN_SIMILARITY:
-                    rejected += 1
-                    holders.append((m, obj))
-                    continue
-                version = max(rows.get(h["id"], h)["version"] or 1 for h, _ in changed_from) + 1
-                new_row = {**newer, "version": version, "updated_at": at}
-                for (h, old_obj), sim in zip(changed_from, sims, strict=True):
-                    old = rows.get(h["id"], h)
-                    when = m["event_time"] or at
-                    if old["valid_to"] is not None and old["valid_to"] <= when:
-                        # already superseded through another of its facts in this run: the earlier end stands
-                        old_row = {**old, "updated_at": at}
-                    else:
-                        old_row = {**old, "valid_to": when, "superseded_by": m["id"], "updated_at": at}
-                    rows[h["id"]] = old_row
-                    reason = (
-                        f"{speaker} {relation}: {old_obj!r} -> {obj!r}, stated by {m['id']} on {when:%Y-%m-%d} "
-                        f"(cosine {sim:.2f}); valid_to set, superseded_by {m['id']}"
-                    )
-                    ops.append(
-                        make_op(
-                            namespace=namespace,
-                            memory_id=h["id"],
-                            stage="update",
-                            action="supersede",
-                            before=old,
-                            after=old_row,
-                            reason=reason,
-                            flow_run_id=flow_run_id,
-                            at=at + timedelta(microseconds=len(ops)),  # op ids hash `at`: one per op
-                        )
-                    )
-                ops.append(
-                    make_op(
-                        namespace=namespace,
-                        memory_id=m["id"],
-                        stage="update",
-                        action="version",
-                        before=newer,
-                        after=new_row,
-                        reason=f"{speaker} {relation} is now {obj!r}; supersedes {', '.join(h['id'] for h, _ in changed_from)}",
-                        flow_run_id=flow_run_id,
-                        at=at + timedelta(microseconds=len(ops)),
-                    )
-                )
-                rows[m["id"]] = new_row
-                holders = [(m, obj)] + [(h, o) for h, o in holders if _same(o, obj)]
-        if rows:
+            plan.walk(speaker, relation, stated)
+        if plan.rows:
             with store.writer() as w:
-                w.insert("memories", memories_table(list(rows.values())), replace=True)
-                w.insert("ops", ops_table(ops))
-        result.changed = len(rows)
+                w.insert("memories", memories_table(list(plan.rows.values())), replace=True)
+                w.insert("ops", ops_table(plan.ops))
+        result.changed = len(plan.rows)
         result.figures = {
             "facts_found": sum(len(v) for v in facts.values()),
-            "candidates": candidates,
-            "rejected_low_similarity": rejected,
-            "superseded": sum(1 for o in ops if o["action"] == "supersede"),
+            "candidates": plan.candidates,
+            "rejected_low_similarity": plan.rejected,
+            "superseded": sum(1 for o in plan.ops if o["action"] == "supersede"),
         }
     return result
 
