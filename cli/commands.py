@@ -185,6 +185,7 @@ def _say_warm(service: dict[str, Any], result: dict[str, Any]) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.stores import queries
     from memstage.stores.store import MemoryStore
 
     store = MemoryStore(config_from(args).home)
@@ -196,7 +197,7 @@ def cmd_stats(args: argparse.Namespace) -> dict[str, Any]:
         # instruction-like memories (tasks.injection): what the prompt quotes with a warning or holds out
         "flagged_memories": [
             {**r, "event_time": str(r["event_time"]) if r["event_time"] else None, "text": r["text"][:200]}
-            for r in store.flagged(args.namespace, limit=20).to_pylist()
+            for r in queries.flagged_memories(store, args.namespace, limit=20).to_pylist()
         ],
     }
 

@@ -321,7 +321,7 @@ PAGE = """<!doctype html>
 
 def flagged_panel(store: MemoryStore, namespace: str | None) -> str:
     """The memories the injection detector flagged (HTML-escaped text), or why the panel is empty."""
-    rows = store.flagged(namespace, limit=15).to_pylist()
+    rows = queries.flagged_memories(store, namespace, limit=15).to_pylist()
     title = "<h3>Instruction-like memories (flagged)</h3>"
     if not rows:
         return f"{title}<p class='sub'>No memory reads as an instruction: nothing is quoted with a warning or held out.</p>"

@@ -61,6 +61,25 @@ def memory_summary(store: MemoryStore, namespace: str | None = None) -> dict[str
     return {"active": row["active"] or 0, "namespaces": row["ns"] or 0}
 
 
+def flagged_memories(store: MemoryStore, namespace: str | None = None, limit: int = 100) -> pa.Table:
+    """Active, current memories the injection detector flagged: id, level, flag, text (newest first)."""
+    where, params = ("AND namespace = ?", [validate_namespace(namespace)]) if namespace else ("", [])
+    return store.query(
+        f"""SELECT namespace, id, level, flag, text, event_time FROM memories
+            WHERE coalesce(flag, '') <> '' AND status = 'active' AND valid_to IS NULL {where}
+            ORDER BY event_time DESC NULLS LAST, id LIMIT ?""",
+        [*params, int(limit)],
+    )
+
+
+def unscanned_memories(store: MemoryStore, namespace: str) -> pa.Table:
+    """Memories stored before the flag column existed (flag null): what the index stage scans once."""
+    return store.query(
+        "SELECT * FROM memories WHERE namespace = ? AND flag IS NULL ORDER BY id",
+        [validate_namespace(namespace)],
+    )
+
+
 # ---- history ----------------------------------------------------------------------------------
 
 

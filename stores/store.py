@@ -1,8 +1,9 @@
 """The memory store: one DuckDB file per data directory, Arrow in and out, one writer at a time.
 
 Reads open short-lived read-only connections (or reuse this process's writer connection); writes go
-through `MemoryStore.writer()`, which takes an exclusive file lock, opens the database read-write and
-commits everything done inside the `with` block as one transaction. `MemoryStore.hold()` keeps one
+through `MemoryStore.writer()`, which takes the data directory's writer lock (`writer_lock.py` says
+what it protects and what it does on a cluster), opens the database read-write and commits
+everything done inside the `with` block as one transaction. `MemoryStore.hold()` keeps one
 connection (and the lock) for a run of reads and writes, since opening DuckDB costs tens of ms.
 Every read and write names a namespace; `validate_namespace` keeps names safe as folder names too.
 """
@@ -10,9 +11,7 @@ Every read and write names a namespace; `validate_namespace` keeps names safe as
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import re
 import shutil
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-from memstage.stores import schema
+from memstage.stores import schema, writer_lock
 
 from memstage.settings import get_settings
 
@@ -37,7 +36,7 @@ class StoreError(Exception):
     """A problem with the store that the user can act on; the message says what and where."""
 
 
-class StoreLockedError(StoreError):
+class StoreLockedError(StoreError, writer_lock.StoreLockedError):
     """Another process holds the writer lock."""
 
 
@@ -112,27 +111,6 @@ class Writer:
         return self.conn.sql(sql, params=list(params or [])).to_arrow_table()
 
 
-class _HeldDatabase:
-    """This process's open read-write connection to one store file, while some `hold()` is active."""
-
-    def __init__(self, conn: duckdb.DuckDBPyConnection, lock_fd: int) -> None:
-        self.conn = conn
-        self.lock_fd = lock_fd
-        self.depth = 1
-        self.write_mutex = threading.RLock()  # one write transaction at a time across this process's threads
-
-
-_held: dict[Path, _HeldDatabase] = {}
-_held_mutex = threading.Lock()
-_process_locks: dict[Path, threading.Lock] = {}
-
-
-def _process_lock(db_path: Path) -> threading.Lock:
-    """This process's lock on one store file: its threads take turns at the file lock."""
-    with _held_mutex:
-        return _process_locks.setdefault(db_path, threading.Lock())
-
-
 class MemoryStore:
     """Handle on a data directory: `memstage.duckdb`, the writer lock and the index artifacts."""
 
@@ -164,12 +142,12 @@ class MemoryStore:
         lock is held throughout: keep it to one step, since other processes wait meanwhile (their
         readers retry for 30 s). Each `writer()` inside is still its own transaction.
         """
-        with _held_mutex:
-            held = _held.get(self.db_path)
+        with writer_lock.held_mutex:
+            held = writer_lock.held.get(self.db_path)
             if held is not None:
                 held.depth += 1
         if held is None:
-            in_process = _process_lock(self.db_path)
+            in_process = writer_lock.gate(self.db_path)
             in_process.acquire()  # released when the last hold ends (maybe by another thread)
             try:
                 lock_fd = self._acquire_lock()
@@ -177,33 +155,33 @@ class MemoryStore:
                     conn = duckdb.connect(str(self.db_path))
                     self._migrate(conn)
                 except BaseException:
-                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
-                    os.close(lock_fd)
+                    writer_lock.release_file_lock(lock_fd)
                     raise
             except BaseException:
                 in_process.release()
                 raise
-            with _held_mutex:
-                held = _held[self.db_path] = _HeldDatabase(conn, lock_fd)
+            with writer_lock.held_mutex:
+                held = writer_lock.held[self.db_path] = writer_lock.HeldDatabase(conn, lock_fd)
         try:
             yield self
         finally:
-            in_process = _process_lock(self.db_path)  # taken before _held_mutex: it is not re-entrant
-            with _held_mutex:
+            in_process = writer_lock.gate(
+                self.db_path
+            )  # taken before writer_lock.held_mutex: it is not re-entrant
+            with writer_lock.held_mutex:
                 held.depth -= 1
                 if held.depth == 0:
-                    del _held[self.db_path]
+                    del writer_lock.held[self.db_path]
                     try:
                         held.conn.close()
                     finally:
-                        fcntl.flock(held.lock_fd, fcntl.LOCK_UN)
-                        os.close(held.lock_fd)
+                        writer_lock.release_file_lock(held.lock_fd)
                         in_process.release()
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[Writer]:
         """One transaction under the exclusive writer lock; rolled back if the block raises."""
-        held = _held.get(self.db_path)
+        held = writer_lock.held.get(self.db_path)
         if held is not None:
             with held.write_mutex, self._mutex:
                 if self._conn is not None:
@@ -218,7 +196,7 @@ class MemoryStore:
             return
         # Writers in other threads of this process queue here (behind a hold, too): on the file
         # lock alone the second one would fail at once as if another process held the store.
-        with self._mutex, _process_lock(self.db_path):
+        with self._mutex, writer_lock.gate(self.db_path):
             if self._conn is not None:
                 raise StoreError("nested writer() in one process: commit the open transaction first")
             lock_fd = self._acquire_lock()
@@ -232,8 +210,7 @@ class MemoryStore:
                     self._conn = None
                     conn.close()
             finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-                os.close(lock_fd)
+                writer_lock.release_file_lock(lock_fd)
 
     @staticmethod
     def _transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[Writer]:
@@ -246,24 +223,7 @@ class MemoryStore:
         conn.execute("COMMIT")
 
     def _acquire_lock(self) -> int:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.lock_timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown process"
-                    os.close(fd)
-                    raise StoreLockedError(
-                        f"another writer holds {self.lock_path} ({holder}); wait for it to finish, "
-                        f"or point --home / MEMSTAGE_HOME at another data directory"
-                    ) from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {now_utc().isoformat(timespec='seconds')}".encode(), 0)
-        return fd
+        return writer_lock.acquire_file_lock(self.lock_path, self.lock_timeout_s, StoreLockedError)
 
     def _migrate(self, conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
@@ -297,7 +257,7 @@ class MemoryStore:
             if self._conn is not None:  # this process is writing: read inside its transaction
                 yield self._conn.cursor()
                 return
-        held = _held.get(self.db_path)
+        held = writer_lock.held.get(self.db_path)
         if held is not None:
             cursor = held.conn.cursor()
             try:
@@ -393,23 +353,6 @@ class MemoryStore:
             .as_py()
         )
         return out
-
-    def flagged(self, namespace: str | None = None, limit: int = 100) -> pa.Table:
-        """Active, current memories the injection detector flagged: id, level, flag, text (newest first)."""
-        where, params = ("AND namespace = ?", [validate_namespace(namespace)]) if namespace else ("", [])
-        return self.query(
-            f"""SELECT namespace, id, level, flag, text, event_time FROM memories
-                WHERE coalesce(flag, '') <> '' AND status = 'active' AND valid_to IS NULL {where}
-                ORDER BY event_time DESC NULLS LAST, id LIMIT ?""",
-            [*params, int(limit)],
-        )
-
-    def unscanned_memories(self, namespace: str) -> pa.Table:
-        """Memories stored before the flag column existed (flag null): what the index stage scans once."""
-        return self.query(
-            "SELECT * FROM memories WHERE namespace = ? AND flag IS NULL ORDER BY id",
-            [validate_namespace(namespace)],
-        )
 
     # ---- index artifacts ---------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from memstage.gpu.encoder import DIMS, MODEL_NAME
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import VectorIndex
+from memstage.stores import queries
 from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
@@ -193,7 +194,7 @@ def materialise_level0(
 
 def scan_unscanned(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> int:
     """Memories stored before the detector existed (flag null) get their flag, once, with an `ops` row each."""
-    old = store.unscanned_memories(namespace).to_pylist()
+    old = queries.unscanned_memories(store, namespace).to_pylist()
     at, rows, ops = now_utc(), [], []
     for m in old:
         new = {**m, "flag": flag_text(m["text"])}
