@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -171,23 +168,28 @@ def apply_deployments(spec: dict[str, Any], workdir: Path) -> list[str]:
 
 
 def ensure_pool(pool: str) -> None:
-    """Create the process work pool unless it exists (the CLI fills in the process job template)."""
-    found = subprocess.run(
-        [sys.executable, "-m", "prefect", "work-pool", "inspect", pool],
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-    )
-    if found.returncode != 0:
-        made = subprocess.run(
-            [sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
-            capture_output=True,
-            text=True,
-        )
-        if made.returncode != 0:
-            raise UserError(
-                f"could not create work pool {pool}: {made.stderr.strip() or made.stdout.strip()}"
-            )
+    """Create the process work pool unless it exists, with the process worker's default job template."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+
+
+def check_server(api: str) -> None:
+    """One line the user can act on when no Prefect server answers at `api`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        error = client.api_healthcheck()
+    if error is not None:
+        raise UserError(f"no Prefect server answers at {api} ({error}); is `prefect server start` running?")
 
 
 def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,13 +200,7 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
             "PREFECT_API_URL is not set: start `prefect server start` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (see deploy/README.md)"
         )
-    api = os.environ["PREFECT_API_URL"].rstrip("/")
-    try:
-        urllib.request.urlopen(f"{api}/health", timeout=10).close()
-    except OSError as exc:
-        raise UserError(
-            f"no Prefect server answers at {api} ({exc}); is `prefect server start` running?"
-        ) from None
+    check_server(os.environ["PREFECT_API_URL"])
     config = config_from(args)
     env = {**get_settings().worker_env(), "MEMSTAGE_HOME": str(config.home), "MEMSTAGE_RUNNER": config.runner}
     if os.environ.get("RAY_ADDRESS"):

@@ -30,6 +30,7 @@ from memstage.tasks.contract import (
     content_hash,
     make_op,
     memories_table,
+    new_memory,
     ops_table,
     timed,
 )
@@ -150,32 +151,18 @@ def _node(
 ) -> dict[str, Any]:
     times = [c["event_time"] for c in children if c["event_time"] is not None]
     sessions = sorted({c["session"] for c in children if c["session"]})
-    return {
-        "id": node_id,
-        "namespace": namespace,
-        "level": level,
-        "text": text,
-        "tokens": None,
-        "embedding": None,
-        "parent": None,
-        "event_ids": sorted({e for c in children for e in (c["event_ids"] or [])}),
-        "session": sessions[0] if len(sessions) == 1 else None,
-        "speaker": None,
-        "event_time": min(times) if times else None,
-        "version": 1,
-        "valid_from": min(times) if times else at,
-        "valid_to": None,
-        "superseded_by": None,
-        "importance": 0.5,
-        "access_count": 0,
-        "last_access": None,
-        "status": "active",
-        "metadata": None,
-        "created_at": at,
-        "updated_at": at,
+    return new_memory(
+        id=node_id,
+        namespace=namespace,
+        level=level,
+        text=text,
+        event_ids=sorted({e for c in children for e in (c["event_ids"] or [])}),
+        at=at,
+        session=sessions[0] if len(sessions) == 1 else None,
+        event_time=min(times) if times else None,
         # its own text scanned, and "carried" when a child is flagged: a summary does not launder an injection
-        "flag": node_flag(text, (c.get("flag") for c in children)),
-    }
+        flag=node_flag(text, (c.get("flag") for c in children)),
+    )
 
 
 class _Changes:

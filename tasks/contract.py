@@ -72,6 +72,52 @@ def row_json(row: dict[str, Any] | None) -> str | None:
     return to_json({k: v for k, v in row.items() if k != "embedding"})
 
 
+def new_memory(
+    *,
+    id: str,  # noqa: A002 - the column's name
+    namespace: str,
+    level: int,
+    text: str,
+    event_ids: Sequence[str],
+    at: datetime,
+    tokens: int | None = None,
+    session: str | None = None,
+    speaker: str | None = None,
+    event_time: datetime | None = None,
+    metadata: str | None = None,
+    flag: str | None = None,
+) -> dict[str, Any]:
+    """A new memory row with every MEMORIES column: active, version 1, valid from its event (or now),
+    not yet embedded, never accessed. The one place a memory row is spelled out."""
+    row = {
+        "id": id,
+        "namespace": namespace,
+        "level": level,
+        "text": text,
+        "tokens": tokens,
+        "embedding": None,
+        "parent": None,
+        "event_ids": list(event_ids),
+        "session": session,
+        "speaker": speaker,
+        "event_time": event_time,
+        "version": 1,
+        "valid_from": event_time or at,
+        "valid_to": None,
+        "superseded_by": None,
+        "importance": 0.5,
+        "access_count": 0,
+        "last_access": None,
+        "status": "active",
+        "metadata": metadata,
+        "created_at": at,
+        "updated_at": at,
+        "flag": flag,
+    }
+    assert row.keys() == set(MEMORIES.names), "new_memory and stores.schema.MEMORIES disagree"
+    return row
+
+
 def make_op(
     *,
     namespace: str,

@@ -31,6 +31,7 @@ from memstage.tasks.contract import (
     content_hash,
     make_op,
     memories_table,
+    new_memory,
     ops_table,
     timed,
 )
@@ -113,31 +114,20 @@ def level0_rows(
     at = now_utc()
     rows, ops = [], []
     for ev, text, n_tok in zip(new, texts, tokens, strict=True):
-        row = {
-            "id": level0_id(ev["id"]),
-            "namespace": namespace,
-            "level": 0,
-            "text": text,
-            "tokens": n_tok,
-            "embedding": None,
-            "parent": None,
-            "event_ids": [ev["id"]],
-            "session": ev["session"],
-            "speaker": ev["speaker"],
-            "event_time": ev["event_time"],
-            "version": 1,
-            "valid_from": ev["event_time"] or at,
-            "valid_to": None,
-            "superseded_by": None,
-            "importance": 0.5,
-            "access_count": 0,
-            "last_access": None,
-            "status": "active",
-            "metadata": ev["metadata"],
-            "created_at": at,
-            "updated_at": at,
-            "flag": flag_text(text),  # instruction-like turns are marked at ingest (tasks.injection)
-        }
+        row = new_memory(
+            id=level0_id(ev["id"]),
+            namespace=namespace,
+            level=0,
+            text=text,
+            event_ids=[ev["id"]],
+            at=at,
+            tokens=n_tok,
+            session=ev["session"],
+            speaker=ev["speaker"],
+            event_time=ev["event_time"],
+            metadata=ev["metadata"],
+            flag=flag_text(text),  # instruction-like turns are marked at ingest (tasks.injection)
+        )
         rows.append(row)
         ops.append(
             make_op(
