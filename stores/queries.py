@@ -141,6 +141,14 @@ def event_sources(store: MemoryStore, namespace: str) -> dict[str, dict[str, Any
     return {r["id"]: r for r in rows}
 
 
+def latest_event_time(store: MemoryStore, namespace: str) -> datetime | None:
+    """When the namespace's newest event happened (the forget policy's `latest_event` clock)."""
+    t = store.query(
+        "SELECT max(event_time) AS t FROM events WHERE namespace = ?", [validate_namespace(namespace)]
+    )
+    return t.column("t")[0].as_py()
+
+
 def session_speakers(store: MemoryStore, namespace: str) -> dict[str, list[str]]:
     """{session: its distinct speakers, sorted}."""
     rows = store.query(

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc, validate_namespace
 from memstage.tasks.contract import StageResult, commit_memory_changes, make_op, timed
 from memstage.tasks.forget_hard import ForgetError, check_selector, forget_hard, matches
@@ -88,6 +89,64 @@ def retention(m: dict[str, Any], now: datetime, strength_days: float) -> float:
 # ---- soft forget -----------------------------------------------------------------------------
 
 
+def _forgettable(store: MemoryStore, namespace: str) -> list[dict[str, Any]]:
+    """Active level-0 memories that a policy may archive (pinned ones never)."""
+    return [
+        m
+        for m in store.memories(namespace, level=0, status="active", current=False).to_pylist()
+        if not json.loads(m["metadata"] or "{}").get("pinned")
+    ]
+
+
+def policy_reasons(mem: list[dict[str, Any]], policy: dict[str, Any], now: datetime) -> dict[str, str]:
+    """{memory id: why the policy forgets it}: TTL first, then retention below the floor, then the
+    lowest retention over capacity. Pure: the same memories, policy and clock give the same answer."""
+    reasons: dict[str, str] = {}
+    if policy["ttl_days"] is not None:
+        cutoff = now.timestamp() - float(policy["ttl_days"]) * 86400
+        for m in mem:
+            if m["event_time"] is not None and m["event_time"].timestamp() < cutoff:
+                reasons[m["id"]] = f"TTL: event older than {policy['ttl_days']} days"
+    strength = float(policy["strength_days"])
+    scored = sorted((retention(m, now, strength), m["id"]) for m in mem if m["id"] not in reasons)
+    if policy["min_retention"] is not None:
+        for r, mid in scored:
+            if r < float(policy["min_retention"]):
+                reasons[mid] = f"retention {r:.3f} below {policy['min_retention']}"
+    if policy["capacity"] is not None:
+        kept = [(r, mid) for r, mid in scored if mid not in reasons]
+        excess = len(kept) - int(policy["capacity"])
+        for r, mid in kept[: max(excess, 0)]:
+            reasons[mid] = f"capacity {policy['capacity']}: among the {excess} lowest retention ({r:.3f})"
+    return reasons
+
+
+def archive_rows(
+    namespace: str, by_id: dict[str, dict[str, Any]], reasons: dict[str, str], flow_run_id: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The archived rows and their ops for `reasons` ({id: why}); undoable with `restore`."""
+    at = now_utc()
+    rows, ops = [], []
+    for mid, why in sorted(reasons.items()):
+        old = by_id[mid]
+        new = {**old, "status": "archived", "updated_at": at}
+        rows.append(new)
+        ops.append(
+            make_op(
+                namespace=namespace,
+                memory_id=mid,
+                stage="forget",
+                action="archive",
+                before=old,
+                after=new,
+                reason=why + "; undo with restore",
+                flow_run_id=flow_run_id,
+                at=at,
+            )
+        )
+    return rows, ops
+
+
 def run_forget(
     store: MemoryStore,
     namespace: str,
@@ -100,75 +159,19 @@ def run_forget(
     result = StageResult("forget", namespace)
     with timed(result):
         policy = load_policy(store, namespace)
-        mem = [
-            m
-            for m in store.memories(namespace, level=0, status="active", current=False).to_pylist()
-            if not json.loads(m["metadata"] or "{}").get("pinned")
-        ]
         if now is None:
-            if policy["clock"] == "latest_event":
-                latest = store.query(
-                    "SELECT max(event_time) AS t FROM events WHERE namespace = ?", [namespace]
-                )
-                now = latest.column("t")[0].as_py() or now_utc()
-            else:
-                now = now_utc()
-        reasons: dict[str, str] = {}
-        if policy["ttl_days"] is not None:
-            cutoff = now.timestamp() - float(policy["ttl_days"]) * 86400
-            if policy["ttl_hard"]:
-                hard = forget_hard(
-                    store,
-                    namespace,
-                    before=datetime.fromtimestamp(cutoff, now.tzinfo),
-                    embed=embed,
-                    flow_run_id=flow_run_id,
-                )
-                result.figures["ttl_hard_deleted"] = hard.changed
-                mem = [
-                    m
-                    for m in store.memories(namespace, level=0, status="active", current=False).to_pylist()
-                    if not json.loads(m["metadata"] or "{}").get("pinned")
-                ]
-            for m in mem:
-                if m["event_time"] is not None and m["event_time"].timestamp() < cutoff:
-                    reasons[m["id"]] = f"TTL: event older than {policy['ttl_days']} days"
-        scored = sorted(
-            (
-                (retention(m, now, float(policy["strength_days"])), m["id"])
-                for m in mem
-                if m["id"] not in reasons
-            ),
-        )
-        if policy["min_retention"] is not None:
-            for r, mid in scored:
-                if r < float(policy["min_retention"]):
-                    reasons[mid] = f"retention {r:.3f} below {policy['min_retention']}"
-        if policy["capacity"] is not None:
-            kept = [(r, mid) for r, mid in scored if mid not in reasons]
-            excess = len(kept) - int(policy["capacity"])
-            for r, mid in kept[: max(excess, 0)]:
-                reasons[mid] = f"capacity {policy['capacity']}: among the {excess} lowest retention ({r:.3f})"
-        at = now_utc()
-        by_id = {m["id"]: m for m in mem}
-        rows, ops = [], []
-        for mid, why in sorted(reasons.items()):
-            old = by_id[mid]
-            new = {**old, "status": "archived", "updated_at": at}
-            rows.append(new)
-            ops.append(
-                make_op(
-                    namespace=namespace,
-                    memory_id=mid,
-                    stage="forget",
-                    action="archive",
-                    before=old,
-                    after=new,
-                    reason=why + "; undo with restore",
-                    flow_run_id=flow_run_id,
-                    at=at,
-                )
+            latest = (
+                queries.latest_event_time(store, namespace) if policy["clock"] == "latest_event" else None
             )
+            now = latest or now_utc()
+        if policy["ttl_days"] is not None and policy["ttl_hard"]:
+            cutoff = datetime.fromtimestamp(now.timestamp() - float(policy["ttl_days"]) * 86400, now.tzinfo)
+            hard = forget_hard(store, namespace, before=cutoff, embed=embed, flow_run_id=flow_run_id)
+            result.figures["ttl_hard_deleted"] = hard.changed
+        mem = _forgettable(store, namespace)
+        rows, ops = archive_rows(
+            namespace, {m["id"]: m for m in mem}, policy_reasons(mem, policy, now), flow_run_id
+        )
         result.changed = commit_memory_changes(store, rows, ops) + result.figures.get("ttl_hard_deleted", 0)
         result.figures.update({"archived": len(rows), "considered": len(mem), "policy": policy})
     return result
@@ -237,24 +240,8 @@ def forget_soft(
             or (subject is not None and (matches(m["text"], subject) or matches(m["metadata"], subject)))
             or (before is not None and m["event_time"] is not None and m["event_time"] < before)
         ]
-        at = now_utc()
-        rows, ops = [], []
-        for old in hit:
-            new = {**old, "status": "archived", "updated_at": at}
-            rows.append(new)
-            ops.append(
-                make_op(
-                    namespace=namespace,
-                    memory_id=old["id"],
-                    stage="forget",
-                    action="archive",
-                    before=old,
-                    after=new,
-                    reason="forgotten by request (soft); undo with restore",
-                    flow_run_id=flow_run_id,
-                    at=at,
-                )
-            )
+        reasons = {m["id"]: "forgotten by request (soft)" for m in hit}
+        rows, ops = archive_rows(namespace, {m["id"]: m for m in hit}, reasons, flow_run_id)
         result.changed = commit_memory_changes(store, rows, ops)
         result.figures = {"archived": len(rows), "undoable": True}
     return result
