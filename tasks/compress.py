@@ -302,6 +302,40 @@ def compress_text(
     return out
 
 
+def candidate_texts(mem: list[dict[str, Any]], speakers: dict[str, list[str]]) -> list[list[str]]:
+    """Per memory, its compressed candidates, preferred first: a pinned date costs tokens, so the
+    variants without it (or without pronoun resolution) stand by when they are what keeps it shorter."""
+    out = []
+    for m in mem:
+        others = [s for s in speakers.get(m["session"], []) if s != m["speaker"]]
+        other = others[0] if len(others) == 1 else None
+        out.append(
+            [
+                compress_text(
+                    m["text"], speaker=m["speaker"], other=other, when=m["event_time"], resolve=r, pin=p
+                )
+                for r, p in ((True, True), (False, True), (True, False), (False, False))
+            ]
+        )
+    return out
+
+
+def _compressed_row(
+    m: dict[str, Any], text: str, n_tok: int, before_tokens: int, at: datetime
+) -> dict[str, Any]:
+    meta = json.loads(m["metadata"] or "{}")
+    meta["compressed"] = {"v": COMPRESS_VERSION, "tokens_before": before_tokens}
+    return {
+        **m,
+        "text": text,
+        "tokens": n_tok,
+        "embedding": None,
+        "metadata": json.dumps(meta, sort_keys=True),
+        "updated_at": at,
+        "flag": flag_text(text),  # a shorter text is scanned again
+    }
+
+
 def run_compress(
     store: MemoryStore,
     namespace: str,
@@ -313,22 +347,9 @@ def run_compress(
     result = StageResult("compress", namespace)
     with timed(result):
         mem = store.memories(namespace, level=0, status="active", current=False).to_pylist()
-        speakers = queries.session_speakers(store, namespace)
         todo = [m for m in mem if "compressed" not in json.loads(m["metadata"] or "{}")]
-        candidates: list[list[str]] = []
-        for m in todo:
-            others = [s for s in speakers.get(m["session"], []) if s != m["speaker"]]
-            other = others[0] if len(others) == 1 else None
-            # Preferred first; a pinned date costs tokens, so without it when that is what keeps the text shorter.
-            cands = [
-                compress_text(
-                    m["text"], speaker=m["speaker"], other=other, when=m["event_time"], resolve=r, pin=p
-                )
-                for r, p in ((True, True), (False, True), (True, False), (False, False))
-            ]
-            candidates.append(cands)
-        flat = [c for cands in candidates for c in cands]
-        counts = iter(count_tokens(flat))
+        candidates = candidate_texts(todo, queries.session_speakers(store, namespace))
+        counts = iter(count_tokens([c for cands in candidates for c in cands]))
         at = now_utc()
         rows, ops = [], []
         tokens_before = tokens_after = 0
@@ -338,19 +359,9 @@ def run_compress(
             best = next(((c, n) for c, n in sized if n < before_tokens and c != m["text"]), None)
             if best is None:  # nothing shorter: leave it as it is (a rerun recomputes the same answer)
                 continue
-            text, n_tok = best
-            meta = json.loads(m["metadata"] or "{}")
-            meta["compressed"] = {"v": COMPRESS_VERSION, "tokens_before": before_tokens}
-            new = {
-                **m,
-                "text": text,
-                "tokens": n_tok,
-                "embedding": None,
-                "metadata": json.dumps(meta, sort_keys=True),
-                "updated_at": at,
-                "flag": flag_text(text),  # a shorter text is scanned again
-            }
+            new = _compressed_row(m, *best, before_tokens, at)
             rows.append(new)
+            reason = f"compressed {before_tokens} -> {best[1]} tokens"
             ops.append(
                 make_op(
                     namespace=namespace,
@@ -359,13 +370,13 @@ def run_compress(
                     action="update",
                     before=m,
                     after=new,
-                    reason=f"compressed {before_tokens} -> {n_tok} tokens",
+                    reason=reason,
                     flow_run_id=flow_run_id,
                     at=at,
                 )
             )
             tokens_before += before_tokens
-            tokens_after += n_tok
+            tokens_after += best[1]
         if rows:
             with store.writer() as w:
                 w.insert("memories", memories_table(rows), replace=True)
