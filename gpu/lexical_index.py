@@ -1,14 +1,20 @@
-"""Lexical (BM25) index over memory texts, with bm25s: the exact-word complement of the vector index.
+"""Lexical (BM25) index over memory texts: built once by the index stage, memory-mapped by the retriever.
 
-Saved as a folder of arrays plus a sidecar of ids; the vocabulary is part of the artifact, so a
-hard forget must rebuild it (a removed memory's words would otherwise stay in `vocab.index.json`).
+bm25s computes every (document, word) BM25 weight at build time into a CSC sparse matrix (one
+column per vocabulary word); `save` writes it as npy arrays plus the vocabulary, `load` memory-maps
+them, so opening a 1M-document index reads only the vocabulary. A question's scores are the sum of
+its words' columns (`sparse_scores`, touching only the documents that hold a question word), and
+the statistics for z-scoring over the whole index come from the same columns exactly: documents
+holding none of the words score 0. The vocabulary is part of the artifact, so a hard forget must
+rebuild it (a removed memory's words would otherwise stay in `vocab.index.json`).
+
+Texts are analysed with `analyse`: bm25s' tokenizer, English stopwords and a light suffix stemmer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,49 +22,140 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-_TOKEN = re.compile(r"(?u)\b\w\w+\b")
+_SUFFIXES = (
+    ("ies", "y"), ("ied", "y"), ("sses", "ss"), ("ness", ""), ("ment", ""), ("ings", ""),
+    ("ing", ""), ("edly", ""), ("ed", ""), ("ly", ""), ("es", ""), ("s", ""),
+)  # fmt: skip
+
+
+def stem(word: str) -> str:
+    """A light suffix stripper ("camped", "camping" -> "camp"): BM25 recall without a stemmer package."""
+    if len(word) <= 3:
+        return word
+    for suffix, repl in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            if suffix == "s" and word.endswith(("ss", "us", "is")):
+                return word
+            out = word[: -len(suffix)] + repl
+            if (
+                suffix in ("ing", "ed", "ings")
+                and len(out) > 3
+                and out[-1] == out[-2]
+                and out[-1] not in "lsz"
+            ):
+                out = out[:-1]  # "running" -> "run"
+            return out
+    return word
+
+
+class _Stemmer:
+    def stemWords(self, words: list[str]) -> list[str]:  # noqa: N802 - the interface bm25s expects
+        return [stem(w) for w in words]
+
+
+_STEMMER = _Stemmer()
+
+
+def analyse(texts: Sequence[str]) -> list[list[str]]:
+    """Words of each text as BM25 sees them (lower-cased, stopwords out, stemmed)."""
+    return bm25s.tokenize(
+        list(texts), stopwords="en", stemmer=_STEMMER, return_ids=False, show_progress=False
+    )
 
 
 class LexicalIndex:
-    """BM25 over a fixed set of (id, text); rebuilt, not edited, when the set changes."""
+    """BM25 over a fixed list of texts (rows 0..n-1); rebuilt, not edited, when the list changes."""
 
-    def __init__(self, ids: Sequence[str], texts: Sequence[str], *, k1: float = 1.2, b: float = 0.75) -> None:
-        self.ids = list(ids)
-        self._bm25 = bm25s.BM25(k1=k1, b=b)
-        if self.ids:
-            tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
-            self._bm25.index(tokens, show_progress=False)
+    def __init__(
+        self, n: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, vocab: dict
+    ) -> None:
+        self.n = n
+        self.data, self.indices, self.indptr, self.vocab = data, indices, indptr, vocab
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.n
 
-    def search(self, query: str, k: int) -> tuple[list[str], np.ndarray]:
-        """Top-k ids with positive BM25 score, best first."""
-        k = min(k, len(self.ids))
-        if k == 0 or not _TOKEN.search(query):
-            return [], np.zeros(0, np.float32)
-        tokens = bm25s.tokenize([query], stopwords="en", show_progress=False)
-        if not any(len(t) for t in tokens.ids):
-            return [], np.zeros(0, np.float32)
-        rows, scores = self._bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        keep = scores[0] > 0
-        return [self.ids[r] for r in rows[0][keep]], scores[0][keep]
+    @classmethod
+    def build(cls, texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75) -> LexicalIndex:
+        bm25 = bm25s.BM25(k1=k1, b=b)
+        tokens = analyse(texts) if len(texts) else []
+        if not any(tokens):
+            return cls(len(texts), np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(1, np.int64), {})
+        bm25.index(tokens, show_progress=False)
+        s = bm25.scores
+        return cls(
+            len(texts),
+            np.asarray(s["data"], np.float32),
+            np.asarray(s["indices"], np.int32),
+            np.asarray(s["indptr"], np.int64),
+            dict(bm25.vocab_dict),
+        )
+
+    def _columns(self, words: Sequence[str]) -> list[int]:
+        return [self.vocab[w] for w in words if w in self.vocab]
+
+    def sparse_scores(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """(rows with a score > 0, their scores, mean and standard deviation over all n rows)."""
+        cols = self._columns(words)
+        if not cols or self.n == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, 0.0
+        acc = np.zeros(self.n, np.float32)
+        touched = []
+        for c in cols:  # a column's rows are distinct, so `+=` with fancy indexing adds each once
+            lo, hi = int(self.indptr[c]), int(self.indptr[c + 1])
+            rows = np.asarray(self.indices[lo:hi])
+            acc[rows] += self.data[lo:hi]
+            touched.append(rows)
+        if len(touched) == 1:
+            rows = np.sort(touched[0]).astype(np.int64)
+        else:
+            mask = np.zeros(self.n, bool)
+            for r in touched:
+                mask[r] = True
+            rows = np.flatnonzero(mask)
+        vals = acc[rows]
+        mean = float(vals.sum(dtype=np.float64)) / self.n
+        var = float(np.square(vals, dtype=np.float64).sum()) / self.n - mean * mean
+        return rows, vals, mean, float(np.sqrt(max(var, 0.0)))
+
+    def dense_scores(self, words: Sequence[str]) -> np.ndarray:
+        """One score per row (the exhaustive form of `sparse_scores`)."""
+        out = np.zeros(self.n, np.float32)
+        rows, vals, _, _ = self.sparse_scores(words)
+        out[rows] = vals
+        return out
+
+    def top(self, words: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """The k best rows (unordered), their scores, and the mean/sd over all rows."""
+        rows, vals, mean, sd = self.sparse_scores(words)
+        if len(rows) > k:
+            keep = np.argpartition(-vals, k - 1)[:k]
+            rows, vals = rows[keep], vals[keep]
+        return rows, vals, mean, sd
 
     def save(self, path: Path) -> None:
+        """A folder of npy arrays and the vocabulary, written to a temp folder and renamed."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if self.ids:
-            self._bm25.save(str(tmp), show_progress=False)
-        (tmp / "ids.json").write_text(json.dumps(self.ids))
+        np.save(tmp / "data.npy", self.data)
+        np.save(tmp / "indices.npy", self.indices)
+        np.save(tmp / "indptr.npy", self.indptr)
+        (tmp / "vocab.json").write_text(json.dumps({"n": self.n, "vocab": self.vocab}, ensure_ascii=False))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> LexicalIndex:
         path = Path(path)
-        index = cls.__new__(cls)
-        index.ids = json.loads((path / "ids.json").read_text())
-        index._bm25 = bm25s.BM25.load(str(path), show_progress=False) if index.ids else bm25s.BM25()
-        return index
+        meta = json.loads((path / "vocab.json").read_text())
+        arrays = [_mmap(path / f"{name}.npy") for name in ("data", "indices", "indptr")]
+        return cls(int(meta["n"]), *arrays, meta["vocab"])
+
+
+def _mmap(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # numpy cannot map an empty array
+        return np.load(path)

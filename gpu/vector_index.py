@@ -1,16 +1,20 @@
-"""Exact vector search over normalised embeddings: FAISS on CPU, FAISS on GPU, or torch on CUDA.
+"""Dense top-k over normalised embeddings: exact or IVF on CPU (FAISS), exact on a GPU (FAISS or torch).
 
-A `VectorIndex` owns one matrix of vectors and the memory ids of its rows. The backend is chosen
-automatically (FAISS GPU where FAISS sees GPUs, torch on CUDA where only torch does, FAISS CPU
-otherwise) and can be forced with `backend=` or MEMSTAGE_VECTOR_BACKEND. Saved as a FAISS flat
-index file plus a sidecar of ids, so an artifact written on a GPU host loads on a CPU one.
+A `DenseIndex` searches rows 0..n-1 of one embedding matrix (the columnar artifact's order; no ids
+inside). On CPU it is a FAISS `IndexFlatIP` up to FLAT_MAX rows and an `IndexIVFScalarQuantizer`
+(8-bit codes, inner product) above: `bench/ann_params.py` measured where flat search stops being fast
+enough and which nlist/nprobe keep the top-k. The CPU form is the artifact (`save`/`load`); on a
+CUDA host the same rows are searched exactly, fp16, either by FAISS (`GpuIndexFlatIP`, where FAISS
+sees a GPU: `pip install "memstage[gpu]"`) or by torch (`gpu.fused_search.topk_ip`, where only torch
+does); with both present the faster one in a timed trial at load is kept. An exact fp16 scan of
+10M x 384 reads 7.7 GB, ~2 ms at an H200's bandwidth, so the GPU needs no ANN at these sizes.
+MEMSTAGE_VECTOR_BACKEND (auto | faiss | torch | numpy) forces a backend; numpy means the CPU form.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
+import time
 from pathlib import Path
 
 import faiss
@@ -19,100 +23,172 @@ import numpy as np
 from memstage.settings import get_settings
 
 BACKENDS = ("faiss-cpu", "faiss-gpu", "torch-cuda")
+FLAT_MAX = 200_000  # measured: bench/results/ann_params_cpu.json
+NLIST_PER_SQRT = 2.0  # nlist = 2 sqrt(n): 2000 lists at 1M
+NPROBE = 24
+TRAIN_PER_LIST = 40
+
+
+def faiss_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def pick_backend(backend: str | None = None) -> str:
+    """The search backend: forced by `backend` or MEMSTAGE_VECTOR_BACKEND, else the best one present."""
     chosen = backend or get_settings().vector_backend
-    if chosen != "auto":
-        if chosen not in BACKENDS:
-            raise ValueError(f"unknown vector backend {chosen!r}; choose one of {BACKENDS} or 'auto'")
-        return chosen
-    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        return "faiss-gpu"
-    try:
-        import torch
+    aliases = {
+        "numpy": "faiss-cpu",
+        "faiss": "faiss-gpu" if faiss_gpus() else "faiss-cpu",
+        "torch": "torch-cuda",
+    }
+    chosen = aliases.get(chosen, chosen)
+    if chosen == "auto":
+        if faiss_gpus() > 0:
+            return "faiss-gpu"
+        return "torch-cuda" if torch_cuda() else "faiss-cpu"
+    if chosen not in BACKENDS:
+        raise ValueError(f"unknown vector backend {chosen!r}; choose one of {BACKENDS} or 'auto'")
+    if chosen == "torch-cuda" and not torch_cuda():
+        raise ValueError("vector backend torch-cuda asked for, but torch sees no CUDA device")
+    if chosen == "faiss-gpu" and faiss_gpus() == 0:
+        raise ValueError(
+            'vector backend faiss-gpu asked for, but FAISS sees no GPU (pip install "memstage[gpu]")'
+        )
+    return chosen
 
-        if torch.cuda.is_available():
-            return "torch-cuda"
-    except ImportError:  # pragma: no cover
-        pass
-    return "faiss-cpu"
+
+def build_cpu_index(vectors: np.ndarray, *, flat_max: int = FLAT_MAX, seed: int = 0) -> faiss.Index:
+    """Flat inner-product index up to `flat_max` rows, IVF with 8-bit codes above."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = x.shape
+    if n <= flat_max:
+        index = faiss.IndexFlatIP(d)
+        index.add(x)
+        return index
+    nlist = max(16, int(NLIST_PER_SQRT * np.sqrt(n)))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
+    rng = np.random.default_rng(seed)
+    sample = x[np.sort(rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False))]
+    index.cp.seed = seed
+    index.train(sample)
+    for lo in range(0, n, 65536):
+        index.add(x[lo : lo + 65536])
+    index.nprobe = NPROBE
+    return index
 
 
-class VectorIndex:
-    """Inner-product (cosine, for normalised vectors) exact search over a set of ids."""
+class DenseIndex:
+    """Top-k rows by inner product; `kind` is 'flat' (exact) or 'ivf' (approximate) on CPU."""
 
-    def __init__(self, dims: int, backend: str | None = None) -> None:
-        self.dims = dims
-        self.backend = pick_backend(backend)
-        self.ids: list[str] = []
-        self._cpu = faiss.IndexFlatIP(dims)  # the artifact's form; also the CPU search path
-        self._device_index = None  # faiss GPU index or torch fp16 matrix, rebuilt lazily
+    def __init__(
+        self, cpu: faiss.Index, vectors: np.ndarray | None = None, backend: str | None = None
+    ) -> None:
+        self.cpu = cpu
+        self.n, self.dims = int(cpu.ntotal), int(cpu.d)
+        self.kind = "ivf" if isinstance(cpu, faiss.IndexIVF) else "flat"
+        self.backend = pick_backend(backend) if self.n else "faiss-cpu"
+        self._vectors = vectors  # the rows themselves (for a GPU copy); None on CPU-only use
+        self._device = None
+        if self.backend != "faiss-cpu":
+            self._to_device()
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    def set_nprobe(self, nprobe: int) -> None:
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(self.cpu).nprobe = nprobe
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dims or len(ids) != vectors.shape[0]:
-            raise ValueError(f"expected {len(ids)} x {self.dims} vectors, got {vectors.shape}")
-        self._cpu.add(vectors)
-        self.ids.extend(ids)
-        self._device_index = None
-
-    def vectors(self) -> np.ndarray:
-        if len(self.ids) == 0:
-            return np.zeros((0, self.dims), dtype=np.float32)
-        return faiss.rev_swig_ptr(self._cpu.get_xb(), len(self.ids) * self.dims).reshape(-1, self.dims).copy()
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k rows per query: (scores [q, k'], ids [q][k']) with k' = min(k, len)."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        k = min(k, len(self.ids))
-        if k == 0:
-            return np.zeros((queries.shape[0], 0), np.float32), [[] for _ in range(queries.shape[0])]
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the k best rows for one query, best first; rows of -1 dropped."""
+        k = min(k, self.n)
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        q = np.ascontiguousarray(np.reshape(query, (1, -1)), dtype=np.float32)
         if self.backend == "torch-cuda":
-            scores, rows = self._search_torch(queries, k)
+            scores, rows = self._search_torch(q, k)
         elif self.backend == "faiss-gpu":
-            if self._device_index is None:
-                res = faiss.StandardGpuResources()
-                self._device_index = faiss.index_cpu_to_gpu(res, 0, self._cpu)
-                self._gpu_res = res
-            scores, rows = self._device_index.search(queries, k)
+            scores, rows = self._device.search(q, k)
         else:
-            scores, rows = self._cpu.search(queries, k)
-        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows]
+            scores, rows = self.cpu.search(q, k)
+        keep = rows[0] >= 0
+        return rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
 
-    def _search_torch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    # ---- GPU ----------------------------------------------------------------------------------
+
+    def _host_vectors(self) -> np.ndarray:
+        if self._vectors is not None:
+            return np.ascontiguousarray(self._vectors, dtype=np.float32)
+        if self.kind == "flat":
+            return faiss.rev_swig_ptr(self.cpu.get_xb(), self.n * self.dims).reshape(self.n, self.dims)
+        raise ValueError("a GPU copy of an IVF artifact needs the embedding matrix (pass vectors=)")
+
+    def _to_device(self) -> None:
+        x = self._host_vectors()
+        if self.backend == "faiss-gpu":
+            self._device = self._faiss_gpu(x)
+            if torch_cuda() and get_settings().vector_backend == "auto":
+                self._keep_faster(x)
+        else:
+            self._device = self._torch(x)
+
+    def _faiss_gpu(self, x: np.ndarray):  # pragma: no cover - needs a CUDA host with faiss-gpu
+        self._res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.useFloat16 = True
+        index = faiss.GpuIndexFlatIP(self._res, self.dims, cfg)
+        index.add(x)
+        return index
+
+    @staticmethod
+    def _torch(x: np.ndarray):  # pragma: no cover - needs CUDA
         import torch
-        from memstage.gpu.fused_search import topk_ip  # fused scan + top-k where it measured faster
 
-        if self._device_index is None:
-            self._device_index = torch.from_numpy(self.vectors()).to("cuda", torch.float16).contiguous()
-        q = torch.from_numpy(queries).to("cuda", torch.float16)
-        scores, rows = topk_ip(self._device_index, q, k)
+        return torch.from_numpy(np.ascontiguousarray(x)).to("cuda", torch.float16).contiguous()
+
+    def _search_torch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        import torch
+        from memstage.gpu.fused_search import topk_ip
+
+        scores, rows = topk_ip(self._device, torch.from_numpy(q).to("cuda", torch.float16), k)
         return scores.float().cpu().numpy(), rows.cpu().numpy()
 
+    def _keep_faster(self, x: np.ndarray, trials: int = 20) -> None:  # pragma: no cover - CUDA
+        """Time FAISS-GPU and torch on the same queries; keep the faster (`self.timings` says by how much)."""
+        q = np.ascontiguousarray(x[: min(trials, self.n)], dtype=np.float32)
+        faiss_index, timings = self._device, {}
+        for backend in ("faiss-gpu", "torch-cuda"):
+            self.backend = backend
+            if backend == "torch-cuda":
+                self._device = self._torch(x)
+            self.search(q[0], 10)  # warm
+            start = time.perf_counter()
+            for row in q:
+                self.search(row, 10)
+            timings[backend] = (time.perf_counter() - start) / len(q) * 1000
+        self.timings = timings
+        if timings["faiss-gpu"] <= timings["torch-cuda"]:
+            self.backend, self._device = "faiss-gpu", faiss_index
+
+    # ---- artifact -----------------------------------------------------------------------------
+
     def save(self, path: Path) -> None:
-        """Write `path` (FAISS flat index) and `path.ids.json`, each via a temp file and rename."""
         path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        faiss.write_index(self._cpu, str(tmp))
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(self.cpu, str(tmp))
         os.replace(tmp, path)
-        ids_path = Path(str(path) + ".ids.json")
-        tmp_ids = ids_path.with_suffix(".tmp")
-        tmp_ids.write_text(json.dumps(self.ids))
-        os.replace(tmp_ids, ids_path)
 
     @classmethod
-    def load(cls, path: Path, backend: str | None = None) -> VectorIndex:
-        path = Path(path)
-        cpu = faiss.read_index(str(path))
-        index = cls(cpu.d, backend)
-        index._cpu = cpu
-        index.ids = json.loads(Path(str(path) + ".ids.json").read_text())
-        if len(index.ids) != cpu.ntotal:
-            raise ValueError(
-                f"{path}: {cpu.ntotal} vectors but {len(index.ids)} ids; rebuild with `memstage run index`"
-            )
-        return index
+    def load(cls, path: Path, vectors: np.ndarray | None = None, backend: str | None = None) -> DenseIndex:
+        index = faiss.read_index(str(path))
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = NPROBE
+        return cls(index, vectors, backend)

@@ -15,12 +15,12 @@ and a rerun changes nothing. All rows and their ops go in one transaction.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
+from memstage.gpu.encoder import DIMS
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
@@ -34,112 +34,23 @@ from memstage.tasks.contract import (
     ops_table,
     timed,
 )
+from memstage.tasks.hierarchy import (
+    _norm,
+    cluster_topics,
+    extractive_summary,
+    find_duplicates,
+    split_episodes,
+)
 from memstage.tasks.index import embed_missing
 from memstage.tasks.injection import node_flag
 
+__all__ = ["cluster_topics", "extractive_summary", "find_duplicates", "run_consolidate", "split_episodes"]
+
 DUP_THRESHOLD = 0.95
-MAX_EPISODE = 40  # turns; longer sessions are split at their weakest topic boundary
-MIN_EPISODE = 8
-SHIFT_THRESHOLD = 0.2  # window cosine below this is a topic shift
-WINDOW = 4
-_WORDS = re.compile(r"[a-z0-9]{4,}")
 # Average-linkage cosine distance under which level-1 nodes share a topic. Distances are taken after
 # subtracting the namespace's mean node vector: one conversation's sessions all look alike (two
 # friends chatting, cosine ~0.8), and centring leaves what tells them apart.
 TOPIC_DISTANCE = 0.7
-
-
-def _norm(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(n, 1e-9)
-
-
-def find_duplicates(
-    mem: list[dict[str, Any]], emb: np.ndarray, threshold: float
-) -> dict[str, tuple[str, float]]:
-    """{duplicate id: (survivor id, cosine)}: connected components of the pairs above threshold, per
-    speaker (scipy's csgraph); the earliest memory of each component survives."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    best = np.zeros(len(mem))
-    rows: list[int] = []
-    cols: list[int] = []
-    by_speaker: dict[str, list[int]] = {}
-    for i, m in enumerate(mem):
-        by_speaker.setdefault(m["speaker"] or "", []).append(i)
-    for idx in (np.asarray(v) for v in by_speaker.values() if len(v) > 1):
-        sims = emb[idx] @ emb[idx].T
-        a, b = np.nonzero(np.triu(sims, k=1) > threshold)
-        rows += idx[a].tolist()
-        cols += idx[b].tolist()
-        np.maximum.at(best, idx[a], sims[a, b])
-        np.maximum.at(best, idx[b], sims[a, b])
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(mem), len(mem)))
-    _, labels = connected_components(graph, directed=False)
-    groups: dict[int, list[int]] = {}
-    for i, label in enumerate(labels.tolist()):
-        groups.setdefault(label, []).append(i)
-    out = {}
-    key = lambda i: (mem[i]["event_time"] or datetime.min.replace(tzinfo=UTC), mem[i]["id"])  # noqa: E731
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        survivor = min(members, key=key)
-        for i in members:
-            if i != survivor:
-                out[mem[i]["id"]] = (mem[survivor]["id"], round(float(best[i]), 4))
-    return out
-
-
-def split_episodes(emb: np.ndarray) -> list[tuple[int, int]]:
-    """[start, end) spans of one session's turns: cut at topic shifts, and anything over MAX_EPISODE at its weakest point."""
-    n = len(emb)
-
-    def shift_scores(lo: int, hi: int) -> dict[int, float]:
-        out = {}
-        for i in range(lo + MIN_EPISODE, hi - MIN_EPISODE + 1):
-            a = emb[max(lo, i - WINDOW) : i].mean(0)
-            b = emb[i : min(hi, i + WINDOW)].mean(0)
-            out[i] = float(_norm(a) @ _norm(b))
-        return out
-
-    def split(lo: int, hi: int) -> list[tuple[int, int]]:
-        scores = shift_scores(lo, hi)
-        if not scores:
-            return [(lo, hi)]
-        cut = min(scores, key=lambda i: (scores[i], i))
-        if scores[cut] < SHIFT_THRESHOLD or hi - lo > MAX_EPISODE:
-            return split(lo, cut) + split(cut, hi)
-        return [(lo, hi)]
-
-    return split(0, n) if n else []
-
-
-def extractive_summary(texts: Sequence[str], emb: np.ndarray, k: int) -> list[int]:
-    """Positions of the k best texts, in their original order: centrality (cosine to the centroid)
-    weighted by how many distinct words a text has, since the most central turns of a chat are
-    otherwise its pleasantries."""
-    centrality = emb @ _norm(emb.mean(0))
-    score = [
-        float(centrality[i]) * math.log1p(len(set(_WORDS.findall(t.lower())))) for i, t in enumerate(texts)
-    ]
-    top = sorted(range(len(texts)), key=lambda i: (-score[i], i))[:k]
-    return sorted(top)
-
-
-def cluster_topics(emb: np.ndarray, distance: float) -> list[list[int]]:
-    """Average-linkage agglomerative clusters (cosine distance), deterministic; singletons included."""
-    if len(emb) < 2:
-        return [[i] for i in range(len(emb))]
-    from scipy.cluster.hierarchy import fcluster, linkage
-
-    # scipy's average linkage on cosine distances, cut where a merge would pass `distance`
-    labels = fcluster(linkage(emb, method="average", metric="cosine"), t=distance, criterion="distance")
-    groups: dict[int, list[int]] = {}
-    for i, lab in enumerate(labels):
-        groups.setdefault(int(lab), []).append(i)
-    return sorted(groups.values())
 
 
 def _date(t: datetime | None) -> str:
@@ -172,6 +83,7 @@ class _Changes:
         self.namespace, self.all_mem, self.flow_run_id = namespace, all_mem, flow_run_id
         self.at = now_utc()
         self.rows: dict[str, dict[str, Any]] = {}
+        self.parents: dict[str, str | None] = {}  # rows whose only change is `parent`: one UPDATE
         self.ops: list[dict[str, Any]] = []
 
     def change(self, new: dict[str, Any], action: str, reason: str) -> None:
@@ -191,6 +103,22 @@ class _Changes:
             )
         )
         self.all_mem[new["id"]] = new
+
+    def relink(self, new: dict[str, Any], reason: str) -> None:
+        """A parent change: an op like `change`, the row itself written by an UPDATE of `parent` alone
+        (not rewritten whole with its embedding) unless this run changes it otherwise too."""
+        whole = new["id"] in self.rows
+        self.change(new, "link", reason)
+        if not whole:
+            del self.rows[new["id"]]
+            self.parents[new["id"]] = new["parent"]
+
+    def commit(self, store: MemoryStore) -> None:
+        if self.rows or self.parents:
+            with store.writer() as w:
+                w.insert("memories", memories_table(list(self.rows.values())), replace=True)
+                w.set_parents(self.namespace, list(self.parents), list(self.parents.values()), self.at)
+                w.insert("ops", ops_table(self.ops))
 
 
 Node1 = tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]  # (node, its children, their mean embedding)
@@ -314,9 +242,8 @@ def link_children(l0: list[dict[str, Any]], level1: list[Node1], changes: _Chang
     for m in l0:
         cur = changes.all_mem[m["id"]]
         if cur["parent"] != parent_of.get(m["id"]):
-            changes.change(
+            changes.relink(
                 {**cur, "parent": parent_of.get(m["id"]), "updated_at": changes.at},
-                "link",
                 f"child of level-1 node {parent_of.get(m['id'])}",
             )
 
@@ -329,6 +256,23 @@ def _level0_in_order(
     l0 = [m for m in mem.values() if m["level"] == 0 and m["status"] == "active"]
     first = lambda m: min((seq.get(e, 0) for e in m["event_ids"] or []), default=0)  # noqa: E731
     return sorted(l0, key=lambda m: (m["session"] or "", first(m), m["id"]))
+
+
+def _load_memories(store: MemoryStore, namespace: str) -> dict[str, dict[str, Any]]:
+    """Every memory of the namespace by id; `embedding` a row of one float32 matrix (or None), not a
+    Python list of floats (which at 1M memories would take ~15 GB)."""
+    import pyarrow.compute as pc
+
+    table = store.memories(namespace, status=None, current=False)
+    column = table.column("embedding")
+    has = column.is_valid().to_numpy(zero_copy_only=False)
+    vectors = np.zeros((len(column), DIMS), np.float32)
+    if has.any():
+        vectors[has] = pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, DIMS)
+    rows = table.drop_columns(["embedding"]).to_pylist()
+    for k, row in enumerate(rows):
+        row["embedding"] = vectors[k] if has[k] else None
+    return {r["id"]: r for r in rows}
 
 
 def run_consolidate(
@@ -345,7 +289,7 @@ def run_consolidate(
     result = StageResult("consolidate", namespace)
     with timed(result):
         embed_missing(store, namespace, embed)  # level-0 texts changed by compress have null embeddings
-        all_mem = {m["id"]: m for m in store.memories(namespace, status=None, current=False).to_pylist()}
+        all_mem = _load_memories(store, namespace)
         changes = _Changes(namespace, all_mem, flow_run_id)
         l0 = _level0_in_order(store, namespace, all_mem)
         merged = merge_duplicates(l0, changes, dup_threshold)
@@ -358,16 +302,13 @@ def run_consolidate(
             n["parent"] = topic_of.get(n["id"])
         reconcile_nodes(nodes, changes, embed=embed, count_tokens=count_tokens)
         link_children(l0, level1, changes)
-        if changes.rows:
-            with store.writer() as w:
-                w.insert("memories", memories_table(list(changes.rows.values())), replace=True)
-                w.insert("ops", ops_table(changes.ops))
-        result.changed = len(changes.rows)
+        changes.commit(store)
+        result.changed = len(changes.rows) + len(changes.parents)
         result.figures = {
             "merged_duplicates": len(merged),
             "level1_nodes": len(level1),
             "level2_nodes": len(level2),
-            "rows_changed": len(changes.rows),
+            "rows_changed": len(changes.rows) + len(changes.parents),
             "ops": len(changes.ops),
         }
     return result

@@ -2,40 +2,36 @@
 
 Three steps, each safe to rerun: `materialise_level0` turns new events into level-0 memories;
 `embed_missing` fills the `embedding` of memories whose text is new or changed (stages that change
-a memory's text set its embedding to null); `build_indexes` writes, for every level, a FAISS index
-and a BM25 index as versioned artifacts with a manifest row — skipped when the level's fingerprint
-(the set of ids and texts) is unchanged, so a second run changes nothing.
+a memory's text set its embedding to null); `build_indexes` (`tasks.index_build`) writes the
+namespace's columnar artifacts, FAISS and BM25 indexes as one versioned folder with manifest rows —
+skipped when the namespace's fingerprint is unchanged, so a second run changes nothing.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from memstage.gpu.encoder import DIMS, MODEL_NAME
-from memstage.gpu.lexical_index import LexicalIndex
-from memstage.gpu.vector_index import VectorIndex
 from memstage.stores import queries
-from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
     CountTokens,
     Embed,
     StageResult,
     commit_memory_changes,
-    content_hash,
     make_op,
     memories_table,
     new_memory,
     ops_table,
     timed,
 )
+from memstage.tasks.index_build import build_indexes, embedding_matrix, remove_stale_artifacts
 from memstage.tasks.injection import flag_text
+
+__all__ = ["build_indexes", "embedding_matrix", "remove_stale_artifacts", "run_index"]
 
 EMBED_CHUNK = 512
 
@@ -226,12 +222,6 @@ def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
     )
 
 
-def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """(rows, DIMS) float32 from a list<float> column without nulls, without a Python list per row."""
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, DIMS)
-
-
 def commit_embeddings(store: MemoryStore, namespace: str, embeddings: pa.Table) -> int:
     """Store computed embeddings (a derived column: no `ops` row, the memory's content is unchanged)."""
     if embeddings.num_rows == 0:
@@ -262,92 +252,6 @@ def embed_missing(
         if progress:
             progress(len(chunk))
     return len(ids)
-
-
-def level_fingerprint(ids: Sequence[str], texts: Sequence[str]) -> str:
-    return content_hash(sorted(zip(ids, texts, strict=True)), length=32)
-
-
-def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> StageResult:
-    """Write the dense and lexical index of every level whose memories changed since its current version."""
-    result = StageResult("index.build", namespace)
-    with timed(result):
-        mem = store.query(
-            """SELECT id, level, text, embedding FROM memories
-               WHERE namespace = ? AND status = 'active' AND valid_to IS NULL ORDER BY level, id""",
-            [namespace],
-        )
-        current = {(r["level"], r["kind"]): r for r in store.current_indexes(namespace).to_pylist()}
-        levels = sorted(set(mem.column("level").to_pylist()) | {lvl for lvl, _ in current})
-        new_rows, retired, written = [], [], []
-        directory = store.index_dir(namespace)
-        for level in levels:
-            part = mem.filter(pc.equal(mem.column("level"), level))
-            ids, stored = part.column("id").to_pylist(), part.column("text").to_pylist()
-            texts = index_texts(store, namespace, ids, stored)  # what a memory is found by
-            fp = level_fingerprint(ids, [f"{a}\x00{b}" for a, b in zip(stored, texts, strict=True)])
-            old = current.get((level, "dense"))
-            if old is not None and old["fingerprint"] == fp:
-                continue
-            if part.column("embedding").null_count:
-                raise RuntimeError(
-                    f"{namespace} level {level}: memories without embeddings; run embed_missing first"
-                )
-            version = (old["version"] + 1) if old else 1
-            vec = VectorIndex(DIMS, backend="faiss-cpu")
-            if ids:
-                vec.add(ids, embedding_matrix(part.column("embedding")))
-            dense_path = directory / f"dense-L{level}-v{version}.faiss"
-            lex_path = directory / f"lexical-L{level}-v{version}"
-            vec.save(dense_path)
-            LexicalIndex(ids, texts).save(lex_path)
-            written += [dense_path, lex_path]
-            for kind, path in (("dense", dense_path), ("lexical", lex_path)):
-                new_rows.append(
-                    {
-                        "namespace": namespace,
-                        "level": level,
-                        "kind": kind,
-                        "version": version,
-                        "path": str(path.relative_to(store.home)),
-                        "count": len(ids),
-                        "model": MODEL_NAME,
-                        "fingerprint": fp,
-                        "created_at": now_utc(),
-                        "current": True,
-                    }
-                )
-                if (level, kind) in current:
-                    retired.append(current[(level, kind)])
-        if new_rows:
-            with store.writer() as w:
-                for r in retired:
-                    w.execute(
-                        "UPDATE index_manifest SET current = false WHERE namespace = ? AND level = ? AND kind = ? AND version = ?",
-                        [namespace, r["level"], r["kind"], r["version"]],
-                    )
-                w.insert("index_manifest", pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST))
-            remove_stale_artifacts(store, namespace)
-        result.changed = len(new_rows) // 2
-        result.figures = {
-            "levels_rebuilt": sorted({r["level"] for r in new_rows}),
-            "memories_indexed": mem.num_rows,
-        }
-    return result
-
-
-def remove_stale_artifacts(store: MemoryStore, namespace: str) -> list[Path]:
-    """Delete index files no current manifest row points at (old versions hold old, maybe forgotten, text)."""
-    import shutil
-
-    keep = {store.home / p for p in store.current_indexes(namespace).column("path").to_pylist()}
-    keep |= {Path(str(p) + ".ids.json") for p in keep}
-    removed = []
-    for path in store.index_dir(namespace).iterdir():
-        if path not in keep:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            removed.append(path)
-    return removed
 
 
 def run_index(

@@ -21,7 +21,11 @@ def test_index_creates_one_memory_per_event_with_tokens_embeddings_and_ops(index
 
 def test_index_artifacts_are_versioned_in_the_manifest_and_on_disk(indexed_sample):
     current = indexed_sample.current_indexes("demo").to_pylist()
-    assert {(r["level"], r["kind"], r["version"]) for r in current} == {(0, "dense", 1), (0, "lexical", 1)}
+    assert {(r["level"], r["kind"], r["version"]) for r in current} == {
+        (0, "columns", 1),
+        (0, "dense", 1),
+        (0, "lexical", 1),
+    }
     for r in current:
         assert (indexed_sample.home / r["path"]).exists()
 
@@ -45,5 +49,6 @@ def test_new_events_extend_the_index_as_a_new_version_and_old_files_go(
     assert result.figures["level0_created"] == 1 and result.figures["embedded"] == 1
     current = indexed_sample.current_indexes("demo").to_pylist()
     assert {r["version"] for r in current} == {2} and all(r["count"] == 20 for r in current)
-    files = sorted(p.name for p in indexed_sample.index_dir("demo").iterdir())
-    assert files == ["dense-L0-v2.faiss", "dense-L0-v2.faiss.ids.json", "lexical-L0-v2"]
+    assert sorted(p.name for p in indexed_sample.index_dir("demo").iterdir()) == ["v2"]
+    files = sorted(p.name for p in (indexed_sample.index_dir("demo") / "v2").iterdir())
+    assert "L0.rows.arrow" in files and "L0.dense.faiss" in files and "manifest.json" in files

@@ -43,7 +43,7 @@ def test_the_right_turn_comes_first(two_namespaces):
 def test_a_reply_is_lifted_by_its_question(two_namespaces):
     # "Orange with a white tail." shares no word with the question; its neighbour does.
     ranked = [mid for mid, _ in two_namespaces.rank("alpha", "What colour is Ann's cat?")]
-    texts = {m: r["text"] for m, r in two_namespaces.load("alpha").rows.items()}
+    texts = {r["id"]: r["text"] for r in two_namespaces.load("alpha").levels[0].rows.to_pylist()}
     assert "Orange" in " ".join(texts[m] for m in ranked[:3])
 
 
@@ -65,7 +65,7 @@ def test_budget_is_kept_and_namespaces_never_cross(two_namespaces, budget, names
         assert set(m["event_ids"]) <= own_events
     assert len({m["memory_id"] for m in result["memories"]}) == len(result["memories"])
     # Everything that fits is packed: nothing left out would still have fitted.
-    rows = two_namespaces.load(namespace).rows.values()
+    rows = two_namespaces.load(namespace).levels[0].rows.to_pylist()
     left = [r["tokens"] for r in rows if r["id"] not in {m["memory_id"] for m in result["memories"]}]
     assert not left or min(left) > budget - result["tokens"] or budget - result["tokens"] < 5
 
@@ -81,7 +81,7 @@ def test_bad_requests_are_errors(two_namespaces):
 
 def test_a_named_period_prefers_its_sessions(two_namespaces):
     ranked = two_namespaces.rank("alpha", "What did they talk about in October 2023?")
-    rows = two_namespaces.load("alpha").rows
+    rows = {r["id"]: r for r in two_namespaces.load("alpha").levels[0].rows.to_pylist()}
     assert {rows[mid]["session"] for mid, _ in ranked[:3]} == {"s2"}
 
 

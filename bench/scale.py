@@ -1,0 +1,274 @@
+"""Retrieval at scale: namespaces of 10k..1M memories, built, consolidated, loaded and queried.
+
+    python bench/scale.py --sizes 10000 100000 1000000 --json
+
+Per size, a fresh data directory holds one namespace: a LoCoMo dev conversation planted among
+synthetic conversations (how they are made: bench/scale_data.py). The real index stage builds it,
+the real consolidate stage builds its hierarchy (clustering included), the index is rebuilt; then a
+new process (so its RSS is the query side's alone) loads the namespace and asks the planted
+conversation's questions (categories 1-4 with evidence) at a 1000-token budget, warm, the
+question's encoding included. Reported per size: build and consolidate times, load time, RSS,
+retrieval p50/p95, and recall@1000 of the planted conversation next to the same conversation alone
+in its own namespace (same pipeline), without the hierarchy as a candidate source too, and (up to
+--exhaustive-max memories) with an exhaustive scan of the same scoring. `backend` names the dense
+search backend (FAISS CPU/GPU or torch), so the same command measures a CUDA host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+DATA = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
+NS = "scale"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def models():
+    from memstage.gpu.encoder import Encoder
+    from memstage.gpu.tokenizer import TokenCounter
+
+    root = Path(os.environ.get("MEMSTAGE_MODELS", Path.home() / ".cache" / "memstage-models"))
+    return Encoder(), TokenCounter(root)
+
+
+def timed(fn, *a, **kw) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, round(time.perf_counter() - start, 2)
+
+
+def planted_events(path: Path, conv: str, namespace: str):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from memstage.tasks.ingest import parse_file
+
+    events, _ = parse_file(path, "locomo")
+    events = events.filter(pc.equal(events.column("namespace"), conv))
+    return events.set_column(
+        events.schema.get_field_index("namespace"), "namespace", pa.array([namespace] * events.num_rows)
+    )
+
+
+def build(home: Path, args, size: int | None, encoder, counter, turns, emb) -> dict[str, float]:
+    """Write the namespace (synthetic part straight into the tables, planted part through ingest),
+    then run the index stage, the consolidate stage and the index build again."""
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.consolidate import run_consolidate
+    from memstage.tasks.index import build_indexes, run_index
+    from scale_data import node_embedder, synthetic_tables
+
+    shutil.rmtree(home, ignore_errors=True)
+    store = MemoryStore(home)
+    figures: dict[str, float] = {}
+    planted = planted_events(args.data, args.planted, NS)
+    if size:
+        n_syn = max(0, size - planted.num_rows)
+        (events, memories, means), figures["generate_s"] = timed(
+            synthetic_tables,
+            turns,
+            emb,
+            planted=args.planted,
+            namespace=NS,
+            n=n_syn,
+            counter=counter,
+            noise=args.noise,
+            seed=args.seed,
+        )
+        start = time.perf_counter()
+        for lo in range(0, events.num_rows, 100_000):
+            with store.writer() as w:
+                w.insert("events", events.slice(lo, 100_000))
+                w.insert("memories", memories.slice(lo, 100_000))
+        figures["write_s"] = round(time.perf_counter() - start, 2)
+        del events, memories
+    else:
+        means = {}
+    with store.writer() as w:
+        w.insert("events", planted)
+    embed = node_embedder(encoder, means)
+    kw = {"embed": embed, "count_tokens": counter.count_many}
+    _, figures["index_s"] = timed(run_index, store, NS, **kw)
+    result, figures["consolidate_s"] = timed(run_consolidate, store, NS, **kw)
+    figures["texts_encoded"], figures["node_texts_by_turn_mean"] = embed.real, embed.proxy
+    figures["level1_nodes"] = result.figures["level1_nodes"]
+    figures["level2_nodes"] = result.figures["level2_nodes"]
+    _, figures["reindex_s"] = timed(build_indexes, store, NS)
+    return figures
+
+
+def query_side(home: Path, args) -> dict[str, Any]:
+    """In a new process: load the namespace, ask the planted questions (warm), report figures."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_query",
+        str(home),
+        "--data",
+        str(args.data),
+        "--planted",
+        args.planted,
+        "--exhaustive-max",
+        str(args.exhaustive_max),
+        "--questions",
+        str(args.questions),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"query process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _query_main(home: Path, args) -> dict[str, Any]:
+    import torch
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.evaluate import load_questions, own_memories, run_questions
+    from memstage.tasks.retrieve import Retriever
+
+    torch.set_num_threads(1)  # one question at a time: extra intra-op threads only add contention
+    encoder, counter = models()
+    store = MemoryStore(home)
+    ns = store.namespaces()[0]
+    questions = [q for q in load_questions(args.data).items if q.namespace == args.planted]
+    questions = questions[: args.questions] if args.questions else questions
+    for q in questions:
+        q.namespace = ns
+    owns = own_memories(store, ns)
+    base_rss = rss_mb()
+    retriever = Retriever(store, encoder, counter)
+    loaded, load_s = timed(retriever.load, ns)
+    out: dict[str, Any] = {"load_s": load_s, "rss_before_load_mb": round(base_rss), "memories": loaded.n}
+    out["dense_kind"] = loaded.levels[0].dense.kind
+    out["backend"] = loaded.levels[0].dense.backend
+    for q in questions[:5]:
+        retriever.retrieve(ns, q.question, 1000)  # warm
+    records = run_questions(retriever.retrieve, questions, {ns: owns}, (1000,))
+    lat = [r["latency_ms"] for r in records]
+    out.update(
+        p50_ms=round(float(np.percentile(lat, 50)), 2),
+        p95_ms=round(float(np.percentile(lat, 95)), 2),
+        recall=round(float(np.mean([r["recall"] for r in records])), 4),
+        questions=len(records),
+    )
+    scored = []
+    for q in questions[:20]:
+        retriever.retrieve(ns, q.question, 1000)
+        scored.append(retriever.last_figures.get("scored", 0))
+    out["scored_rows_mean"] = round(float(np.mean(scored)), 1)
+    flat = Retriever(store, encoder, counter, hierarchy=False)
+    flat._loaded = retriever._loaded
+    records = run_questions(flat.retrieve, questions, {ns: owns}, (1000,))
+    out["recall_no_hierarchy"] = round(float(np.mean([r["recall"] for r in records])), 4)
+    out["p95_ms_no_hierarchy"] = round(float(np.percentile([r["latency_ms"] for r in records], 95)), 2)
+    if loaded.n <= args.exhaustive_max:
+        scan = Retriever(store, encoder, counter, exhaustive=True)
+        scan._loaded = retriever._loaded
+        records = run_questions(scan.retrieve, questions, {ns: owns}, (1000,))
+        out["recall_exhaustive"] = round(float(np.mean([r["recall"] for r in records])), 4)
+        out["p95_ms_exhaustive"] = round(float(np.percentile([r["latency_ms"] for r in records], 95)), 2)
+    out["rss_mb"] = round(rss_mb())
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--planted", default="conv-26")
+    ap.add_argument("--noise", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--questions", type=int, default=0, help="ask only the first N planted questions (0: all)"
+    )
+    ap.add_argument("--exhaustive-max", type=int, default=100_000)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memstage-scale")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
+    ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--_query", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args._query is not None:
+        print(json.dumps(_query_main(args._query, args)))
+        return 0
+    if not args.data.exists():
+        print(f"LoCoMo dev data not found at {args.data}", file=sys.stderr)
+        return 2
+    from scale_data import cached_embeddings, dev_turns
+
+    encoder, counter = models()
+    turns = dev_turns(args.data)
+    emb = cached_embeddings(turns, args.cache, encoder, counter)
+    report: dict[str, Any] = {
+        "sizes": {},
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.node()}, {os.cpu_count()} cores",
+    }
+    alone_home = args.work / "alone"
+    alone_build = build(alone_home, args, None, encoder, counter, turns, emb)
+    alone = query_side(alone_home, args)
+    report["alone"] = {**alone_build, **alone}
+    for size in args.sizes:
+        home = args.work / f"n{size}"
+        start = time.perf_counter()
+        figures = build(home, args, size, encoder, counter, turns, emb)
+        q = query_side(home, args)
+        report["backend"] = q["backend"]
+        report["sizes"][str(size)] = {
+            "p50_ms": q["p50_ms"],
+            "p95_ms": q["p95_ms"],
+            "load_s": q["load_s"],
+            "rss_mb": q["rss_mb"],
+            "recall_planted": q["recall"],
+            "recall_alone": alone["recall"],
+            **{
+                k: v
+                for k, v in q.items()
+                if k not in ("p50_ms", "p95_ms", "load_s", "rss_mb", "recall", "backend")
+            },
+            **figures,
+            "total_s": round(time.perf_counter() - start, 1),
+        }
+        if not args.keep:
+            shutil.rmtree(home, ignore_errors=True)
+        print(f"size {size}: {json.dumps(report['sizes'][str(size)])}", file=sys.stderr, flush=True)
+    sizes = report["sizes"]
+    if len(sizes) >= 2:
+        lo, hi = sizes[min(sizes, key=int)], sizes[max(sizes, key=int)]
+        report["p95_growth"] = round(hi["p95_ms"] / lo["p95_ms"], 2)
+    if not args.keep:
+        shutil.rmtree(alone_home, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"{'size':>9} {'p50 ms':>8} {'p95 ms':>8} {'load s':>7} {'RSS MB':>7} {'recall':>7} {'alone':>7}"
+        )
+        for size, r in sizes.items():
+            print(
+                f"{size:>9} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['load_s']:7.2f} {r['rss_mb']:7.0f} "
+                f"{r['recall_planted']:7.3f} {r['recall_alone']:7.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

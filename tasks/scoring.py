@@ -1,0 +1,181 @@
+"""Scoring of level-0 memories for one question, over any set of rows closed under sessions.
+
+1. hybrid relevance: cosine to the question's embedding and BM25 (stemmed, speaker names kept),
+   each z-normalised over the whole level with statistics that are exact without scanning it (the
+   dense mean and sd from the embeddings' mean and covariance fixed at index time, the BM25 ones
+   from the question words' posting lists), mixed with a fixed weight; both over the text a memory
+   is found by (`tasks.index.index_text`: a turn's full original words, while what is packed is the
+   memory's text, which the compress stage may have shortened);
+2. conversation structure: a turn inherits part of its better neighbour's score (a short reply
+   "yes, last week!" lives next to the question it answers; a turn without one, at a session's
+   edge, reads NO_NEIGHBOUR), and every turn of a session gets part of its session's score (mean of
+   its SESSION_TOP best turns), so the budget goes to the right sessions;
+3. question cues: a boost for turns by the participant the question names, and for turns whose
+   event time falls in a period the question names ("in October 2023", "on 3 June, 2023").
+A row's score depends only on its session's rows, so scoring the candidates' whole sessions gives
+every candidate the score an exhaustive scan of the namespace gives it (`score_rows(..., all rows)`).
+The weights were set on the LoCoMo dev split, in a flat region (neighbouring values change
+recall@1000 by < 0.01); choosing them leave-one-conversation-out gave 0.847 recall@1000 on the
+held-out conversations against 0.851 in-sample.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+import numpy as np
+
+W_DENSE = 0.7  # share of the dense z-score in the hybrid score (BM25 gets the rest)
+NEIGHBOUR = 0.4  # share of the better adjacent turn's score a turn inherits (same session only)
+NO_NEIGHBOUR = -3.0  # what a missing neighbour reads (z units; was the namespace's lowest score)
+SESSION = 0.5  # weight of the session's score (mean of its SESSION_TOP best turns) on its turns
+SESSION_TOP = 3
+SPEAKER = 0.4  # boost for turns by the one participant the question names
+PERIOD = 1.0  # boost for turns whose event time falls in a period the question names
+PERIOD_SLACK = (timedelta(days=14), timedelta(days=40))  # an event is talked about soon after it
+NO_DAY = np.iinfo(np.int32).min  # event day of a memory without an event time
+
+# ---- periods named in a question -------------------------------------------------------------------
+
+_MONTHS = [m.lower() for m in calendar.month_name[1:]]
+_MONTH_RE = "|".join(_MONTHS)
+_DATE = re.compile(
+    rf"\b(?:(\d{{1,2}})(?:st|nd|rd|th)?\s+)?({_MONTH_RE})(?:\s+(\d{{1,2}})(?:st|nd|rd|th)?)?(?:,?\s+((?:19|20)\d\d))?\b",
+    re.I,
+)
+_YEAR = re.compile(r"\b(?:in|of|during)\s+((?:19|20)\d\d)\b", re.I)
+
+
+def question_periods(question: str) -> list[tuple[int | None, int | None, int | None]]:
+    """(year, month, day) periods a question names; None where it leaves a part open."""
+    out: list[tuple[int | None, int | None, int | None]] = []
+    for m in _DATE.finditer(question):
+        day, month, year = m.group(1) or m.group(3), m.group(2).lower(), m.group(4)
+        if month == "may" and not (day or year):
+            continue  # most likely the verb
+        out.append((int(year) if year else None, _MONTHS.index(month) + 1, int(day) if day else None))
+    if not out:
+        out = [(int(m.group(1)), None, None) for m in _YEAR.finditer(question)]
+    return out
+
+
+def period_bounds(period: tuple[int | None, int | None, int | None], year: int) -> tuple[date, date] | None:
+    y, month, day = period
+    y = y or year
+    try:
+        if month is None:
+            return date(y, 1, 1), date(y, 12, 31)
+        if day is not None:
+            return date(y, month, day), date(y, month, day)
+        return date(y, month, 1), date(y, month, calendar.monthrange(y, month)[1])
+    except ValueError:
+        return None
+
+
+def in_periods(days: np.ndarray, periods: list[tuple[int | None, int | None, int | None]]) -> np.ndarray:
+    """Which event days (datetime64[D], NaT for none) fall in (or shortly after) any of the periods."""
+    hit = np.zeros(len(days), dtype=bool)
+    valid = ~np.isnat(days)
+    if not valid.any():
+        return hit
+    years = sorted({int(str(d)[:4]) for d in np.unique(days[valid])})
+    before, after = PERIOD_SLACK
+    for p in periods:
+        # A month without a year may be any year of the conversation.
+        for year in [p[0]] if p[0] else years:
+            bounds = period_bounds(p, year)
+            if bounds is None:
+                continue
+            lo, hi = np.datetime64(bounds[0] - before), np.datetime64(bounds[1] + after)
+            hit |= valid & (days >= lo) & (days <= hi)
+    return hit
+
+
+# ---- relevance ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LevelQuery:
+    """One question against one level: what z-scores any of its rows without scanning the level."""
+
+    qvec: np.ndarray
+    dense_mean: float
+    dense_sd: float
+    lex_rows: np.ndarray  # sorted rows with a BM25 score > 0
+    lex_vals: np.ndarray
+    lex_mean: float
+    lex_sd: float
+    has_words: bool  # whether any question word is in the level's vocabulary
+
+
+def level_query(level: Any, qvec: np.ndarray, qwords: list[str]) -> LevelQuery:
+    mean = float(qvec @ level.mean)
+    var = float(qvec @ level.cov @ qvec)
+    rows, vals, lmean, lsd = level.lexical.sparse_scores(qwords)
+    has_words = any(w in level.lexical.vocab for w in qwords)
+    return LevelQuery(qvec, mean, float(np.sqrt(max(var, 0.0))), rows, vals, lmean, lsd, has_words)
+
+
+def _z(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
+    return (x - mean) / sd if sd > 1e-6 else np.zeros_like(x)
+
+
+def hybrid(level: Any, q: LevelQuery, rows: np.ndarray) -> np.ndarray:
+    """Hybrid relevance of `rows` (positions in the level), z-normalised over the whole level."""
+    cos = level.vectors(rows) @ q.qvec
+    dense = _z(cos.astype(np.float64), q.dense_mean, q.dense_sd)
+    if not q.has_words:
+        return dense
+    at = np.searchsorted(q.lex_rows, rows)
+    at = np.minimum(at, max(len(q.lex_rows) - 1, 0))
+    hit = (q.lex_rows[at] == rows) if len(q.lex_rows) else np.zeros(len(rows), bool)
+    lex = np.where(hit, q.lex_vals[at] if len(q.lex_vals) else 0.0, 0.0).astype(np.float64)
+    return W_DENSE * dense + (1 - W_DENSE) * _z(lex, q.lex_mean, q.lex_sd)
+
+
+# ---- structure and cues --------------------------------------------------------------------------
+
+
+def _neighbour(rows: np.ndarray, links: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Base score of each row's linked neighbour (prev or next), NO_NEIGHBOUR where it has none in `rows`."""
+    target = links[rows]
+    at = np.minimum(np.searchsorted(rows, target), len(rows) - 1)
+    ok = (target >= 0) & (rows[at] == target)
+    return np.where(ok, base[at], NO_NEIGHBOUR)
+
+
+def session_scores(session: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per row, the mean of its session's SESSION_TOP best scores (among the given rows)."""
+    n = len(scores)
+    codes, inverse = np.unique(session, return_inverse=True)
+    order = np.lexsort((-scores, inverse))
+    sess_sorted = inverse[order]
+    starts = np.r_[0, np.flatnonzero(sess_sorted[1:] != sess_sorted[:-1]) + 1]
+    rank_in = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    top = rank_in < SESSION_TOP
+    sums = np.bincount(sess_sorted[top], weights=scores[order][top], minlength=len(codes))
+    counts = np.bincount(sess_sorted[top], minlength=len(codes))
+    return (sums / np.maximum(counts, 1))[inverse]
+
+
+def score_rows(ns: Any, rows: np.ndarray, q: LevelQuery, question: str) -> np.ndarray:
+    """Scores of level-0 `rows` (sorted, unique), higher is better."""
+    if len(rows) == 0:
+        return np.zeros(0)
+    base = hybrid(ns.levels[0], q, rows)
+    scores = base + NEIGHBOUR * np.maximum(_neighbour(rows, ns.prev, base), _neighbour(rows, ns.next, base))
+    scores = scores + SESSION * session_scores(np.asarray(ns.session[rows]), scores)
+    lowered = question.lower()
+    named = {code for name, code in ns.speakers.items() if re.search(rf"\b{re.escape(name)}\b", lowered)}
+    if len(named) == 1:
+        scores = scores + SPEAKER * (np.asarray(ns.speaker[rows]) == next(iter(named)))
+    periods = question_periods(question)
+    if periods:
+        raw = np.asarray(ns.days[rows])
+        days = np.where(raw == NO_DAY, np.datetime64("NaT"), raw.astype("datetime64[D]"))
+        scores = scores + PERIOD * in_periods(days.astype("datetime64[D]"), periods)
+    return scores
