@@ -195,3 +195,23 @@ def record_query(store: MemoryStore, namespace: str, memory_ids: Sequence[str], 
                 [namespace, list(memory_ids)],
             )
         w.insert("runs", pa.Table.from_pylist([run], schema=RUNS))
+
+
+def set_parents(w: Any, namespace: str, ids: Sequence[str], parents: Sequence[str | None], at: Any) -> int:
+    """Inside a writer: set `parent` (and `updated_at`) of memories by id, one UPDATE, no row
+    rewritten whole (consolidate links a million children without reloading their embeddings)."""
+    if not ids:
+        return 0
+    w.conn.register(
+        "_parents",
+        pa.table({"id": pa.array(list(ids), pa.string()), "parent": pa.array(list(parents), pa.string())}),
+    )
+    try:
+        w.conn.execute(
+            "UPDATE memories SET parent = _parents.parent, updated_at = ? FROM _parents "
+            "WHERE memories.namespace = ? AND memories.id = _parents.id",
+            [at, validate_namespace(namespace)],
+        )
+    finally:
+        w.conn.unregister("_parents")
+    return len(ids)

@@ -104,28 +104,6 @@ class Writer:
             self.conn.unregister("_ids")
         return int(n)
 
-    def set_parents(
-        self, namespace: str, ids: Sequence[str], parents: Sequence[str | None], at: datetime
-    ) -> int:
-        """Set `parent` (and `updated_at`) of memories by id: one UPDATE, rows not rewritten whole."""
-        if not ids:
-            return 0
-        self.conn.register(
-            "_parents",
-            pa.table(
-                {"id": pa.array(list(ids), pa.string()), "parent": pa.array(list(parents), pa.string())}
-            ),
-        )
-        try:
-            self.conn.execute(
-                "UPDATE memories SET parent = _parents.parent, updated_at = ? FROM _parents "
-                "WHERE memories.namespace = ? AND memories.id = _parents.id",
-                [at, validate_namespace(namespace)],
-            )
-        finally:
-            self.conn.unregister("_parents")
-        return len(ids)
-
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
         return self.conn.execute(sql, params or [])
 

@@ -117,7 +117,9 @@ class _Changes:
         if self.rows or self.parents:
             with store.writer() as w:
                 w.insert("memories", memories_table(list(self.rows.values())), replace=True)
-                w.set_parents(self.namespace, list(self.parents), list(self.parents.values()), self.at)
+                queries.set_parents(
+                    w, self.namespace, list(self.parents), list(self.parents.values()), self.at
+                )
                 w.insert("ops", ops_table(self.ops))
 
 
