@@ -65,11 +65,8 @@ def fingerprint(rows: pa.Table, found_by: dict[int, list[str]]) -> str:
         "seq",
         "flag",
     )
-    table = rows.select(list(cols))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    h.update(sink.getvalue().to_pybytes())
+    for name in cols:  # values, not Arrow buffers (chunking and validity bitmaps vary between reads)
+        h.update(json.dumps(rows.column(name).to_pylist(), default=str).encode())
     for level in sorted(found_by):
         h.update(json.dumps(found_by[level]).encode())
     return h.hexdigest()
