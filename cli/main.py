@@ -29,7 +29,7 @@ COMMAND_MODULES = [
     "memstage.cli.stage_commands",
     "memstage.cli.ops_commands",
     "memstage.cli.eval_commands",
-    "memstage.server.app",
+    "memstage.cli.serve_commands",
     "memstage.cli.keys_commands",
 ]
 # Commands a person waits on: parsed with only their own module, so that a query answered by a warm
