@@ -76,7 +76,7 @@ def main() -> int:
         args.home = Path(tmp.name)
         prepare_store(args.data, args.home, maintain=False)
     store = MemoryStore(args.home)
-    models = Path(os.environ["MEMSTAGE_MODELS"]) if os.environ.get("MEMSTAGE_MODELS") else store.models_dir()
+    models = store.models_dir()  # MEMSTAGE_MODELS when set (memstage.settings), else HOME/models
     encoder = TimedEncoder(Encoder(device="cpu"))
     retriever = Retriever(store, encoder, TokenCounter(models))
     questions = load_questions(args.data).items

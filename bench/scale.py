@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from memstage.settings import get_settings
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 DATA = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
@@ -45,7 +47,7 @@ def models():
     from memstage.gpu.encoder import Encoder
     from memstage.gpu.tokenizer import TokenCounter
 
-    root = Path(os.environ.get("MEMSTAGE_MODELS", Path.home() / ".cache" / "memstage-models"))
+    root = get_settings().models or Path.home() / ".cache" / "memstage-models"
     return Encoder(), TokenCounter(root)
 
 

@@ -38,6 +38,7 @@ class Settings:
     openai_base_url: str | None  # MEMSTAGE_OPENAI_BASE_URL (else OPENAI_BASE_URL): the openai engine's server
     openai_model: str | None  # MEMSTAGE_OPENAI_MODEL: the openai engine's model (default: the server's first)
     report_url: str | None  # MEMSTAGE_REPORT_URL: where `memstage report` output is published, if anywhere
+    api_key: str | None  # MEMSTAGE_API_KEY: the key `memstage query` sends to a running `memstage serve`
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -63,6 +64,7 @@ class Settings:
             openai_base_url=env.get("MEMSTAGE_OPENAI_BASE_URL") or env.get("OPENAI_BASE_URL") or None,
             openai_model=env.get("MEMSTAGE_OPENAI_MODEL") or None,
             report_url=env.get("MEMSTAGE_REPORT_URL") or None,
+            api_key=env.get("MEMSTAGE_API_KEY") or None,
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -71,7 +73,7 @@ class Settings:
         out = {}
         for name, var in names.items():
             value = getattr(self, name)
-            if value is None or name in ("openai_base_url",):
+            if value is None or name in ("openai_base_url", "api_key"):  # a secret stays in this process
                 continue
             out[var] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         if self.openai_base_url:

@@ -17,6 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from memstage.settings import get_settings
+
 SERVICE_FILE = "serve.json"
 QUERY_ROUTE = "/memstage/query"
 
@@ -83,7 +85,7 @@ def find_service(home: Path) -> dict[str, Any] | None:
 def ask(service: dict[str, Any], payload: dict[str, Any], *, timeout_s: float = 300.0) -> dict[str, Any]:
     """POST a query to the service; its JSON answer, or ServiceError (4xx) / OSError (unreachable)."""
     headers = {"Content-Type": "application/json"}
-    key = service.get("token") or os.environ.get("MEMSTAGE_API_KEY")
+    key = service.get("token") or get_settings().api_key
     if key:
         headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(
