@@ -152,7 +152,7 @@ class MemoryStore:
             try:
                 lock_fd = self._acquire_lock()
                 try:
-                    conn = duckdb.connect(str(self.db_path))
+                    conn = self._connect(read_only=False)
                     self._migrate(conn)
                 except BaseException:
                     writer_lock.release_file_lock(lock_fd)
@@ -201,7 +201,7 @@ class MemoryStore:
                 raise StoreError("nested writer() in one process: commit the open transaction first")
             lock_fd = self._acquire_lock()
             try:
-                conn = duckdb.connect(str(self.db_path))
+                conn = self._connect(read_only=False)
                 try:
                     self._migrate(conn)
                     self._conn = conn
@@ -221,6 +221,20 @@ class MemoryStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def _connect(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting (up to 30 s, or the lock timeout if longer) while it is open in a way
+        that excludes us: read-write by another process (IOException), or, in this process, by another
+        thread in the other mode (DuckDB allows one configuration per file per process:
+        ConnectionException). Either holder closes within one step; measured waits are milliseconds."""
+        deadline = time.monotonic() + max(self.lock_timeout_s, 30.0)
+        while True:
+            try:
+                return duckdb.connect(str(self.db_path), read_only=read_only)
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(f"cannot open {self.db_path}: {exc}") from exc
+                time.sleep(0.02)
 
     def _acquire_lock(self) -> int:
         return writer_lock.acquire_file_lock(self.lock_path, self.lock_timeout_s, StoreLockedError)
@@ -265,15 +279,7 @@ class MemoryStore:
             finally:
                 cursor.close()
             return
-        deadline = time.monotonic() + max(self.lock_timeout_s, 30.0)
-        while True:
-            try:
-                conn = duckdb.connect(str(self.db_path), read_only=True)
-                break
-            except duckdb.IOException as exc:  # a writer in another process has the file open
-                if time.monotonic() >= deadline:
-                    raise StoreLockedError(f"cannot read {self.db_path}: {exc}") from exc
-                time.sleep(0.05)
+        conn = self._connect(read_only=True)
         try:
             yield conn
         finally:

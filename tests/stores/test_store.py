@@ -124,3 +124,45 @@ def test_hold_keeps_other_processes_out_until_released(store):
         other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert other.returncode != 0 and "another writer holds" in other.stderr
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).returncode == 0
+
+
+def test_threads_reading_and_writing_one_store_wait_instead_of_failing(tmp_path):
+    """DuckDB allows one configuration (read-only or read-write) per file per process: a reader
+    thread and a writer thread of one process used to fail with ConnectionException when they met
+    (seen in `memstage eval`'s maintain, whose stage tasks run as threads); now each waits."""
+    import threading
+    import time
+
+    MemoryStore(tmp_path)
+    errors: list[str] = []
+    writes = [0]
+    stop = time.monotonic() + 3
+
+    def reader() -> None:
+        store = MemoryStore(tmp_path)
+        while time.monotonic() < stop and not errors:
+            try:
+                store.query("SELECT count(*) AS n FROM events")
+            except Exception as exc:  # noqa: BLE001 - recorded, then asserted on
+                errors.append(repr(exc))
+
+    def writer() -> None:
+        store = MemoryStore(tmp_path, lock_timeout_s=30)
+        while time.monotonic() < stop and not errors:
+            try:
+                with store.writer() as w:
+                    w.execute("CREATE TABLE IF NOT EXISTS t (x INT)")
+                    w.execute("INSERT INTO t VALUES (1)")
+                writes[0] += 1
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [
+        threading.Thread(target=writer) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and writes[0] > 0
+    assert MemoryStore(tmp_path).query("SELECT count(*) AS n FROM t").column("n")[0].as_py() == writes[0]
