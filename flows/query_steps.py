@@ -5,7 +5,8 @@ shows in the UI). Without a Prefect server configured, a cold `memstage query` r
 (`run_plain`): a temporary Prefect server would cost seconds to start and its runs vanish with the
 process, while the `runs` row written here stays in the store for `memstage report`. Either way a
 query leaves one `runs` row (stage 'query': latency, tokens, cached share, answered or not; never
-the question's text) and bumps the access counts of the memories it used.
+the question's text) and bumps the access counts of the memories it used, through the access
+journal (`stores/access_log.py`): a query never waits for the writer lock.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from memstage.runtime.backends import RuntimeConfig
 from memstage.runtime.services import services
-from memstage.stores.store import MemoryStore, StoreLockedError
+from memstage.stores import access_log
 
 log = logging.getLogger("memstage")
 
@@ -81,8 +82,8 @@ def record_step(
     served_by: str,
     flow_run_id: str | None,
 ) -> bool:
-    """The query's `runs` row and access counts; False (logged) when a maintenance run holds the store."""
-    from memstage.stores.queries import record_query
+    """The query's `runs` row and access counts, appended to the access journal (never dropped); False
+    when it could not be merged into the store yet (a maintenance run holds it: the next flush does)."""
     from memstage.stores.store import now_utc, to_json
     from memstage.tasks.contract import content_hash
 
@@ -99,10 +100,11 @@ def record_step(
         "status": "ok",
     }
     memory_ids = [m["memory_id"] for m in result.get("memories") or []]
-    try:
-        record_query(MemoryStore(home), namespace, memory_ids, row)
-    except StoreLockedError:  # a maintenance run holds the store: one query's record is not worth waiting
-        log.warning("store busy: this query's access counts and run row were not recorded")
+    log_ = access_log.journal(home)
+    log_.append(namespace, memory_ids, row)  # no writer lock: merged in batches (stores.access_log)
+    if log_.flusher is None and access_log.flush_now(home) is None:
+        # no flusher in this process (a cold CLI query, a deployment's run): merged by the next flush
+        log.info("store busy: this query's record waits in %s for the next flush", log_.folder)
         return False
     return True
 

@@ -22,6 +22,7 @@ from memstage.runtime.artifacts import figures_text, namespaces_label, publish, 
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from memstage.runtime.encoder_pool import start_encoders
 from memstage.runtime.services import services
+from memstage.stores.access_log import flush_now
 from memstage.stores.store import MemoryStore
 from memstage.tasks import forget
 from memstage.tasks.contract import StageResult, record_run, record_runs, timed
@@ -103,6 +104,8 @@ def _run_stage(
     stage: str, namespaces: list[str], config: RuntimeConfig, use_ray: bool
 ) -> list[dict[str, Any]]:
     logger = get_run_logger()
+    if stage == "forget":  # its 'use' signal: the queries' access counts, merged from their journal first
+        flush_now(config.home, lock_timeout_s=LOCK_WAIT_S)
     if get_stage(stage).uses_encoder_pool:
         results = index_namespaces(
             config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False

@@ -45,6 +45,25 @@ def require_namespace(ns: str, store: Any) -> str:
     return ns
 
 
+def _flushing(home: Any, interval_s: float) -> Any:
+    """The app's lifespan: the access journal's flusher runs while the app serves."""
+    import contextlib
+
+    from memstage.stores.access_log import AccessFlusher
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        flusher = AccessFlusher(home, interval_s=interval_s).start()
+        try:
+            yield
+        finally:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(flusher.stop)
+
+    return lifespan
+
+
 def _error_handlers(app: FastAPI) -> None:
     """OpenAI-style error bodies for our own errors and for bodies that do not parse."""
 
@@ -70,16 +89,20 @@ def create_app(
     limits: Limits | None = None,
     metrics_namespaces: bool = False,
     local_token: str | None = None,
+    flush_interval_s: float = 1.0,
 ) -> FastAPI:
     """The app over one `MemoryServices` (store, retriever, generator); tests pass their own.
 
-    `keys` (a stores.keys.KeyRing) makes every /v1 request need a key; None serves without
-    authentication (`memstage serve --insecure-local` only). `metrics_namespaces` puts namespace
-    names in /metrics labels (off: other tenants' names stay private)."""
+        `keys` (a stores.keys.KeyRing) makes every /v1 request need a key; None serves without
+        authentication (`memstage serve --insecure-local` only). `metrics_namespaces` puts namespace
+        names in /metrics labels (off: other tenants' names stay private). Queries' records (runs rows,
+    access counts) go to the access journal; a thread merges it every `flush_interval_s` and once more
+    at shutdown (stores/access_log.py), so no query waits for the store's writer lock."""
     from memstage.server.metrics import generator_cache_stats, mount_metrics
 
     limits = limits or Limits()
     app = FastAPI(
+        lifespan=_flushing(services.store.home, flush_interval_s),
         title="memstage",
         version="0.1.0",
         description="OpenAI-compatible chat over a namespace's memory. Every /v1 request needs "

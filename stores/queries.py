@@ -178,25 +178,6 @@ def turn_memories(store: MemoryStore, namespace: str) -> dict[str, set[str]]:
     return owns
 
 
-# ---- queries, as the query flow records them ---------------------------------------------------
-
-
-def record_query(store: MemoryStore, namespace: str, memory_ids: Sequence[str], run: dict[str, Any]) -> None:
-    """One answered query in one transaction: the access counts of the memories it used (the forget
-    policy's 'use' signal) and its `runs` row (stage 'query': latency, tokens, cached share, answered)."""
-    from memstage.stores.schema import RUNS
-
-    validate_namespace(namespace)
-    with store.writer() as w:
-        if memory_ids:
-            w.execute(
-                """UPDATE memories SET access_count = coalesce(access_count, 0) + 1, last_access = now()
-                   WHERE namespace = ? AND id IN (SELECT unnest(?))""",
-                [namespace, list(memory_ids)],
-            )
-        w.insert("runs", pa.Table.from_pylist([run], schema=RUNS))
-
-
 def set_parents(w: Any, namespace: str, ids: Sequence[str], parents: Sequence[str | None], at: Any) -> int:
     """Inside a writer: set `parent` (and `updated_at`) of memories by id, one UPDATE, no row
     rewritten whole (consolidate links a million children without reloading their embeddings)."""

@@ -215,16 +215,3 @@ class Retriever:
             "speaker": r["speaker"],
             "flag": r["flag"] or "",  # instruction-like (tasks.injection): quoted or held out
         }
-
-
-def record_access(store: MemoryStore, namespace: str, memory_ids: list[str]) -> int:
-    """Bump access_count/last_access of retrieved memories (the forget policy's 'use' signal)."""
-    if not memory_ids:
-        return 0
-    with store.writer() as w:
-        w.execute(
-            """UPDATE memories SET access_count = coalesce(access_count, 0) + 1, last_access = now()
-               WHERE namespace = ? AND id IN (SELECT unnest(?))""",
-            [namespace, memory_ids],
-        )
-    return len(memory_ids)
