@@ -31,6 +31,13 @@ from memstage.tasks.registry import STAGE_NAMES  # noqa: E402
 STAGE_COLOURS = dict(
     zip(["ingest", *STAGE_NAMES, "eval"], plt.get_cmap("tab10").colors, strict=False)  # type: ignore[attr-defined]
 )
+# Where a query was answered: warm (a running `memstage serve`), cold (the CLI loaded the models), or
+# a Prefect deployment / flow run of its own.
+QUERY_KINDS = (
+    ("warm: memstage serve", "#55a868", ("serve",)),
+    ("cold: in the CLI process", "#dd8452", ("cli",)),
+    ("deployment / flow run", "#4c72b0", ("deployment", "flow")),
+)
 FORGET_BARS = 24  # hourly forget runs: the last day's, not every bar since the store began
 LEVEL_NAMES = {0: "raw turns (level 0)", 1: "sessions (level 1)", 2: "topics (level 2)"}
 
@@ -255,29 +262,28 @@ def plot_kv_cache(runs: list[dict[str, Any]]) -> str:
 
 
 def plot_queries(runs: list[dict[str, Any]]) -> str:
-    """Seconds from question to answer per recorded query; answered ones green, 'I don't know' grey."""
+    """Seconds from question to answer per recorded query, coloured by where it was answered (warm
+    service, cold CLI, deployment); hollow when it did not answer. Log scale when warm and cold mix."""
     rs = [r for r in runs if r["stage"] == "query" and r["status"] == "ok"]
     if not rs:
         return _empty("Queries", "memstage query QUESTION --namespace NS\n(or the memstage-query deployment)")
     fig, ax = _figure("Queries: seconds from question to answer")
-    kinds = (
-        ("answered", lambda f: f.get("answered") is True, "o", "#55a868"),
-        ("not answered", lambda f: f.get("answered") is False, "x", "#999999"),
-        ("retrieval only", lambda f: "answered" not in f, ".", "#4c72b0"),
-    )
-    for label, pick, marker, colour in kinds:
-        pts = [r for r in rs if pick(r["figures"])]
-        if pts:
-            ax.scatter(
-                [r["started_at"] for r in pts], [r["duration_s"] for r in pts],
-                marker=marker, color=colour, s=28, label=f"{label} ({len(pts)})",
-            )  # fmt: skip
+    for label, colour, served in QUERY_KINDS:
+        pts = [r for r in rs if (r["figures"].get("served_by") or "flow") in served]
+        for hollow in (False, True):  # hollow: answered "I don't know" (or retrieval only)
+            mine = [r for r in pts if (r["figures"].get("answered") is not True) == hollow]
+            if mine:
+                ax.scatter(
+                    [r["started_at"] for r in mine], [r["duration_s"] for r in mine], s=30,
+                    color=colour if not hollow else "none", edgecolors=colour,
+                    label=f"{label} ({len(pts)})" if not hollow or len(mine) == len(pts) else None,
+                )  # fmt: skip
     seconds = sorted(r["duration_s"] for r in rs)
     if seconds[-1] > 20 * max(seconds[0], 1e-3):
         ax.set_yscale("log")  # cold (seconds) and warm (under one) queries both readable
     else:
         ax.set_ylim(0, seconds[-1] * 1.15)
-    ax.set_ylabel("seconds")
+    ax.set_ylabel("seconds (hollow: did not answer)")
     ax.legend(fontsize=8, frameon=False)
     _time_axis(ax, [r["started_at"] for r in rs])
     ax.annotate(

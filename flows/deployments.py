@@ -112,7 +112,12 @@ def publish_report(home: Path) -> None:
     service = find_service(home)
     link = get_settings().report_url or (service["url"] + "/report" if service else None)
     if link:
-        create_link_artifact(link=link, link_text="memstage report: plots over time", key="memstage-report")
+        create_link_artifact(
+            link=link,
+            link_text="memstage report: plots over time",
+            key="memstage-report",
+            description="memories, queries, stage durations, compression, forgetting, recall, KV cache",
+        )
         logger.info("Report redrawn: %s", link)
         return
     create_markdown_artifact(
@@ -161,6 +166,14 @@ def _on_runner(working_flow: Any, config: runtime.RuntimeConfig, *, batch: bool)
     return working_flow.with_options(task_runner=runtime.task_runner(config, batch=batch))
 
 
+def _nothing_to_do(what: str, home: Path) -> list[Any]:
+    """An empty store: say so in the log and as the run's artifact (a run that explains itself)."""
+    text = f"The store at {home} holds no namespaces yet: nothing to {what}. Ingest something first."
+    get_run_logger().info(text)
+    publish(run_key(what, []), [], text)
+    return []
+
+
 @flow(name="memstage-ingest", flow_run_name=_run_name("ingest"))
 def ingest(
     path: str,
@@ -199,15 +212,16 @@ def stage(
     if stage not in STAGE_FLOWS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_FLOWS)}")
     config = _config(home, runner)
-    namespaces = _namespaces(config, namespace)
-    if not namespaces:
-        get_run_logger().info("The store at %s holds no namespaces yet: nothing to %s.", config.home, stage)
-        return []
-    tag_this_run(namespaces)
-    with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
-        rows = _on_runner(STAGE_FLOWS[stage], config, batch=True)(
-            namespaces, config, config.use_ray(batch=True)
-        )
+    # The slot first, then the namespaces: a run queued behind an ingest sees what the ingest stored.
+    with store_slot(config.home):
+        namespaces = _namespaces(config, namespace)
+        if not namespaces:
+            return _nothing_to_do(stage, config.home)
+        tag_this_run(namespaces)
+        with tags(*[f"namespace:{ns}" for ns in namespaces]):
+            rows = _on_runner(STAGE_FLOWS[stage], config, batch=True)(
+                namespaces, config, config.use_ray(batch=True)
+            )
     publish(
         run_key(stage, namespaces),
         rows,
@@ -226,15 +240,16 @@ def maintain(
 
     config = _config(home, runner)
     logger = get_run_logger()
-    namespaces = _namespaces(config, namespace)
-    if not namespaces:
-        logger.info("The store at %s holds no namespaces yet: nothing to maintain.", config.home)
-        return {"stage": "maintain", "namespaces": [], "stages": {}, "failed": []}
-    tag_this_run(namespaces)
-    with store_slot(config.home), tags(*[f"namespace:{ns}" for ns in namespaces]):
-        # maintain_flow's body in this run (its stage subflows, its `maintain-NS` artifact), not one
-        # level down; each stage subflow gets its own task runner
-        report = maintain_flow.fn(namespaces, config, config.use_ray(batch=True))
+    with store_slot(config.home):  # the slot first, then the namespaces (see `stage`)
+        namespaces = _namespaces(config, namespace)
+        if not namespaces:
+            _nothing_to_do("maintain", config.home)
+            return {"stage": "maintain", "namespaces": [], "stages": {}, "failed": []}
+        tag_this_run(namespaces)
+        with tags(*[f"namespace:{ns}" for ns in namespaces]):
+            # maintain_flow's body in this run (its stage subflows, its `maintain-NS` artifact), not
+            # one level down; each stage subflow gets its own task runner
+            report = maintain_flow.fn(namespaces, config, config.use_ray(batch=True))
     publish_report(config.home)
     for name, r in report["stages"].items():
         if r["status"] == "ok":

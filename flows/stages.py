@@ -187,7 +187,18 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
             }
             for s, r in report["stages"].items()
         ],  # fmt: skip
-        f"maintain over {len(namespaces)} namespace(s) in {report['duration_s']} s; failed: {report['failed'] or 'none'}",
+        f"**maintain {namespaces_label(namespaces)}** in {report['duration_s']} s; failed: "
+        f"{', '.join(report['failed']) or 'none'}\n\n"
+        + "\n".join(
+            f"- **{s}** {r['status']}, {r.get('changed', 0)} rows changed in {r['duration_s']} s"
+            + (
+                f": {what}"
+                if (what := figures_text(r.get("namespaces", []), skip=("changed", "duration_s")))
+                else ""
+            )
+            + (f" ({r['error']})" if r.get("error") else "")
+            for s, r in report["stages"].items()
+        ),
     )
     return report
 

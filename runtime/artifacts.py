@@ -54,9 +54,10 @@ def publish(key: str, rows: Sequence[dict[str, Any]], summary: str) -> None:
     if FlowRunContext.get() is None:
         return
     table = [{k: _cell(v) for k, v in r.items()} for r in rows]
-    create_table_artifact(
-        table=table, key=artifact_key(key), description=summary.splitlines()[0] if summary else None
-    )
+    if table:  # nothing done (an empty store): the summary says so, no empty table
+        create_table_artifact(
+            table=table, key=artifact_key(key), description=summary.splitlines()[0] if summary else None
+        )
     create_markdown_artifact(
         markdown=summary, key=artifact_key(key, "summary"), description="what this run did"
     )
