@@ -17,6 +17,11 @@ flow's time goes: the CPU seconds each role's processes spent during the flow (t
 driver: parsing, the store, the indexes, Prefect's and Ray's clients), from psutil.
 
     python bench/ingest_throughput.py --data ../shared/data/locomo/locomo-dev.json [--rounds 2] [--json]
+
+On a GPU host the flow encodes in the services actor on the card (`embedding_slots`: "actor"), and
+the bare encoder is the same `Encoder` on the card in this process. --replicate N ingests N copies of
+each conversation (each its own namespace) so that the run is not dominated by start-up:
+    python bench/ingest_throughput.py --replicate 100 --out bench/results/ingest_gpu_h200.json
 """
 
 from __future__ import annotations
@@ -106,12 +111,35 @@ def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return {role: round(v, 2) for role, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
+def replicate(data: Path, copies: int, folder: Path) -> Path:
+    """A LoCoMo file holding `copies` of each conversation, each copy its own sample (namespace)."""
+    if copies <= 1:
+        return data
+    samples = json.loads(data.read_text())
+    out = [{**s, "sample_id": f"{s['sample_id']}-r{k}"} for k in range(copies) for s in samples]
+    path = folder / f"{data.stem}-x{copies}.json"
+    path.write_text(json.dumps(out))
+    return path
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.node() or 'host'}: {os.cpu_count()} CPUs{gpu}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared/data/locomo/locomo-dev.json")
     ap.add_argument("--runner", default="ray", choices=["ray", "local"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
+    ap.add_argument("--replicate", type=int, default=1, help="copies of each conversation (namespaces)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     if not args.data.exists():
         print(json.dumps({"skipped": f"no data at {args.data}"}))
@@ -122,7 +150,9 @@ def main() -> int:
     from memstage.tasks.index import level0_text
     from memstage.tasks.ingest import parse_file
 
-    events, _ = parse_file(args.data, "locomo")
+    tmp_data = tempfile.TemporaryDirectory()
+    data = replicate(args.data, args.replicate, Path(tmp_data.name))
+    events, _ = parse_file(data, "locomo")
     texts, by_namespace = [], {}
     for e in events.to_pylist():
         texts.append(level0_text(e["speaker"], e["text"], json.loads(e["metadata"])))
@@ -153,7 +183,7 @@ def main() -> int:
             before = bare_rates()
             for r in range(args.rounds):
                 cpu_before, t0 = cpu_by_process(), time.perf_counter()
-                out = run_ingest(args.data, "locomo", f"round{r}", config, show_progress=False)
+                out = run_ingest(data, "locomo", f"round{r}", config, show_progress=False)
                 flow_s = time.perf_counter() - t0
                 cpu = cpu_spent(cpu_before, cpu_by_process())
                 after = bare_rates()
@@ -193,7 +223,14 @@ def main() -> int:
         "flow_cpu_s": {role: median_of(role) for role in rounds[-1]["flow_cpu_s"]},
         "rounds": rounds,
         "cold_start_s": round(cold_start_s, 2),
+        "device": encoder.device,
+        "namespaces": len(by_namespace),
+        "machine": machine(),
+        "command": "python " + " ".join(sys.argv),
     }
+    tmp_data.cleanup()
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     if not args.json:
         print(

@@ -1,4 +1,9 @@
-"""KV reuse on CPU: time to first token with the prefix cache against without, over a LoCoMo question stream.
+"""KV reuse: time to first token with the prefix cache against without, over a LoCoMo question stream.
+
+--engine transformers (default, CPU): the transformers engine with memstage's own prefix cache, below.
+--engine vllm (CUDA): vLLM's automatic prefix caching on two streams, LoCoMo and a multi-turn chat,
+with SmolLM2 or an 8B shape with dummy weights (bench/kv_reuse_vllm.py says how it measures):
+    python bench/kv_reuse.py --engine vllm --model llama8b --out bench/results/kv_reuse_vllm_h200.json
 
 One conversation becomes one namespace (ingest, index and consolidate stages, called as plain
 functions); 50 of its questions are retrieved with `tasks.retrieve` at a 1,000-token budget and
@@ -23,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_namespace(data: Path, conversation: str, home: Path, models: Path):
+def build_namespace(data: Path, conversation: str, home: Path, models: Path, device: str = "cpu"):
     """A store with one LoCoMo conversation ingested, indexed and consolidated; its retriever."""
     from memstage.gpu.encoder import Encoder
     from memstage.gpu.tokenizer import TokenCounter
@@ -40,7 +45,7 @@ def build_namespace(data: Path, conversation: str, home: Path, models: Path):
     store = MemoryStore(home)
     events, quarantine = parse_file(conv, "locomo")
     commit_events(store, events, quarantine)
-    encoder = Encoder("cpu")
+    encoder = Encoder(device)
     counter = TokenCounter(models)
     run_index(store, conversation, embed=encoder.encode, count_tokens=counter.count_many)
     run_consolidate(store, conversation, embed=encoder.encode, count_tokens=counter.count_many)
@@ -99,12 +104,25 @@ def main() -> int:
         help="torch threads (0: torch's default); 1 is steadier on a shared CPU",
     )
     ap.add_argument("--dry", action="store_true", help="prompt token shares only, no generation")
+    ap.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    ap.add_argument("--model", choices=("smollm2", "llama8b"), default="smollm2", help="vllm: which model")
+    ap.add_argument("--eager", action="store_true", help="vllm: enforce_eager (no CUDA graphs, no compile)")
+    ap.add_argument("--gpu-memory", type=float, default=0.6, help="vllm: gpu_memory_utilization")
+    ap.add_argument("--streams", default="multi_turn,locomo", help="vllm: which streams, comma-separated")
+    ap.add_argument("--turns", type=int, default=12, help="vllm multi_turn: turns in the chat")
+    ap.add_argument("--context-tokens", type=int, default=4000, help="vllm multi_turn: memory context size")
+    ap.add_argument("--answer-tokens", type=int, default=32, help="vllm: answer length (decode rate)")
+    ap.add_argument("--identity", type=int, default=5, help="vllm: prompts per stream checked for identity")
+    ap.add_argument("--identity-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=None, help="vllm: also write the JSON here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not args.data.exists():
         print(json.dumps({"skipped": f"no data at {args.data}"}))
         return 0
 
+    if args.engine == "vllm":
+        return main_vllm(args)
     import torch
 
     if args.threads:
@@ -197,6 +215,38 @@ def main() -> int:
         file=sys.stderr,
     )
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    return 0
+
+
+def main_vllm(args: argparse.Namespace) -> int:
+    """The vLLM half (bench/kv_reuse_vllm.py): namespace built on the GPU encoder, then both streams."""
+    import kv_reuse_vllm as kv
+    from memstage.tasks.generate import standing_block
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        models = args.models or home / "models"
+        t0 = time.perf_counter()
+        store, retriever, counter, sample = build_namespace(
+            args.data, args.conversation, home, models, "cuda"
+        )
+        ns = args.conversation
+        ctx = {
+            "ns": ns,
+            "retriever": retriever,
+            "counter": counter,
+            "standing": standing_block(store.memories(ns), args.standing_budget, counter.count),
+            "questions": [q["question"] for q in sample["qa"] if q.get("category") in (1, 2, 3, 4)],
+        }
+        setup_s = time.perf_counter() - t0
+        args.streams = [s.strip() for s in args.streams.split(",")]
+        out = kv.run(args, ctx, models, Path(tmp))
+    out.update(
+        conversation=ns, budget=args.budget, window_tokens=args.window_tokens, setup_s=round(setup_s, 1)
+    )
+    kv.dump(out, args.out)
+    print(kv.table(out), file=sys.stderr)
+    print(json.dumps(out))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Answer generation behind one `Generator` interface: transformers (with our prefix KV cache), vLLM, OpenAI HTTP.
 
+The vLLM engine lives in gpu/vllm_engine.py (it imports vllm, present on CUDA hosts only).
+
 Every engine takes chat messages and returns a `GenerationResult` that reports prompt tokens,
 tokens served from a prefix cache, time to first token, total time and decode speed, so the same
 figures can be compared across engines. `make_generator` picks one by name; the transformers engine
@@ -365,74 +367,15 @@ class OpenAIHTTPGenerator(Generator):
         self.client.close()
 
 
-# ---- vLLM in-process --------------------------------------------------------------------------------
+# ---- vLLM in-process: gpu/vllm_engine.py (imports vllm; CUDA hosts only) ------------------------------
 
 
-class VLLMGenerator(Generator):
-    """`vllm.LLM` in-process with automatic prefix caching: batch generation on GPU workers."""
+def __getattr__(name: str) -> Any:
+    if name == "VLLMGenerator":  # `from memstage.gpu.generator import VLLMGenerator` keeps working
+        from memstage.gpu.vllm_engine import VLLMGenerator
 
-    name = "vllm"
-
-    def __init__(self, model: str, **llm_kwargs: Any) -> None:
-        try:
-            import vllm  # lazy: a CUDA-only dependency that is absent on CPU hosts
-        except ImportError as exc:
-            raise RuntimeError("the vllm engine needs `pip install vllm` on a CUDA host") from exc
-        self._vllm = vllm
-        llm_kwargs.setdefault("enable_prefix_caching", True)
-        self.llm = vllm.LLM(model=model, **llm_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def generate(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        on_text: OnText | None = None,
-    ) -> GenerationResult:
-        return self.generate_batch(
-            [messages], max_tokens=max_tokens, temperature=temperature, on_text=on_text
-        )[0]
-
-    def generate_batch(
-        self,
-        batch: Sequence[Sequence[Message]],
-        *,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        on_text: OnText | None = None,
-    ) -> list[GenerationResult]:
-        """All prompts in one `LLM.generate` call; vLLM shares cached prefixes across them."""
-        start = time.perf_counter()
-        params = self._vllm.SamplingParams(temperature=temperature, max_tokens=max_tokens)
-        prompts = [
-            self.tokenizer.apply_chat_template(list(m), add_generation_prompt=True, tokenize=False)
-            for m in batch
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        total = time.perf_counter() - start
-        results = []
-        for out in outputs:
-            comp = out.outputs[0]
-            metrics = getattr(out, "metrics", None)
-            first = getattr(metrics, "first_token_time", None)
-            arrival = getattr(metrics, "arrival_time", None)
-            ttft = first - arrival if first and arrival else total
-            if on_text is not None:
-                on_text(comp.text)
-            results.append(
-                GenerationResult(
-                    text=comp.text,
-                    prompt_tokens=len(out.prompt_token_ids or []),
-                    cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
-                    completion_tokens=len(comp.token_ids),
-                    ttft_s=ttft,
-                    total_s=total,
-                    finish_reason=comp.finish_reason or "stop",
-                )
-            )
-        return results
+        return VLLMGenerator
+    raise AttributeError(name)
 
 
 # ---- factory ----------------------------------------------------------------------------------------
@@ -457,5 +400,7 @@ def make_generator(
             model = str(ensure_converted(Path(models_root)))
         if device and not device.startswith("cuda"):
             raise ValueError("the vllm engine runs on CUDA only")
+        from memstage.gpu.vllm_engine import VLLMGenerator
+
         return VLLMGenerator(model, **opts)
     raise ValueError(f"unknown generator engine {engine!r}; choose one of {ENGINES}")
