@@ -169,6 +169,11 @@ def main() -> int:
         t0 = time.perf_counter()
         run_ingest(args.data, "locomo", "warmup", config, show_progress=False)
         cold_start_s = time.perf_counter() - t0
+        print(
+            f"cold start (warm-up ingest of {args.data.name}): {cold_start_s:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         where, slots = embedding_slots(args.runner == "ray")
         pool = None
         if where == "workers" and encoder.device == "cpu":
@@ -198,6 +203,7 @@ def main() -> int:
                                "flow_turns_per_s": round(flow, 1), "flow_s": round(flow_s, 2),
                                "ratio": round(flow / best, 3), "ratio_to_one_process": round(flow / bare, 3),
                                "flow_cpu_s": cpu})  # fmt: skip
+                print(f"round {r}: {json.dumps(rounds[-1])}", file=sys.stderr, flush=True)
         finally:
             if pool:
                 pool.terminate()

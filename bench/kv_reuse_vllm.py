@@ -103,8 +103,13 @@ def multi_turn(ctx: dict[str, Any], gen: Any, args: Any, dummy: bool) -> tuple[l
     standing_tokens = ctx["counter"].count(ctx["standing"]) if ctx["standing"] else 0
     budget = max(200, args.context_tokens - standing_tokens - 150)
     qs = ctx["questions"]
-    retrieval = ctx["retriever"].retrieve(ctx["ns"], qs[0], budget)
-    messages = build_messages(retrieval, standing=ctx["standing"])
+    for _ in range(5):  # the evidence budget that makes the first prompt about --context-tokens long
+        retrieval = ctx["retriever"].retrieve(ctx["ns"], qs[0], budget)
+        messages = build_messages(retrieval, standing=ctx["standing"])
+        over = len(gen.prompt_ids(messages)) - args.context_tokens
+        if abs(over) <= 0.03 * args.context_tokens or budget <= 200:
+            break
+        budget = max(200, budget - over)
     rows, prompts = [], []
     for turn in range(args.turns):
         ids = gen.prompt_ids(messages)

@@ -91,6 +91,8 @@ def main() -> int:
             out["streamed"] = {"question": QUESTIONS[1], "answer": "".join(pieces), "chunks": len(pieces),
                                "client_ttft_ms": round((first or 0) * 1e3, 1),
                                "usage": usage.model_dump() if usage else None}  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported with the server's log below
+            out["error"] = repr(exc)
         finally:
             proc.terminate()
             try:
@@ -98,12 +100,12 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
-            out["serve_log_tail"] = (Path(tmp) / "serve.log").read_text()[-1500:]
+            out["serve_log_tail"] = (Path(tmp) / "serve.log").read_text()[-3000:]
     text = json.dumps(out, indent=1)
     if args.out:
         args.out.write_text(text + "\n")
     print(text)
-    return 0
+    return 1 if "error" in out else 0
 
 
 if __name__ == "__main__":

