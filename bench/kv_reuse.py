@@ -107,7 +107,7 @@ def main() -> int:
     ap.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
     ap.add_argument("--model", choices=("smollm2", "llama8b"), default="smollm2", help="vllm: which model")
     ap.add_argument("--eager", action="store_true", help="vllm: enforce_eager (no CUDA graphs, no compile)")
-    ap.add_argument("--gpu-memory", type=float, default=0.6, help="vllm: gpu_memory_utilization")
+    ap.add_argument("--gpu-memory", type=float, default=0.2, help="vllm: gpu_memory_utilization")
     ap.add_argument("--streams", default="multi_turn,locomo", help="vllm: which streams, comma-separated")
     ap.add_argument("--turns", type=int, default=12, help="vllm multi_turn: turns in the chat")
     ap.add_argument("--context-tokens", type=int, default=4000, help="vllm multi_turn: memory context size")

@@ -1,9 +1,9 @@
 """`memstage serve --engine vllm` answered by the `openai` client: ingest, serve on loopback, ask, save.
 
 Ingests the bundled sample conversation (namespace `demo`) through the ingest flow into a fresh data
-directory, starts `memstage serve --engine vllm` on 127.0.0.1, waits for /v1/models, then asks two
-questions with the `openai` client (one whole, one streamed with usage), and writes the answers,
-usage and timings as JSON (--out) and on stdout. Needs CUDA and vllm (`pip install "memstage[gpu]"`).
+directory, starts `memstage serve --engine vllm --insecure-local` on 127.0.0.1 (loopback: no API
+keys), waits for /v1/models, then asks two questions with the `openai` client (one whole, one
+streamed with usage), and writes the answers, usage and timings as JSON (--out) and on stdout. Needs CUDA and vllm (`pip install "memstage[gpu]"`).
 
     python bench/serve_vllm_openai.py --out serve_vllm_openai.json
 """
@@ -63,7 +63,9 @@ def main() -> int:
         if ing.returncode != 0:
             raise RuntimeError(f"ingest failed: {ing.stderr[-3000:]}")
         log = open(Path(tmp) / "serve.log", "w")  # noqa: SIM115 - closed below
-        serve = memstage("serve", "--engine", "vllm", "--home", home, "--port", str(args.port))
+        serve = memstage(
+            "serve", "--engine", "vllm", "--home", home, "--port", str(args.port), "--insecure-local"
+        )
         proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="memstage", timeout=120)
