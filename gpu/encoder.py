@@ -77,7 +77,8 @@ class Encoder:
         """Token ids as the model's tokenizer gives them (special tokens, truncation), computed by the
         Rust tokenizer in slices on a thread pool: it releases the GIL, so the slices run on all cores
         even where TOKENIZERS_PARALLELISM=false (Ray workers), and the Python side is one `.ids` per
-        text instead of transformers' per-text conversion (which bounded the encoder at 26k texts/s)."""
+        text instead of transformers' per-text conversion. Not shown faster yet: with it the encoder ran
+        21.4k texts/s on an H200 (bench/results/ingest_gpu_h200.json), with no run without it there."""
         if self._backend is None:
             from concurrent.futures import ThreadPoolExecutor
 
