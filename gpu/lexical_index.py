@@ -8,7 +8,7 @@ the statistics for z-scoring over the whole index come from the same columns exa
 holding none of the words score 0. The vocabulary is part of the artifact, so a hard forget must
 rebuild it (a removed memory's words would otherwise stay in `vocab.index.json`).
 
-Texts are analysed with `analyse`: bm25s' tokenizer, English stopwords and a light suffix stemmer.
+Texts are analysed with `analyse`: bm25s' tokenizer, English stopwords and Snowball's English stemmer.
 """
 
 from __future__ import annotations
@@ -21,39 +21,10 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
+import Stemmer
 
-_SUFFIXES = (
-    ("ies", "y"), ("ied", "y"), ("sses", "ss"), ("ness", ""), ("ment", ""), ("ings", ""),
-    ("ing", ""), ("edly", ""), ("ed", ""), ("ly", ""), ("es", ""), ("s", ""),
-)  # fmt: skip
-
-
-def stem(word: str) -> str:
-    """A light suffix stripper ("camped", "camping" -> "camp"): BM25 recall without a stemmer package."""
-    if len(word) <= 3:
-        return word
-    for suffix, repl in _SUFFIXES:
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            if suffix == "s" and word.endswith(("ss", "us", "is")):
-                return word
-            out = word[: -len(suffix)] + repl
-            if (
-                suffix in ("ing", "ed", "ings")
-                and len(out) > 3
-                and out[-1] == out[-2]
-                and out[-1] not in "lsz"
-            ):
-                out = out[:-1]  # "running" -> "run"
-            return out
-    return word
-
-
-class _Stemmer:
-    def stemWords(self, words: list[str]) -> list[str]:  # noqa: N802 - the interface bm25s expects
-        return [stem(w) for w in words]
-
-
-_STEMMER = _Stemmer()
+# Snowball's English stemmer (PyStemmer, C): "camped", "camping" -> "camp"; the same for texts and questions.
+_STEMMER = Stemmer.Stemmer("english")
 
 
 def analyse(texts: Sequence[str]) -> list[list[str]]:

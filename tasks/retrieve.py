@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import numpy as np
-from memstage.gpu.lexical_index import analyse, stem
+from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import hybrid, in_periods, level_query, question_periods, score_rows
@@ -32,7 +32,6 @@ __all__ = [
     "in_periods",
     "pack_within_budget",
     "question_periods",
-    "stem",
 ]
 
 MIN_LEFT = 5  # stop packing once fewer tokens than this are left

@@ -7,8 +7,9 @@ import pytest
 from conftest import indexed_turns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import NamespaceError
-from memstage.tasks.retrieve import Retriever, in_periods, question_periods, stem
+from memstage.tasks.retrieve import Retriever, in_periods, question_periods
 
 TURNS = {
     "alpha": [
@@ -95,6 +96,8 @@ def test_question_periods_and_matching():
     assert in_periods(days, [(None, 9, None)]).tolist() == [False, False, True, False]
 
 
-def test_stem():
-    assert {stem(w) for w in ("camping", "camped", "camps")} == {"camp"}
-    assert stem("running") == "run" and stem("stories") == "story" and stem("glass") == "glass"
+def test_lexical_analysis_stems_texts_and_questions_alike():
+    """Snowball (PyStemmer) folds inflections, the same way for memories and for questions."""
+    words = analyse(["camping", "camped", "camps", "running", "stories", "story", "glass"])
+    assert {w[0] for w in words[:3]} == {"camp"} and words[3] == ["run"] and words[4] == words[5]
+    assert words[6] == ["glass"]
