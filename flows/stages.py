@@ -1,8 +1,9 @@
 """The maintenance stages as Prefect flows: one flow per stage, and `maintain_flow`, the chain of them.
 
 Wiring only (the logic is in tasks/): each stage runs as one coarse task per namespace (a Ray task
-under the Ray runner) that computes and commits through the store's writer lock, using the encoder
-and tokenizer of the long-lived services actor. Every stage flow records a `runs` row per namespace
+under the Ray runner) over an Arrow snapshot of the namespace in a scratch store of the worker's
+own, using the encoder and tokenizer of the long-lived services actor; the flow's process commits
+the changes it returns, in batches (flows/fanout.py), so workers need no data directory. Every stage flow records a `runs` row per namespace
 and publishes a table artifact of its figures. `maintain_flow` runs compress -> consolidate ->
 update -> index -> forget as subflows; a stage that fails is retried once, reported, and the
 stages after it still run.
@@ -17,35 +18,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from memstage.flows.fanout import fan_out
 from memstage.flows.index_pipeline import index_namespaces
 from memstage.runtime.artifacts import figures_text, namespaces_label, publish, run_key
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from memstage.runtime.encoder_pool import start_encoders
 from memstage.runtime.services import services
 from memstage.stores.access_log import flush_now
+from memstage.stores.queries import event_count
 from memstage.stores.store import MemoryStore
 from memstage.tasks import forget
 from memstage.tasks.contract import StageResult, record_run, record_runs, timed
-from memstage.tasks.registry import STAGES, StageTools, get_stage
+from memstage.tasks.registry import STAGES, get_stage
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-LOCK_WAIT_S = 300.0  # stages of different namespaces run side by side and take turns at the writer lock
+LOCK_WAIT_S = 300.0  # the flow's commits wait this long for another writer (a query flush, another flow)
 
 
 def _store(home: Path) -> MemoryStore:
     return MemoryStore(home, lock_timeout_s=LOCK_WAIT_S)
-
-
-def _tools(config: RuntimeConfig, use_ray: bool) -> StageTools:
-    svc = services(config, use_ray=use_ray)
-    return StageTools(embed=svc.encode, count_tokens=svc.count_tokens, flow_run_id=flow_run_id())
-
-
-@stage_task(name="stage", task_run_name="{stage} {namespace}", retries=1, retry_delay_seconds=[2])
-def stage_namespace(config: RuntimeConfig, stage: str, namespace: str, use_ray: bool) -> StageResult:
-    """One registered stage over one namespace: a coarse task (a Ray task under the Ray runner)."""
-    return get_stage(stage).run(_store(config.home), namespace, _tools(config, use_ray))
 
 
 def _read_request(request: str) -> dict[str, Any]:
@@ -111,25 +103,19 @@ def _run_stage(
             config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False
         )
         return _finish(stage, results, {}, config.home, recorded=True)
-    futures = [(ns, stage_namespace.submit(config, stage, ns, use_ray)) for ns in namespaces]
-    results, failed = [], {}
-    for ns, fut in futures:
-        try:
-            r = fut.result()
-            results.append(r)
-            logger.info("%s %s: %s", stage, ns, r.as_dict())
-        except Exception as exc:  # noqa: BLE001 - one namespace failing does not hide the others' results
-            failed[ns] = f"{type(exc).__name__}: {exc}"
-            logger.error("%s %s failed: %s", stage, ns, failed[ns])
-    return _finish(stage, results, failed, config.home)
+    done = fan_out(stage, namespaces, config, use_ray, _store(config.home), log=logger)
+    rate = done.throughput(len(namespaces))
+    logger.info("%s: %s namespaces/s, %s turns/s over %d batch(es)", stage, rate["namespaces_per_s"],
+                rate["turns_per_s"], rate["batches"])  # fmt: skip
+    return _finish(stage, done.results, done.failed, config.home)
 
 
 def _make_stage_flow(stage: str) -> Any:
     @flow(
         name=f"stage-{stage}",
+        # no flow-level retries: a failed namespace's task is retried alone (flows/fanout.py); a
+        # retried flow run re-ran every namespace and recorded their `runs` rows twice
         flow_run_name=lambda: f"{stage} {namespaces_label(flow_run.parameters['namespaces'])}",
-        retries=1,
-        retry_delay_seconds=2,
     )
     def stage_flow(
         namespaces: list[str], config: RuntimeConfig, use_ray: bool = False
@@ -174,6 +160,12 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
                 }
     report["failed"] = [s for s, r in report["stages"].items() if r["status"] != "ok"]
     report["duration_s"] = round(total.duration_s, 3)
+    turns = event_count(_store(config.home), namespaces)
+    report["throughput"] = {
+        "namespaces_per_s": round(len(namespaces) / total.duration_s, 3) if total.duration_s else None,
+        "turns_per_s": round(turns / total.duration_s, 1) if total.duration_s else None,
+        "turns": turns,
+    }
     publish(
         run_key("maintain", namespaces),
         [
@@ -187,7 +179,8 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
             }
             for s, r in report["stages"].items()
         ],  # fmt: skip
-        f"**maintain {namespaces_label(namespaces)}** in {report['duration_s']} s; failed: "
+        f"**maintain {namespaces_label(namespaces)}** in {report['duration_s']} s "
+        f"({report['throughput']['namespaces_per_s']} namespaces/s, {report['throughput']['turns_per_s']} turns/s); failed: "
         f"{', '.join(report['failed']) or 'none'}\n\n"
         + "\n".join(
             f"- **{s}** {r['status']}, {r.get('changed', 0)} rows changed in {r['duration_s']} s"

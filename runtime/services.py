@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from memstage.runtime.backends import RuntimeConfig, ensure_ray
-from memstage.stores.store import MemoryStore
+from memstage.stores.store import MemoryStore, models_dir
 
 from memstage.settings import get_settings
 
@@ -25,7 +25,8 @@ class MemoryServices:
     """Lazily loaded models and indexes for one data directory."""
 
     def __init__(self, home: str, threads: int | None = None) -> None:
-        self.store = MemoryStore(home)
+        self.home = home
+        self._store: MemoryStore | None = None
         self._threads = threads
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -34,8 +35,16 @@ class MemoryServices:
         self._retriever = None
         self._generators: dict[str, Any] = {}
 
+    @property
+    def store(self) -> MemoryStore:
+        """Opened on first use: the stage tasks' encoder and token counter need no data directory
+        (an actor on a worker node without it serves them), queries do."""
+        if self._store is None:
+            self._store = MemoryStore(self.home)
+        return self._store
+
     def ping(self) -> str:
-        return str(self.store.home)
+        return str(self.home)
 
     @property
     def encoder(self) -> Any:
@@ -58,7 +67,7 @@ class MemoryServices:
             if self._counter is None:
                 from memstage.gpu.tokenizer import TokenCounter
 
-                self._counter = TokenCounter(self.store.models_dir())
+                self._counter = TokenCounter(models_dir(self.home))
             return self._counter
 
     @property

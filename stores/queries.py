@@ -196,3 +196,16 @@ def set_parents(w: Any, namespace: str, ids: Sequence[str], parents: Sequence[st
     finally:
         w.conn.unregister("_parents")
     return len(ids)
+
+
+def event_count(store: MemoryStore, namespaces: Sequence[str]) -> int:
+    """Events (turns) stored in these namespaces: what maintenance throughput is counted in."""
+    for ns in namespaces:
+        validate_namespace(ns)
+    return int(
+        store.query(
+            "SELECT count(*) AS n FROM events WHERE namespace IN (SELECT unnest(?))", [list(namespaces)]
+        )
+        .column("n")[0]
+        .as_py()
+    )

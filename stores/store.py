@@ -375,13 +375,18 @@ class MemoryStore:
 
     def models_dir(self) -> Path:
         """Converted model files: under the data directory, or MEMSTAGE_MODELS to share one copy between several."""
-        override = get_settings().models
-        path = override if override else self.home / "models"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return models_dir(self.home)
 
     def remove_namespace_files(self, namespace: str) -> None:
         shutil.rmtree(self.home / "indexes" / validate_namespace(namespace), ignore_errors=True)
+
+
+def models_dir(home: Path | str) -> Path:
+    """MEMSTAGE_MODELS, else HOME/models (made if missing)."""
+    override = get_settings().models
+    path = override if override else Path(home).expanduser() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def conform(rows: pa.Table, target: pa.Schema) -> pa.Table:
