@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,12 +30,18 @@ from tests.conftest import SAMPLE
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def start_node(args: list[str], log: Path) -> subprocess.Popen:
+def start_node(args: list[str], log: Path, hide: Path | None = None) -> subprocess.Popen:
+    """`ray start --block ARGS`; with `hide`, in a mount namespace of its own where `hide` is an empty
+    read-only tmpfs: the node's processes cannot see (or create) anything under it."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # carries the cluster's private auth token
     env.pop("RAY_ADDRESS", None)
     out = open(log, "w")  # noqa: SIM115 - the node outlives this function; closed with the process
+    command = [RAY, "start", "--block", "--disable-usage-stats", *args]
+    if hide is not None:
+        mount = f'mount -t tmpfs -o ro,size=1m memstage-hidden {shlex.quote(str(hide))} && exec "$@"'
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", *command]
     return subprocess.Popen(
-        [RAY, "start", "--block", "--disable-usage-stats", *args],
+        command,
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -55,6 +62,8 @@ def ray_cluster(tmp_path_factory):
     import ray
     from ray._private.authentication_test_utils import reset_auth_token_state
 
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespaces here: cannot hide the data directory from the second node")
     if ray.is_initialized():  # another test's local Ray: this module needs its own cluster
         ray.shutdown()
     # Ray 2.60 authenticates with a token, by default the shared ~/.ray/auth_token that any other
@@ -63,6 +72,9 @@ def ray_cluster(tmp_path_factory):
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     reset_auth_token_state()  # this process read its auth settings when ray was imported
     logs = tmp_path_factory.mktemp("ray-logs")
+    # The data directories of this module's tests: the head (and the driver) see them, the second
+    # node does not (no shared disk). Needs mount namespaces (root or user namespaces).
+    data_root = tmp_path_factory.mktemp("head-only")
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     nodes = [
@@ -109,6 +121,7 @@ def ray_cluster(tmp_path_factory):
                     json.dumps({"node2": 1}),
                 ],
                 logs / "node2.log",
+                hide=data_root,
             )
         )
         ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -123,7 +136,7 @@ def ray_cluster(tmp_path_factory):
             ("node2" if "node2" in n["Resources"] else "head"): n["NodeID"] for n in ray.nodes() if n["Alive"]
         }
         ray.shutdown()  # the flows join again through flows.runtime.ensure_ray, with their runtime_env
-        yield {"address": address, "nodes": node_ids, "logs": logs}
+        yield {"address": address, "nodes": node_ids, "logs": logs, "data_root": data_root}
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -158,7 +171,7 @@ def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
     from ray.util.state import list_actors, list_tasks
 
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
-    config = RuntimeConfig(home=tmp_path / "home", runner="ray")
+    config = RuntimeConfig(home=ray_cluster["data_root"] / "two-nodes", runner="ray")
     ingested = run_ingest(SAMPLE, "auto", None, config, False)
     assert ingested["runner"] == "ray" and ingested["events_new"] == 19
     report = run_maintain(None, config)
@@ -188,3 +201,67 @@ def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
     actors = list_actors(filters=[("class_name", "=", "MemoryServices")], raise_on_missing_output=False)
     assert len(actors) == 1 and actors[0].state == "ALIVE"  # one warm actor served both runs
     ray.shutdown()
+
+
+def _store_state(home: Path) -> dict:
+    """What a maintained store holds, without what differs between two runs of the same work
+    (timestamps, flow run ids, op ids, float rounding of embeddings)."""
+    from memstage.stores.store import MemoryStore
+
+    store = MemoryStore(home)
+    mem = store.query(
+        "SELECT id, level, text, tokens, parent, event_ids, session, speaker, version, valid_to IS NULL AS cur, "
+        "superseded_by, status, flag, embedding IS NULL AS unembedded FROM memories ORDER BY id"
+    ).to_pylist()
+    ops = store.query(
+        "SELECT stage, action, memory_id, reason, count(*) AS n FROM ops GROUP BY ALL ORDER BY ALL"
+    ).to_pylist()
+    indexes = store.query(
+        "SELECT namespace, level, kind, version, count, fingerprint FROM index_manifest WHERE current ORDER BY ALL"
+    ).to_pylist()
+    runs = store.query("SELECT stage, namespace, changed, count(*) AS n FROM runs GROUP BY ALL ORDER BY ALL")
+    return {"memories": mem, "ops": ops, "indexes": indexes, "runs": runs.to_pylist()}
+
+
+# About 2 min on the loaded 2-core dev machine: every stage twice (cluster, then one process).
+def test_every_stage_on_two_nodes_no_shared_disk_matches_one_process(ray_cluster, tmp_path, monkeypatch):
+    import ray
+    from memstage.flows.ingest import run_ingest
+    from memstage.flows.stages import run_stage
+    from memstage.runtime.backends import RuntimeConfig
+    from memstage.tasks.registry import STAGE_NAMES
+    from ray.util.state import list_tasks
+    from stage_data import ALICE, write_jsonl
+
+    data = write_jsonl(tmp_path / "alice.jsonl", "alice", ALICE)
+    homes = {"cluster": ray_cluster["data_root"] / "cluster", "single": tmp_path / "single"}
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
+    cluster = RuntimeConfig(home=homes["cluster"], runner="ray")
+    for path in (SAMPLE, data):
+        run_ingest(path, "auto", None, cluster, False)
+    for stage in STAGE_NAMES:
+        run_stage(stage, None, cluster)
+    # the second node never saw the data directory: its view of the folder is still the empty,
+    # read-only tmpfs (a task that tried to open the store there would have failed its stage)
+    seen = ray.get(
+        ray.remote(lambda root: (sorted(os.listdir(root)), os.access(root, os.W_OK)))
+        .options(resources={"node2": 1})
+        .remote(str(ray_cluster["data_root"]))
+    )
+    assert seen == ([], False)
+    assert sorted(os.listdir(ray_cluster["data_root"])) != []  # while the head sees the stores
+    tasks = list_tasks(filters=[("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
+    ran_on = {t.node_id for t in tasks if t.type == "NORMAL_TASK" and t.name.startswith("stage")}
+    assert ran_on == {ray_cluster["nodes"]["node2"]}, "the stage tasks ran on the node without the data"
+    ray.shutdown()
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    single = RuntimeConfig(home=homes["single"], runner="local")
+    for path in (SAMPLE, data):
+        run_ingest(path, "auto", None, single, False)
+    for stage in STAGE_NAMES:
+        run_stage(stage, None, single)
+    got, want = _store_state(homes["cluster"]), _store_state(homes["single"])
+    assert got["memories"] and got["ops"] and got["indexes"]
+    for part in ("memories", "ops", "indexes", "runs"):
+        assert got[part] == want[part], part
