@@ -3,10 +3,11 @@
 Wiring only (the logic is in tasks/): each stage runs as one coarse task per namespace (a Ray task
 under the Ray runner) over an Arrow snapshot of the namespace in a scratch store of the worker's
 own, using the encoder and tokenizer of the long-lived services actor; the flow's process commits
-the changes it returns, in batches (flows/fanout.py), so workers need no data directory. Every stage flow records a `runs` row per namespace
-and publishes a table artifact of its figures. `maintain_flow` runs compress -> consolidate ->
-update -> index -> forget as subflows; a stage that fails is retried once, reported, and the
-stages after it still run.
+the changes it returns, in batches (flows/fanout.py), so workers need no data directory. Every
+stage flow records a `runs` row per namespace and publishes a table artifact of its figures.
+`maintain_flow` runs compress -> consolidate -> update -> index -> forget as subflows; a namespace
+whose task fails is retried once (that task alone), a stage that still fails is reported, and the
+stages after it still run; the report gives namespaces/s and turns/s.
 """
 
 from __future__ import annotations
