@@ -130,7 +130,8 @@ class Retriever:
             return []
         qvec = np.asarray(self.encoder.encode([question])[0], dtype=np.float32)
         qwords = analyse([question])[0]
-        queries = {lvl: level_query(level, qvec, qwords) for lvl, level in ns.levels.items()}
+        wanted = set(levels or (0,)) | ({1} if self.hierarchy and not self.exhaustive else set())
+        queries = {lvl: level_query(level, qvec, qwords) for lvl, level in ns.levels.items() if lvl in wanted}
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []
         if levels is None or 0 in levels:
             if self.exhaustive:
