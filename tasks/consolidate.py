@@ -9,7 +9,9 @@
 - level 2: topic nodes, average-linkage agglomerative clusters of level-1 nodes across sessions.
 
 Ids are content hashes of the namespace and the children, so an unchanged store gives the same nodes
-and a rerun changes nothing. All rows and their ops go in one transaction.
+and a rerun changes nothing. All rows and their ops go in one transaction. Sized for 1M memories:
+embeddings are read as one matrix, the building blocks (`tasks.hierarchy`) bound their memory, and
+a child whose only change is its parent is written by one UPDATE of `parent` (its op row as usual).
 """
 
 from __future__ import annotations
