@@ -10,8 +10,9 @@
    "yes, last week!" lives next to the question it answers; a turn without one, at a session's
    edge, reads NO_NEIGHBOUR), and every turn of a session gets part of its session's score (mean of
    its SESSION_TOP best turns), so the budget goes to the right sessions;
-3. question cues: a boost for turns by the participant the question names, and for turns whose
-   event time falls in a period the question names ("in October 2023", "on 3 June, 2023").
+3. question cues: a boost for turns by the participant the question names and a smaller one for
+   the other turns of the sessions they took part in, and one for turns whose event time falls in
+   a period the question names ("in October 2023", "on 3 June, 2023").
 A row's score depends only on its session's rows, so scoring the candidates' whole sessions gives
 every candidate the score an exhaustive scan of the namespace gives it (`score_rows(..., all rows)`).
 The weights were set on the LoCoMo dev split, in a flat region (neighbouring values change
@@ -35,6 +36,9 @@ NO_NEIGHBOUR = -3.0  # what a missing neighbour reads (z units; was the namespac
 SESSION = 0.5  # weight of the session's score (mean of its SESSION_TOP best turns) on its turns
 SESSION_TOP = 3
 SPEAKER = 0.4  # boost for turns by the one participant the question names
+# boost for every turn of a session that participant took part in: in a namespace of many people's
+# conversations it keeps the question on theirs; within one conversation it shifts every turn alike
+SPEAKER_SESSION = 0.5
 PERIOD = 1.0  # boost for turns whose event time falls in a period the question names
 PERIOD_SLACK = (timedelta(days=14), timedelta(days=40))  # an event is talked about soon after it
 NO_DAY = np.iinfo(np.int32).min  # event day of a memory without an event time
@@ -172,7 +176,10 @@ def score_rows(ns: Any, rows: np.ndarray, q: LevelQuery, question: str) -> np.nd
     lowered = question.lower()
     named = {code for name, code in ns.speakers.items() if re.search(rf"\b{re.escape(name)}\b", lowered)}
     if len(named) == 1:
-        scores = scores + SPEAKER * (np.asarray(ns.speaker[rows]) == next(iter(named)))
+        by_named = np.asarray(ns.speaker[rows]) == next(iter(named))
+        _, inverse = np.unique(np.asarray(ns.session[rows]), return_inverse=True)
+        took_part = np.bincount(inverse, weights=by_named)[inverse] > 0
+        scores = scores + SPEAKER * by_named + SPEAKER_SESSION * took_part
     periods = question_periods(question)
     if periods:
         raw = np.asarray(ns.days[rows])
