@@ -65,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             action="store_true",
             help="answer in this process even when a `memstage serve` of this data directory is running",
         )
+        p.add_argument(
+            "--as-of",
+            default=None,
+            metavar="DATE",
+            help="when the question is asked (YYYY-MM-DD or an ISO 8601 time): later memories are left "
+            'out, and relative periods ("last month", "two weeks ago") resolve against it',
+        )
         if name == "query":
             p.add_argument(
                 "--engine",
@@ -130,12 +137,19 @@ def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
 
     from memstage.server.local import ServiceError, ask, find_service
 
+    from memstage.tasks.as_of import parse_as_of
+
+    try:
+        as_of = parse_as_of(args.as_of)
+    except ValueError as exc:
+        raise UserError(f"--as-of: {exc}") from None
+    as_of = as_of.isoformat() if as_of else None
     config = config_from(args)
     engine = getattr(args, "engine", None)
     service = None if args.no_service else find_service(config.home)
     if service is not None:
         payload = {"question": args.question, "namespace": args.namespace, "budget": args.budget}
-        payload.update(answer=answer, engine=engine)
+        payload.update(answer=answer, engine=engine, as_of=as_of)
         try:
             result = ask(service, payload)
         except ServiceError as exc:
@@ -161,12 +175,16 @@ def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
     if api or config.use_ray(batch=False):
         from memstage.flows.query import run_query
 
-        return run_query(args.question, args.namespace, args.budget, config, engine=engine, answer=answer)
+        return run_query(
+            args.question, args.namespace, args.budget, config, engine=engine, answer=answer, as_of=as_of
+        )
     from memstage.flows.query_steps import run_plain
     from memstage.stores.store import MemoryStore
 
     MemoryStore(config.home).require_namespace(args.namespace)
-    return run_plain(args.question, args.namespace, args.budget, config, engine=engine, answer=answer)
+    return run_plain(
+        args.question, args.namespace, args.budget, config, engine=engine, answer=answer, as_of=as_of
+    )
 
 
 def _say_warm(service: dict[str, Any], result: dict[str, Any]) -> None:

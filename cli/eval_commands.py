@@ -4,6 +4,7 @@ Loads the file into a data directory (a fresh temporary one unless `--home`), ru
 chain in-process (ingest, index, then compress -> consolidate -> update -> index -> forget), and asks
 every category 1-4 question with evidence at each budget. The measure itself lives in
 `tasks/evaluate.py`; this module wires the store, the models and the report (table, JSON, plot).
+`--variants` evaluates the robustness variants of the file too (`cli/eval_variants.py`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def evaluate_locomo(
     home: Path | None = None,
     maintain: bool = True,
     plot: Path | None = None,
+    exhaustive: bool = True,
 ) -> dict[str, Any]:
     """The whole evaluation; returns the report (memstage's figures at the top, baselines under `baselines`)."""
     from memstage.stores.store import MemoryStore
@@ -115,11 +117,14 @@ def evaluate_locomo(
         for ns in namespaces:  # warm: loading a namespace is not a question's latency
             retriever.retrieve(ns, "warm up", 10)
         report = summarise(run_questions(retriever.retrieve, questions.items, owns, budgets))
-        report["exhaustive"] = exhaustive_reference(
-            store, encoder, counter, questions.items, owns, budgets, report
-        )
+        if exhaustive:
+            report["exhaustive"] = exhaustive_reference(
+                store, encoder, counter, questions.items, owns, budgets, report
+            )
         report.update(
             {
+                "questions_dated": sum(q.as_of is not None for q in questions.items),
+                "question_dates_unreadable": questions.unreadable_dates,
                 "evidence_dropped": len(questions.dropped_ids),
                 "evidence_dropped_ids": questions.dropped_ids,
                 "questions_without_evidence": questions.without_evidence,
@@ -159,14 +164,15 @@ def exhaustive_reference(
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path:
-    """Recall against budget, memstage and the baselines, as a PNG."""
+    """Recall against budget, memstage and the baselines, and per category beside it, as a PNG."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, (ax, cat_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, gridspec_kw={"width_ratios": [6, 5]})
+    plot_categories(cat_ax, report)
     series = {"memstage": report, **{f"{m} (raw turns)": r for m, r in report.get("baselines", {}).items()}}
     for name, r in series.items():
         xs = sorted(int(b) for b in r["recall"])
@@ -185,12 +191,29 @@ def write_plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(f"LoCoMo evidence recall ({report['questions']} questions)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_categories(ax: Any, report: dict[str, Any]) -> None:
+    """Grouped bars: recall per category at the budget nearest 1000, memstage and each baseline."""
+    budget = min(report["by_category"], key=lambda b: abs(int(b) - 1000))
+    series = {"memstage": report, **report.get("baselines", {})}
+    cats = [c for c in CATEGORIES.values() if c in report["by_category"][budget]]
+    width = 0.8 / len(series)
+    for i, (name, r) in enumerate(series.items()):
+        values = [r["by_category"][budget].get(c, 0.0) for c in cats]
+        ax.bar([k + i * width for k in range(len(cats))], values, width, label=name)
+    ax.set_xticks([k + width * (len(series) - 1) / 2 for k in range(len(cats))], cats, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"evidence recall at {budget} tokens")
+    ax.set_title("per category")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -215,6 +238,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--no-maintain", action="store_true", help="ingest and index only; skip the stage chain")
     q.add_argument("--plot", type=Path, default=None, help="write recall against budget to this PNG")
+    q.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="VARIANT",
+        help="also evaluate robustness variants generated from PATH: all, or some of "
+        "speakers padded dated long (see tasks/robustness.py)",
+    )
+    q.add_argument("--seed", type=int, default=0, help="--variants: the generator's seed (default 0)")
     add_common(q)
     q.set_defaults(run=cmd_eval_locomo, render=render_eval)
 
@@ -224,26 +256,48 @@ def cmd_eval_locomo(args: argparse.Namespace) -> dict[str, Any]:
 
     if any(b <= 0 for b in args.budget):
         raise UserError("every --budget must be a positive number of tokens")
+    from memstage.cli.eval_variants import evaluate_variants, resolve_variants
+
+    try:
+        variants = resolve_variants(args.variants)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     home = args.home.expanduser().resolve() if args.home else None
-    return evaluate_locomo(
-        args.path,
-        budgets=tuple(sorted(set(args.budget))),
-        baselines=args.baselines,
-        home=home,
-        maintain=not args.no_maintain,
-        plot=args.plot,
-    )
+    options = {
+        "budgets": tuple(sorted(set(args.budget))),
+        "baselines": args.baselines,
+        "home": home,
+        "maintain": not args.no_maintain,
+        "plot": args.plot,
+    }
+    if variants:
+        return evaluate_variants(args.path, variants, evaluate_locomo, seed=args.seed, **options)
+    return evaluate_locomo(args.path, **options)
 
 
 def render_eval(r: dict[str, Any]) -> str:
+    from memstage.cli.eval_variants import render_variants
+
+    lines = [
+        f"LoCoMo evidence recall: {r['questions']} questions (categories 1-4 with evidence) in "
+        f"{r['conversations']} conversations; {r['evidence_dropped']} malformed evidence ids dropped "
+        f"({', '.join(r['evidence_dropped_ids']) or 'none'}), {r['questions_without_evidence']} questions without evidence"
+        + (f"; {r['questions_dated']} asked on a question_date" if r.get("questions_dated") else ""),
+        "",
+        *recall_table(r),
+        *render_variants(r, recall_table),
+    ]
+    if r.get("plot"):
+        lines.append(f"plot: {r['plot']}")
+    return "\n".join(lines)
+
+
+def recall_table(r: dict[str, Any]) -> list[str]:
+    """memstage and each baseline: recall per budget, and per category beneath."""
     budgets = list(r["recall"])
     cats = list(CATEGORIES.values())
     head = f"{'':22s}" + "".join(f"{b:>8s}" for b in budgets)
     lines = [
-        f"LoCoMo evidence recall: {r['questions']} questions (categories 1-4 with evidence) in "
-        f"{r['conversations']} conversations; {r['evidence_dropped']} malformed evidence ids dropped "
-        f"({', '.join(r['evidence_dropped_ids']) or 'none'}), {r['questions_without_evidence']} questions without evidence",
-        "",
         head,
         "memstage".ljust(22) + "".join(f"{r['recall'][b]:8.3f}" for b in budgets),
     ]
@@ -265,6 +319,4 @@ def render_eval(r: dict[str, Any]) -> str:
                 lines.append(
                     f"  {c}".ljust(22) + "".join(f"{base['by_category'][b][c]:8.3f}" for b in budgets)
                 )
-    if r.get("plot"):
-        lines.append(f"plot: {r['plot']}")
-    return "\n".join(lines)
+    return lines

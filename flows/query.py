@@ -27,9 +27,9 @@ from memstage.settings import get_settings
 
 @stage_task(name="retrieve", task_run_name="retrieve from {namespace}")
 def retrieve(
-    config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool
+    config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool, as_of: str | None = None
 ) -> dict[str, Any]:
-    return steps.retrieve_step(config, namespace, question, budget, use_ray)
+    return steps.retrieve_step(config, namespace, question, budget, use_ray, as_of)
 
 
 @stage_task(name="generate", task_run_name="answer in {namespace}", retries=1, retry_delay_seconds=2)
@@ -54,12 +54,13 @@ def answer_in_run(
     engine: str | None = None,
     answer: bool = True,
     served_by: str = "flow",
+    as_of: str | None = None,
 ) -> dict[str, Any]:
     """The flow's body, as tasks of the current flow run (the deployment's run calls it directly, so
     the tasks and the artifact sit on the run a user triggered, not one level down)."""
     use_ray = config.use_ray(batch=False)
     start = time.perf_counter()
-    result = retrieve.submit(config, namespace, question, budget, use_ray).result()
+    result = retrieve.submit(config, namespace, question, budget, use_ray, as_of).result()
     if answer:
         result.update(generate.submit(config, namespace, result, engine, use_ray).result())
     result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
@@ -93,9 +94,10 @@ def query_flow(
     engine: str | None = None,
     answer: bool = True,
     served_by: str = "flow",
+    as_of: str | None = None,
 ) -> dict[str, Any]:
     config = config or RuntimeConfig(home=MemoryStore().home)
-    return answer_in_run(question, namespace, budget, config, engine, answer, served_by)
+    return answer_in_run(question, namespace, budget, config, engine, answer, served_by, as_of)
 
 
 def run_query(
@@ -107,6 +109,7 @@ def run_query(
     engine: str | None = None,
     answer: bool = True,
     served_by: str = "cli",
+    as_of: str | None = None,
 ) -> dict[str, Any]:
     """The flow in this process: validates the namespace, warms the models while Prefect starts, runs it
     tagged `namespace:NS` (the tag is on the run from its creation)."""
@@ -122,4 +125,4 @@ def run_query(
         warm.start()
     with prefect_settings(config, use_ray=use_ray), tags(f"namespace:{namespace}"):
         runnable = query_flow.with_options(task_runner=task_runner(config, batch=False))
-        return runnable(question, namespace, budget, config, engine, answer, served_by)
+        return runnable(question, namespace, budget, config, engine, answer, served_by, as_of)

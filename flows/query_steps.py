@@ -36,9 +36,13 @@ def answered(text: str | None) -> bool:
 
 
 def retrieve_step(
-    config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool
+    config: RuntimeConfig, namespace: str, question: str, budget: int, use_ray: bool, as_of: str | None = None
 ) -> dict[str, Any]:
-    return services(config, use_ray=use_ray).retrieve(namespace, question, budget)
+    """`as_of`: when the question is asked (`tasks.as_of.parse_as_of`'s forms); later memories are left out."""
+    from memstage.tasks.as_of import parse_as_of
+
+    dated = {"as_of": parse_as_of(as_of)} if as_of else {}
+    return services(config, use_ray=use_ray).retrieve(namespace, question, budget, **dated)
 
 
 def answer_step(
@@ -118,11 +122,12 @@ def run_plain(
     engine: str | None = None,
     answer: bool = True,
     served_by: str = "cli",
+    as_of: str | None = None,
 ) -> dict[str, Any]:
     """The query without Prefect (in-process models): the same steps and record as the flow."""
     use_ray = False
     start = time.perf_counter()
-    result = retrieve_step(config, namespace, question, budget, use_ray)
+    result = retrieve_step(config, namespace, question, budget, use_ray, as_of)
     if answer:
         result.update(answer_step(config, result, engine, use_ray))
     result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 MAX_QUESTION_CHARS = 4000
@@ -28,6 +28,15 @@ class QueryRequest(BaseModel):
     budget: int = Field(default=1000, ge=1, le=100_000)
     answer: bool = True
     engine: str | None = Field(default=None, pattern="^(transformers|openai|vllm)$")
+    as_of: str | None = Field(default=None, max_length=64)  # when the question is asked
+
+    @field_validator("as_of")
+    @classmethod
+    def _readable_date(cls, value: str | None) -> str | None:
+        from memstage.tasks.as_of import parse_as_of
+
+        parse_as_of(value)  # ValueError -> 422 with its message
+        return value
 
 
 def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
@@ -43,14 +52,14 @@ def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
 
         with prefect_settings(config), tags(f"namespace:{body.namespace}", "served"):
             result = query_flow(
-                body.question, body.namespace, body.budget, config, body.engine, body.answer, "serve"
+                body.question, body.namespace, body.budget, config, body.engine, body.answer, "serve", body.as_of
             )
     else:
         from memstage.flows.query_steps import run_plain
 
         result = run_plain(
             body.question, body.namespace, body.budget, config,
-            engine=body.engine, answer=body.answer, served_by="serve",
+            engine=body.engine, answer=body.answer, served_by="serve", as_of=body.as_of,
         )  # fmt: skip
     result["served"] = {"pid": os.getpid(), "prefect_api_url": api, "flow_run_id": result.get("flow_run_id")}
     return result

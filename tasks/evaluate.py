@@ -5,6 +5,8 @@ memory (the memory whose `event_ids` hold that turn's event, original or compres
 memories the retriever packed. Summaries and topic nodes may be packed, and their tokens count, but
 they earn no credit. Malformed evidence ids are normalised ("D8:6; D9:17" -> two ids, "D:11:26" ->
 "D11:26", "D30:05" -> "D30:5"); ids that name no turn of the conversation are dropped and counted.
+A QA entry's optional `question_date` (when it is asked: `tasks.as_of.parse_as_of`'s forms) is
+passed to the retriever as `as_of`; one that cannot be read is counted and left out.
 Plain functions over a store and a `retrieve(namespace, question, budget) -> result` callable.
 """
 
@@ -15,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import bm25s
 import numpy as np
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore
+from memstage.tasks.as_of import known_mask, parse_as_of
 from memstage.tasks.retrieve import pack_within_budget
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
@@ -30,7 +34,7 @@ RRF_K = 60
 RRF_DEPTH = 100
 _DIA = re.compile(r"^D:?(\d+):0*(\d+)$")
 
-Retrieve = Callable[[str, str, int], dict[str, Any]]
+Retrieve = Callable[..., dict[str, Any]]  # (namespace, question, budget[, as_of=datetime]) -> result
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Question:
     category: int
     evidence: list[str]  # normalised dia_ids that name a turn of the conversation
     answer: Any = None
+    as_of: datetime | None = None  # when the question is asked (its question_date), if given
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Questions:
     items: list[Question] = field(default_factory=list)
     dropped_ids: list[str] = field(default_factory=list)  # "conv-42:D10:19", ...
     without_evidence: int = 0  # category 1-4 questions left out: no usable evidence
+    unreadable_dates: int = 0  # question_date values that could not be read (asked without a date)
 
 
 def normalise_evidence(raw: Iterable[Any], known: set[str]) -> tuple[list[str], list[str]]:
@@ -90,8 +96,12 @@ def load_questions(path: Path | str, *, namespace_prefix: str | None = None) -> 
             if not evidence:
                 out.without_evidence += 1
                 continue
+            try:
+                as_of = parse_as_of(qa.get("question_date"))
+            except ValueError:
+                as_of, out.unreadable_dates = None, out.unreadable_dates + 1
             out.items.append(
-                Question(namespace, str(qa["question"]), int(qa["category"]), evidence, qa.get("answer"))
+                Question(namespace, str(qa["question"]), int(qa["category"]), evidence, qa.get("answer"), as_of)
             )
     return out
 
@@ -117,8 +127,9 @@ def run_questions(
     records = []
     for q in questions:
         for budget in budgets:
+            dated = {"as_of": q.as_of} if q.as_of is not None else {}
             start = time.perf_counter()
-            result = retrieve(q.namespace, q.question, budget)
+            result = retrieve(q.namespace, q.question, budget, **dated)
             latency = (time.perf_counter() - start) * 1000
             if result["tokens"] > budget:
                 raise AssertionError(f"retriever packed {result['tokens']} tokens into a budget of {budget}")
@@ -180,7 +191,8 @@ class RawTurnBaselines:
         if namespace not in self._ns:
             from memstage.tasks.index import level0_text
 
-            events = self.store.events(namespace).to_pylist()
+            table = self.store.events(namespace)
+            events = table.to_pylist()
             texts = [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in events]
             lexical = bm25s.BM25()
             lexical.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
@@ -190,6 +202,7 @@ class RawTurnBaselines:
                 "emb": self.encoder.encode(texts),
                 "tokens": np.asarray(self.count_tokens(texts)),
                 "bm25": lexical,
+                "times": table.column("event_time").to_numpy(),
             }
         return self._ns[namespace]
 
@@ -220,11 +233,15 @@ class RawTurnBaselines:
         if method not in self.METHODS:
             raise ValueError(f"unknown baseline {method!r}; choose one of {self.METHODS}")
 
-        def retrieve(namespace: str, question: str, budget: int) -> dict[str, Any]:
+        def retrieve(
+            namespace: str, question: str, budget: int, as_of: datetime | None = None
+        ) -> dict[str, Any]:
             ns = self._load(namespace)
-            chosen, used = pack_within_budget(
-                self.ranking(namespace, question, method), lambda i: int(ns["tokens"][i]), budget
-            )
+            ranking = self.ranking(namespace, question, method)
+            if as_of is not None:  # turns said after the question are not known yet
+                known = known_mask(ns["times"], as_of)
+                ranking = [i for i in ranking if known[i]]
+            chosen, used = pack_within_budget(ranking, lambda i: int(ns["tokens"][i]), budget)
             packed = [{"memory_id": ns["ids"][i], "tokens": int(ns["tokens"][i]), "level": 0} for i in chosen]
             return {
                 "namespace": namespace,

@@ -9,17 +9,21 @@ then packed in score order while they fit the budget (counted with the generator
 exact duplicates are skipped. `exhaustive=True` scores every level-0 row instead (the reference
 the index path is measured against: `memstage eval locomo` reports both). With `levels` asking for
 levels >= 1, the consolidate stage's nodes compete for the budget too, by their hybrid score.
+`as_of` (when the question is asked): memories whose event time is after it are not packed, and its
+day reaches the scorer (relative periods: "last month", "two weeks ago").
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import numpy as np
 from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
+from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import hybrid, in_periods, level_query, question_periods, score_rows
 
@@ -123,9 +127,14 @@ class Retriever:
     # ---- ranking -------------------------------------------------------------------------------
 
     def ranked(
-        self, ns: LoadedNamespace, question: str, levels: tuple[int, ...] | None = None
+        self,
+        ns: LoadedNamespace,
+        question: str,
+        levels: tuple[int, ...] | None = None,
+        as_of: datetime | None = None,
     ) -> list[tuple[int, int, float]]:
-        """(level, row, score), best first: scored level-0 rows, and nodes of `levels` >= 1 when asked."""
+        """(level, row, score), best first: scored level-0 rows, and nodes of `levels` >= 1 when asked;
+        with `as_of`, only memories known then."""
         if ns.n == 0:
             return []
         qvec = np.asarray(self.encoder.encode([question])[0], dtype=np.float32)
@@ -138,7 +147,7 @@ class Retriever:
                 rows, self.last_figures = np.arange(ns.n), {"scored": ns.n}
             else:
                 rows, self.last_figures = candidates(ns, queries, hierarchy=self.hierarchy)
-            parts.append((0, rows, score_rows(ns, rows, queries[0], question)))
+            parts.append((0, rows, score_rows(ns, rows, queries[0], question, as_of_day(as_of))))
         for lvl in sorted(set(levels or ()) - {0}):
             if lvl in ns.levels:
                 level = ns.levels[lvl]
@@ -153,14 +162,23 @@ class Retriever:
         rows = np.concatenate([r for _, r, _ in parts])
         scores = np.concatenate([s for _, _, s in parts])
         order = np.lexsort((rows, lv, -scores))
-        return list(zip(lv[order].tolist(), rows[order].tolist(), scores[order].tolist(), strict=True))
+        ranked = zip(lv[order].tolist(), rows[order].tolist(), scores[order].tolist(), strict=True)
+        if as_of is None:
+            return list(ranked)
+        known = {lvl: known_mask(ns.levels[lvl].column("event_time"), as_of) for lvl in set(lv.tolist())}
+        return [item for item in ranked if known[item[0]][item[1]]]
 
     def rank(
-        self, namespace: str, question: str, *, levels: tuple[int, ...] | None = None
+        self,
+        namespace: str,
+        question: str,
+        *,
+        levels: tuple[int, ...] | None = None,
+        as_of: datetime | None = None,
     ) -> list[tuple[str, float]]:
         """Memory ids with scores, best first (the scored ones: candidates, or all with `exhaustive`)."""
         ns = self.load(namespace)
-        ranked = self.ranked(ns, question, levels)
+        ranked = self.ranked(ns, question, levels, as_of)
         ids = {lvl: ns.levels[lvl].column("id") for lvl in ns.levels}
         return [(ids[lvl][row].as_py(), score) for lvl, row, score in ranked]
 
@@ -171,8 +189,10 @@ class Retriever:
         budget: int = DEFAULT_BUDGET,
         *,
         levels: tuple[int, ...] | None = None,
+        as_of: datetime | None = None,
     ) -> dict[str, Any]:
-        """The retrieval result: memories packed in score order while they fit the budget."""
+        """The retrieval result: memories packed in score order while they fit the budget (of those
+        known at `as_of`, when given)."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         if budget <= 0:
@@ -185,7 +205,7 @@ class Retriever:
             return " ".join((texts[item[0]][item[1]].as_py() or "").lower().split())
 
         chosen, used = pack_within_budget(
-            self.ranked(ns, question, levels),
+            self.ranked(ns, question, levels, as_of),
             lambda item: int(ns.levels[item[0]].tokens[item[1]]),
             budget,
             key=text_key,  # a copy of a packed memory adds nothing
@@ -196,6 +216,7 @@ class Retriever:
             "budget": budget,
             "tokens": used,
             "memories": [self._memory(ns, lvl, row, score) for lvl, row, score in chosen],
+            **({"as_of": as_of.isoformat()} if as_of is not None else {}),
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
 

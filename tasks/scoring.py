@@ -12,7 +12,8 @@
    its SESSION_TOP best turns), so the budget goes to the right sessions;
 3. question cues: a boost for turns by the participant the question names and a smaller one for
    the other turns of the sessions they took part in, and one for turns whose event time falls in
-   a period the question names ("in October 2023", "on 3 June, 2023").
+   a period the question names ("in October 2023", "on 3 June, 2023"), or, when the question's
+   date is known (`as_of`), a period relative to it ("last month", "two weeks ago").
 A row's score depends only on its session's rows, so scoring the candidates' whole sessions gives
 every candidate the score an exhaustive scan of the namespace gives it (`score_rows(..., all rows)`).
 The weights were set on the LoCoMo dev split, in a flat region (neighbouring values change
@@ -99,6 +100,69 @@ def in_periods(days: np.ndarray, periods: list[tuple[int | None, int | None, int
     return hit
 
 
+_COUNT = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7}
+_COUNT |= {"eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "a couple of": 2, "a few": 3}
+_RELATIVE = re.compile(
+    r"\b(today|yesterday|(?:this|last|past) (?:week|weekend|month|year)"
+    rf"|(\d{{1,3}}|{'|'.join(sorted(_COUNT, key=len, reverse=True))}) (day|week|month|year)s? ago)\b",
+    re.I,
+)
+
+
+def _month_range(year: int, month: int) -> tuple[date, date]:
+    year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
+    return date(year, month, 1), date(year, month, calendar.monthrange(year, month)[1])
+
+
+def relative_periods(question: str, today: date | None) -> list[tuple[date, date]]:
+    """(first, last) days of the periods a question names relative to the day it is asked."""
+    out: list[tuple[date, date]] = []
+    if today is None:
+        return out
+    week = today - timedelta(days=today.weekday())  # Monday of this week
+    fixed = {
+        "today": (today, today),
+        "yesterday": (today - timedelta(days=1),) * 2,
+        "this week": (week, today),
+        "last week": (week - timedelta(days=7), week - timedelta(days=1)),
+        "past week": (today - timedelta(days=7), today),
+        "this weekend": (week - timedelta(days=2), today),
+        "last weekend": (week - timedelta(days=2), week - timedelta(days=1)),
+        "past weekend": (week - timedelta(days=2), week - timedelta(days=1)),
+        "this month": (today.replace(day=1), today),
+        "last month": _month_range(today.year, today.month - 1),
+        "past month": (today - timedelta(days=31), today),
+        "this year": (date(today.year, 1, 1), today),
+        "last year": (date(today.year - 1, 1, 1), date(today.year - 1, 12, 31)),
+        "past year": (today - timedelta(days=366), today),
+    }
+    for m in _RELATIVE.finditer(question):
+        phrase = " ".join(m.group(1).lower().split())
+        if phrase in fixed:
+            out.append(fixed[phrase])
+            continue
+        n = int(m.group(2)) if m.group(2).isdigit() else _COUNT[" ".join(m.group(2).lower().split())]
+        unit = m.group(3).lower()
+        if unit in ("day", "week"):
+            back = today - timedelta(days=n * (7 if unit == "week" else 1))
+            half = timedelta(days=3 if unit == "week" else 1)
+            out.append((back - half, back + half))
+        elif unit == "month":
+            out.append(_month_range(today.year, today.month - n))
+        elif today.year - n >= 1:
+            out.append((date(today.year - n, 1, 1), date(today.year - n, 12, 31)))
+    return out
+
+
+def in_ranges(days: np.ndarray, ranges: list[tuple[date, date]]) -> np.ndarray:
+    """Which event days (datetime64[D], NaT for none) fall in (or shortly after) any of the ranges."""
+    hit = np.zeros(len(days), dtype=bool)
+    before, after = PERIOD_SLACK
+    for lo, hi in ranges:
+        hit |= ~np.isnat(days) & (days >= np.datetime64(lo - before)) & (days <= np.datetime64(hi + after))
+    return hit
+
+
 # ---- relevance ---------------------------------------------------------------------------------
 
 
@@ -166,8 +230,11 @@ def session_scores(session: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (sums / np.maximum(counts, 1))[inverse]
 
 
-def score_rows(ns: Any, rows: np.ndarray, q: LevelQuery, question: str) -> np.ndarray:
-    """Scores of level-0 `rows` (sorted, unique), higher is better."""
+def score_rows(
+    ns: Any, rows: np.ndarray, q: LevelQuery, question: str, today: date | None = None
+) -> np.ndarray:
+    """Scores of level-0 `rows` (sorted, unique), higher is better; `today`: the day the question is
+    asked, when known (relative periods resolve against it)."""
     if len(rows) == 0:
         return np.zeros(0)
     base = hybrid(ns.levels[0], q, rows)
@@ -180,9 +247,11 @@ def score_rows(ns: Any, rows: np.ndarray, q: LevelQuery, question: str) -> np.nd
         _, inverse = np.unique(np.asarray(ns.session[rows]), return_inverse=True)
         took_part = np.bincount(inverse, weights=by_named)[inverse] > 0
         scores = scores + SPEAKER * by_named + SPEAKER_SESSION * took_part
-    periods = question_periods(question)
-    if periods:
+    periods, relative = question_periods(question), relative_periods(question, today)
+    if periods or relative:
         raw = np.asarray(ns.days[rows])
-        days = np.where(raw == NO_DAY, np.datetime64("NaT"), raw.astype("datetime64[D]"))
-        scores = scores + PERIOD * in_periods(days.astype("datetime64[D]"), periods)
+        days = np.where(raw == NO_DAY, np.datetime64("NaT"), raw.astype("datetime64[D]")).astype(
+            "datetime64[D]"
+        )
+        scores = scores + PERIOD * (in_periods(days, periods) | in_ranges(days, relative))
     return scores
