@@ -136,7 +136,6 @@ def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
     import sys
 
     from memstage.server.local import ServiceError, ask, find_service
-
     from memstage.tasks.as_of import parse_as_of
 
     try:

@@ -42,7 +42,9 @@ def evaluate_variants(
             for key in TRIM:
                 sub.pop(key, None)
             sub["minus_dev"] = {
-                b: round(sub["recall"][b] - report["recall"][b], 4) for b in report["recall"] if b in sub["recall"]
+                b: round(sub["recall"][b] - report["recall"][b], 4)
+                for b in report["recall"]
+                if b in sub["recall"]
             }
             report["variants"][name] = sub
     report["variant_seed"] = seed
@@ -57,7 +59,11 @@ def render_variants(r: dict[str, Any], table: Callable[[dict[str, Any]], list[st
     budgets = list(r["recall"])
     lines: list[str] = []
     for name, v in variants.items():
-        lines += ["", f"variant {name}: {v['questions']} questions in {v['conversations']} conversations", *table(v)]
+        lines += [
+            "",
+            f"variant {name}: {v['questions']} questions in {v['conversations']} conversations",
+            *table(v),
+        ]
     lines += ["", f"robustness summary (seed {r.get('variant_seed', 0)}): recall, and memstage minus dev"]
     lines.append(f"{'':22s}" + "".join(f"{b:>8s}" for b in budgets))
     rows = [("dev", r), *variants.items()]

@@ -52,7 +52,14 @@ def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
 
         with prefect_settings(config), tags(f"namespace:{body.namespace}", "served"):
             result = query_flow(
-                body.question, body.namespace, body.budget, config, body.engine, body.answer, "serve", body.as_of
+                body.question,
+                body.namespace,
+                body.budget,
+                config,
+                body.engine,
+                body.answer,
+                "serve",
+                body.as_of,
             )
     else:
         from memstage.flows.query_steps import run_plain

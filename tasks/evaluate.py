@@ -101,7 +101,9 @@ def load_questions(path: Path | str, *, namespace_prefix: str | None = None) -> 
             except ValueError:
                 as_of, out.unreadable_dates = None, out.unreadable_dates + 1
             out.items.append(
-                Question(namespace, str(qa["question"]), int(qa["category"]), evidence, qa.get("answer"), as_of)
+                Question(
+                    namespace, str(qa["question"]), int(qa["category"]), evidence, qa.get("answer"), as_of
+                )
             )
     return out
 

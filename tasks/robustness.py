@@ -122,7 +122,9 @@ def _foreign_turns(sample: dict[str, Any], others: list) -> list[list[dict[str, 
         oconv = other.get("conversation") or {}
         names = _name_map(oconv, conv)
         for n in sessions(oconv):
-            turns = [t for t in oconv[f"session_{n}"] if isinstance(t, dict) and isinstance(t.get("text"), str)]
+            turns = [
+                t for t in oconv[f"session_{n}"] if isinstance(t, dict) and isinstance(t.get("text"), str)
+            ]
             out.append(
                 [
                     {
@@ -206,7 +208,9 @@ def relative_phrase(year: int, month: int | None, day: int | None, asked: date) 
         return None
     if n < 2:
         return ("today", "yesterday")[n]
-    return _ago(n, "day") if n < 14 else _ago(round(n / 7), "week") if n < 60 else _ago(round(n / 30), "month")
+    return (
+        _ago(n, "day") if n < 14 else _ago(round(n / 7), "week") if n < 60 else _ago(round(n / 30), "month")
+    )
 
 
 def relative_question(question: str, asked: date) -> str:
@@ -219,9 +223,11 @@ def relative_question(question: str, asked: date) -> str:
     prep = r"(?:\b(?:in|on|during|of)\s+)?"
     out = re.sub(
         prep + _DATE.pattern,
-        lambda m: swap(m, (int(m.group(4)), _MONTHS.index(m.group(2).lower()) + 1, _day(m)))
-        if m.group(4)
-        else m.group(0),
+        lambda m: (
+            swap(m, (int(m.group(4)), _MONTHS.index(m.group(2).lower()) + 1, _day(m)))
+            if m.group(4)
+            else m.group(0)
+        ),
         question,
         flags=re.I,
     )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+from memstage.tasks.as_of import parse_as_of
 from memstage.tasks.evaluate import (
     RawTurnBaselines,
     load_questions,
@@ -16,6 +19,7 @@ from memstage.tasks.evaluate import (
 )
 from memstage.tasks.index import run_index
 from memstage.tasks.ingest import commit_events, parse_file
+from memstage.tasks.retrieve import Retriever
 
 TINY = {
     "sample_id": "tiny",
@@ -178,3 +182,63 @@ def test_baselines_credit_raw_turns_and_keep_the_budget(tiny, encoder, token_cou
         assert report["tokens"]["30"] <= 30
         if method != "bm25":  # BM25 returns only turns sharing a word with the question
             assert report["recall"]["10000"] == 1.0
+
+
+def test_question_date_is_read_and_an_unreadable_one_counted(tmp_path):
+    sample = json.loads(json.dumps(TINY))
+    sample["qa"][0]["question_date"] = "2023-05-20"
+    sample["qa"][1]["question_date"] = "the day after tomorrow"
+    path = tmp_path / "dated.json"
+    path.write_text(json.dumps([sample]))
+    qs = load_questions(path)
+    assert qs.items[0].as_of == parse_as_of("2023-05-20") and qs.items[0].as_of.hour == 23
+    assert qs.items[1].as_of is None and qs.unreadable_dates == 1
+
+
+def test_as_of_leaves_out_what_was_said_later(tiny, encoder, token_counter):
+    """Session 2 is on 2 June: asked on 20 May, neither memstage nor a baseline packs it."""
+    path, store = tiny
+    later = {next(iter(ids)) for dia, ids in own_memories(store, "tiny").items() if dia.startswith("D2:")}
+    retriever = Retriever(store, encoder, token_counter)
+    q = "What does Bob play at weddings?"
+    assert later & {m["memory_id"] for m in retriever.retrieve("tiny", q, 10_000)["memories"]}
+    dated = retriever.retrieve("tiny", q, 10_000, as_of=parse_as_of("2023-05-20"))
+    assert dated["memories"] and not later & {m["memory_id"] for m in dated["memories"]}
+    assert dated["as_of"].startswith("2023-05-20T23:59:59")
+    base = RawTurnBaselines(store, encoder, token_counter.count_many)
+    raw_later = {
+        i for d, i in zip(base._load("tiny")["dia"], base._load("tiny")["ids"], strict=True) if d >= "D2"
+    }
+    for method in base.METHODS:
+        packed = {
+            m["memory_id"]
+            for m in base.retriever(method)("tiny", q, 10_000, as_of=parse_as_of("2023-05-20"))["memories"]
+        }
+        assert packed and not packed & raw_later, method
+
+
+def test_eval_contract_on_many_conversations_of_one_question_with_any_speakers(tmp_path):
+    """`memstage eval locomo FILE --budget 1000 --baselines --json`'s shape, on a file of many
+    conversations with one question each, speakers of any names, and question dates on some."""
+    samples = []
+    for i, (a, b) in enumerate([("user", "assistant"), ("Ann", "Bob"), ("X Æ", "O'Neil"), ("u1", "u2")] * 2):
+        s = json.loads(json.dumps(TINY).replace('"Ann"', json.dumps(a)).replace('"Bob"', json.dumps(b)))
+        s["sample_id"] = f"one-{i}"
+        s["qa"] = [dict(s["qa"][i % 4], **({"question_date": "2023-06-03"} if i % 2 else {}))]
+        samples.append(s)
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps(samples))
+    out = subprocess.run(
+        [sys.executable, "-m", "memstage.cli.main", "eval", "locomo", str(path), "--budget", "1000",
+         "--baselines", "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["questions"] == 8 and report["conversations"] == 8 and report["questions_dated"] == 4
+    for r in (report, *report["baselines"].values()):
+        assert set(r) >= {"recall", "by_category", "latency_ms", "questions"}
+        assert list(r["recall"]) == ["1000"] and 0 <= r["recall"]["1000"] <= 1
+        assert set(r["by_category"]["1000"]) <= {"multi-hop", "temporal", "open-domain", "single-hop"}
+    assert set(report["baselines"]) == {"dense", "bm25", "rrf"}
+    assert report["recall"]["1000"] == 1.0  # every turn of a tiny conversation fits 1000 tokens

@@ -26,11 +26,19 @@ def _conversation(sample_id: str, a: str, b: str, month: int, n_sessions: int = 
     for s in range(1, n_sessions + 1):
         conv[f"session_{s}_date_time"] = f"10:00 am on {s * 3} {date(2023, month, 1):%B}, 2023"
         conv[f"session_{s}"] = [
-            {"speaker": a if t % 2 else b, "dia_id": f"D{s}:{t}", "text": f"{a} and {b} talk {s}.{t} about {sample_id}"}
+            {
+                "speaker": a if t % 2 else b,
+                "dia_id": f"D{s}:{t}",
+                "text": f"{a} and {b} talk {s}.{t} about {sample_id}",
+            }
             for t in range(1, 5)
         ]
     qa = [
-        {"question": f"What did {a} say in {date(2023, month, 1):%B} 2023?", "evidence": ["D2:1"], "category": 2},
+        {
+            "question": f"What did {a} say in {date(2023, month, 1):%B} 2023?",
+            "evidence": ["D2:1"],
+            "category": 2,
+        },
         {"question": f"What does {b} like?", "evidence": ["D1:2; D3:4"], "category": 1},
         {"question": "Unanswerable?", "evidence": ["D1:1"], "category": 5},
     ]
@@ -49,7 +57,10 @@ def _turns(sample: dict) -> list[dict]:
 
 def _evidence_texts(samples: list[dict]) -> dict:
     return {
-        (s["sample_id"], t["dia_id"]): t["text"] for s in samples for t in _turns(s) if t["dia_id"].startswith("D")
+        (s["sample_id"], t["dia_id"]): t["text"]
+        for s in samples
+        for t in _turns(s)
+        if t["dia_id"].startswith("D")
     }
 
 
@@ -143,7 +154,9 @@ def test_parse_as_of_forms_and_errors():
 
 
 def test_known_mask_keeps_undated_memories_and_drops_later_ones():
-    times = np.array(["2023-05-01T10:00", "NaT", "2023-05-30T23:00", "2023-05-31T00:00"], dtype="datetime64[us]")
+    times = np.array(
+        ["2023-05-01T10:00", "NaT", "2023-05-30T23:00", "2023-05-31T00:00"], dtype="datetime64[us]"
+    )
     assert known_mask(times, parse_as_of("2023-05-30")).tolist() == [True, True, True, False]
     assert known_mask(times, None).all()
 
@@ -162,3 +175,57 @@ def test_relative_periods_match_the_rewritten_questions():
         assert any(lo <= when <= hi for lo, hi in relative_periods(relative, asked)), relative
     assert relative_question("When did Mel go camping in June?", asked) == "When did Mel go camping in June?"
     assert relative_periods("what happened last month", None) == []
+
+
+def test_eval_variants_reports_each_variant_beside_the_file(samples, tmp_path):
+    """`memstage eval locomo PATH --variants all`'s wiring: every variant evaluated from a generated
+    file, reported under `variants` with memstage minus the file's recall, and a table for each.
+    The evaluation itself is stood in for (it is measured end to end by test_evaluate's contract test
+    and bench/robustness.py): here it reports the file's question count and dated questions."""
+    from memstage.cli.eval_commands import recall_table, render_eval
+    from memstage.cli.eval_variants import evaluate_variants, resolve_variants
+
+    seen = []
+
+    def evaluate(path, **options):
+        seen.append((path, options))
+        qs = load_questions(path)
+        share = sum(q.as_of is not None for q in qs.items) / len(qs.items)
+        rec = {"250": 0.5 + share / 10, "1000": 0.8}
+        cats = {b: {"multi-hop": v, "temporal": v} for b, v in rec.items()}
+        base = {
+            "recall": rec,
+            "by_category": cats,
+            "tokens": {},
+            "latency_ms": {},
+            "questions": len(qs.items),
+        }
+        lat = {b: {"p50": 1.0, "p95": 2.0} for b in rec}
+        return {
+            **base,
+            "tokens": {b: 100.0 for b in rec},
+            "latency_ms": lat,
+            "baselines": {"rrf": {**base, "recall": {"250": 0.4, "1000": 0.7}}},
+            "conversations": 2,
+            "evidence_dropped": 0,
+            "evidence_dropped_ids": [],
+            "questions_without_evidence": 0,
+            "questions_dated": round(share * len(qs.items)),
+        }
+
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(samples))
+    report = evaluate_variants(
+        src, resolve_variants(["all"]), evaluate, seed=1, budgets=(250, 1000), plot=None
+    )
+    assert list(report["variants"]) == ["speakers", "padded", "dated", "long"]
+    assert report["variants"]["dated"]["minus_dev"] == {"250": 0.1, "1000": 0.0}
+    assert report["variants"]["speakers"]["minus_dev"] == {"250": 0.0, "1000": 0.0}
+    assert seen[0] == (src, {"budgets": (250, 1000), "plot": None})
+    assert all(opts["exhaustive"] is False and opts["home"] is None for _, opts in seen[1:])
+    text = render_eval(report)
+    assert text.count("variant ") == 4 and "dated memstage" in text and "+0.100" in text
+    assert recall_table(report)[1].startswith("memstage")
+    assert resolve_variants(None) == () and resolve_variants(["long", "speakers"]) == ("speakers", "long")
+    with pytest.raises(ValueError, match="unknown variant"):
+        resolve_variants(["noisy"])

@@ -1,0 +1,105 @@
+"""Robustness: memstage's evidence recall on the dev split and on each robustness variant, beside the
+raw-turn baselines (dense, BM25, RRF) measured in the same run, per budget and per category.
+
+The variants come from `tasks/robustness.py` (generated from the file, seed 0); each is evaluated like
+`memstage eval locomo FILE --baselines` (its own data directory, the maintenance chain; no exhaustive
+reference). The JSON is rewritten after each file, so a run cut short keeps what it measured; a
+markdown table beside it (`--table`).
+
+    python bench/robustness.py --data ../shared/data/locomo/locomo-dev.json \
+        --out bench/results/robustness_cpu.json --table bench/results/robustness_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+KEEP = ("recall", "by_category", "tokens", "latency_ms", "questions", "conversations", "questions_dated")
+
+
+def trimmed(report: dict[str, Any], dev: dict[str, Any] | None) -> dict[str, Any]:
+    out = {k: report[k] for k in KEEP if k in report}
+    out["baselines"] = {m: {k: r[k] for k in KEEP if k in r} for m, r in report.get("baselines", {}).items()}
+    out["prepare_s"] = report.get("steps", {}).get("prepare_s")
+    if dev is not None:
+        out["minus_dev"] = {b: round(report["recall"][b] - dev["recall"][b], 4) for b in report["recall"]}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    files = result["files"]
+    budgets = list(next(iter(files.values()))["recall"])
+    head = (
+        "| file | method | "
+        + " | ".join(budgets)
+        + " | "
+        + " | ".join(f"{c} @1000" for c in ("multi-hop", "temporal", "open-domain", "single-hop"))
+    )
+    lines = [
+        f"Evidence recall per token budget, and per category at 1000 tokens (`{result['command']}`; "
+        f"{result['machine']}).",
+        "",
+        head + " |",
+        "|" + " --- |" * (2 + len(budgets) + 4),
+    ]
+    for name, r in files.items():
+        for method, m in [("memstage", r), *r["baselines"].items()]:
+            cats = m["by_category"].get("1000", {})
+            lines.append(
+                f"| {name} | {method} | "
+                + " | ".join(f"{m['recall'][b]:.3f}" for b in budgets)
+                + " | "
+                + " | ".join(
+                    f"{cats[c]:.3f}" if c in cats else "-"
+                    for c in ("multi-hop", "temporal", "open-domain", "single-hop")
+                )
+                + " |"
+            )
+    lines += ["", "memstage minus dev: " + "; ".join(
+        f"{n} " + " ".join(f"{v:+.3f}" for v in r["minus_dev"].values()) for n, r in files.items() if "minus_dev" in r
+    )]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from memstage.cli.eval_commands import evaluate_locomo
+    from memstage.tasks.robustness import VARIANTS, write_variants
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None)
+    args = ap.parse_args()
+    result: dict[str, Any] = {
+        "command": "python bench/robustness.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
+        f"{platform.python_version()}, load average at start {os.getloadavg()[0]:.1f}",
+        "seed": args.seed,
+        "files": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="memstage-robustness-") as folder:
+        paths = {"dev": args.data, **write_variants(args.data, folder, tuple(args.variants), args.seed)}
+        for name, path in paths.items():
+            start = time.perf_counter()
+            report = evaluate_locomo(path, budgets=tuple(args.budgets), baselines=True, exhaustive=False)
+            result["files"][name] = trimmed(report, result["files"].get("dev"))
+            result["files"][name]["seconds"] = round(time.perf_counter() - start, 1)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            if args.table:
+                args.table.write_text(markdown(result))
+            print(f"{name}: " + json.dumps(result["files"][name]["recall"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
