@@ -27,6 +27,7 @@ from memstage.settings import get_settings
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository (an editable install's source)
 WRITER_WAIT_S = 6 * 3600  # a queued maintenance run waits this long for the store before giving up
+QUERY_WAIT_S = 600  # a query for a namespace not stored yet waits this long for a running writer
 
 
 def store_home(home: str | None) -> Path:
@@ -64,14 +65,14 @@ def ensure_store_limit(home: Path) -> str:
 
 
 @contextlib.contextmanager
-def store_slot(home: Path) -> Iterator[None]:
+def store_slot(home: Path, timeout_s: float = WRITER_WAIT_S) -> Iterator[None]:
     """Hold the store's single writer slot for the enclosed work (queued runs wait their turn)."""
     from prefect.concurrency.sync import concurrency
 
     name = ensure_store_limit(home)
     logger = get_run_logger()
     logger.info("Waiting for the writer slot of %s (limit %s)", home, name)
-    with concurrency(name, occupy=1, timeout_seconds=WRITER_WAIT_S, strict=True):
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
         logger.info("Got the writer slot of %s", home)
         yield
 
@@ -260,6 +261,26 @@ def maintain(
     return report
 
 
+def _require_namespace_after_writer(home: Path, namespace: str) -> None:
+    """The namespace, waiting (up to QUERY_WAIT_S) for a writer that holds the store to finish first: a
+    question triggered right after the ingest that brings its namespace waits for that ingest."""
+    from memstage.stores.store import NamespaceError
+
+    try:
+        MemoryStore(home).require_namespace(namespace)
+        return
+    except NamespaceError:
+        get_run_logger().info(
+            "Namespace %s not in %s yet: waiting for a running writer to finish", namespace, home
+        )
+    try:
+        with store_slot(home, timeout_s=QUERY_WAIT_S):
+            pass  # only waited for the slot: a query writes nothing under it
+    except TimeoutError:
+        pass
+    MemoryStore(home).require_namespace(namespace)
+
+
 @flow(name="memstage-query", flow_run_name=_run_name("query"))
 def query(
     question: str,
@@ -276,7 +297,7 @@ def query(
     from memstage.defaults import DEFAULT_BUDGET
 
     config = _config(home, runner)
-    MemoryStore(config.home).require_namespace(namespace)
+    _require_namespace_after_writer(config.home, namespace)
     tag_this_run([namespace])
     # The query's tasks and its `query-NS` artifact in this run. Reads only: no writer slot (the
     # query's record is skipped when a maintenance run holds the store).
