@@ -133,3 +133,16 @@ def test_query_figures_say_whether_it_answered():
     )  # fmt: skip
     assert figures["hit_token_share"] == 0.75 and figures["answered"] is True
     assert figures["prompt_tokens"] == 200 and figures["completion_tokens"] == 3
+
+
+def test_query_command_line_imports_nothing_heavy_before_it_knows_where_to_ask():
+    """The warm path's start-up: parsing `memstage query` loads no model, store, Prefect or web stack."""
+    code = (
+        "import sys; from memstage.cli.main import build_parser, LIGHT_COMMANDS; "
+        "build_parser([LIGHT_COMMANDS['query']]).parse_args(['query', 'q', '--namespace', 'demo']); "
+        "import memstage.server.local; "
+        "print(sorted(m for m in ('numpy', 'duckdb', 'pyarrow', 'prefect', 'torch', 'fastapi') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
