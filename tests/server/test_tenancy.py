@@ -132,7 +132,7 @@ def test_schemathesis_against_openapi_no_5xx_no_undocumented_status(guarded, tmp
                 "--max-examples", "40", "--seed", "20", "--request-timeout", "120",
                 "--max-response-time", "120", "--report-dir", str(tmp_path), *auth,
             ],
-            capture_output=True, text=True, timeout=500,
+            capture_output=True, text=True, timeout=500, cwd=tmp_path,  # its .schemathesis cache there
         )  # fmt: skip
         summaries.append(proc.stdout[-1500:])
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
