@@ -40,10 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--before", default=None, help="everything that happened before this date (YYYY-MM-DD)")
     sel.add_argument("--all", action="store_true", help="the whole namespace")
     p.add_argument(
-        "--hard", action="store_true", help="delete everywhere: tables, ops text, indexes, DB free pages"
+        "--hard",
+        action="store_true",
+        help="delete everywhere: tables, ops text, indexes, DB free pages, what memstage wrote into Prefect; "
+        "exit status 4 when the byte check (data directory, Prefect's database) still finds the subject",
     )
     add_common(p)
-    p.set_defaults(run=cmd_forget, render=render_stage)
+    p.set_defaults(run=cmd_forget, render=render_stage, exit_status=forget_exit_status)
 
     p = sub.add_parser("restore", help="undo soft forgetting of memories (from ops)")
     p.add_argument("--namespace", required=True)
@@ -109,6 +112,11 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError("--hard needs --subject, --before or --all")
         return run_stage("forget", args.namespace, config)
     return run_forget(args.namespace, selector, config, hard=args.hard)
+
+
+def forget_exit_status(result: dict[str, Any]) -> int:
+    """4 when a hard forget's own byte checks still find the subject (data directory, Prefect)."""
+    return 4 if result.get("subject_remains") else 0
 
 
 def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:

@@ -88,8 +88,8 @@ def _run_name(what: str) -> Callable[[], str]:
         ns = params.get("namespace") or (
             Path(params["path"]).name if params.get("path") else "all namespaces"
         )
-        if what == "query" and params.get("question"):  # the question is what tells query runs apart
-            ns = f"{ns}: {str(params['question'])[:60]}"
+        if what == "query" and params.get("question") and get_settings().artifact_text:
+            ns = f"{ns}: {str(params['question'])[:60]}"  # only with MEMSTAGE_ARTIFACT_TEXT=1: run names are text
         when = flow_run.scheduled_start_time
         return f"{label} {ns}" + (f" {when:%Y-%m-%d %H:%M}" if when else "")
 

@@ -17,6 +17,7 @@ from memstage.flows.index_pipeline import index_namespaces, plan_indexing
 from memstage.runtime.artifacts import publish
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from memstage.runtime.encoder_pool import start_encoders
+from memstage.stores.locks import indexing_lock
 from memstage.stores.store import MemoryStore
 from memstage.tasks import ingest
 from memstage.tasks.contract import StageResult, record_run, timed
@@ -39,8 +40,13 @@ def commit_events(home: Path, events: pa.Table, quarantine: pa.Table) -> StageRe
         result.figures["events_already_stored"],
         result.figures["quarantined"],
     )
-    for reason in result.figures["quarantine_reasons"][:5]:
-        logger.warning("quarantined: %s", reason)
+    if result.figures["quarantined"]:  # record numbers only: a reason may quote the record's content
+        numbers = [int(n) for n in quarantine.column("record_no").to_pylist()[:20]]
+        logger.warning(
+            "quarantined records %s of %s (reasons: `memstage stats` / the quarantine table)",
+            ", ".join(map(str, numbers)) + (" ..." if result.figures["quarantined"] > 20 else ""),
+            Path(str(quarantine.column("source")[0])).name,
+        )
     return result
 
 
@@ -59,12 +65,15 @@ def ingest_flow(
     store = MemoryStore(config.home)
     with timed(total), encoders:
         events, quarantine = parse_input(Path(path), fmt, namespace)
-        with store.hold():  # one store open: the events, then what to embed (the encoders start on it)
-            committed = commit_events(config.home, events, quarantine)
-            record_run(store, committed, flow_run_id=flow_run_id())
-            namespaces = committed.figures["namespaces"]
-            plan = plan_indexing(config, namespaces, encoders)
-        indexed = index_namespaces(config, namespaces, encoders, show_progress=show_progress, plan=plan)
+        # one ingest embeds at a time per data directory: a concurrent one waits here, then finds
+        # the memories made and embedded (no second embedding, no second set of ops rows)
+        with indexing_lock(config.home):
+            with store.hold():  # one store open: the events, then what to embed (the encoders start on it)
+                committed = commit_events(config.home, events, quarantine)
+                record_run(store, committed, flow_run_id=flow_run_id())
+                namespaces = committed.figures["namespaces"]
+                plan = plan_indexing(config, namespaces, encoders)
+            indexed = index_namespaces(config, namespaces, encoders, show_progress=show_progress, plan=plan)
     out = {
         **{k: v for k, v in committed.as_dict().items() if k not in ("stage", "namespace", "duration_s")},
         "stage": "ingest",

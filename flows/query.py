@@ -20,6 +20,7 @@ from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settin
 from memstage.runtime.services import services
 from memstage.stores.store import MemoryStore
 from prefect import flow, tags
+from pydantic import SecretStr
 
 from memstage.defaults import DEFAULT_BUDGET
 from memstage.settings import get_settings
@@ -72,8 +73,7 @@ def answer_in_run(
         [
             {"memory_id": m["memory_id"], "level": m["level"], "score": m["score"], "text": m["text"][:120]}
             for m in result["memories"]
-        ],
-        f"**Q:** {question}\n\n**A:** {result.get('answer', '(retrieval only)')}\n\n"
+        ],  # the text column only with MEMSTAGE_ARTIFACT_TEXT=1, like the question and answer
         f"{len(result['memories'])} memories, {result['tokens']} of {budget} evidence tokens; "
         f"{result['total_ms']:.0f} ms"
         + (
@@ -81,13 +81,14 @@ def answer_in_run(
             if answer
             else ""
         ),
+        text_summary=f"**Q:** {question}\n\n**A:** {result.get('answer', '(retrieval only)')}",
     )
     return result
 
 
 @flow(name="query", flow_run_name="query {namespace}")
 def query_flow(
-    question: str,
+    question: SecretStr,  # shown as ********** in Prefect's flow-run parameters: the question stays here
     namespace: str,
     budget: int = DEFAULT_BUDGET,
     config: RuntimeConfig | None = None,
@@ -97,7 +98,8 @@ def query_flow(
     as_of: str | None = None,
 ) -> dict[str, Any]:
     config = config or RuntimeConfig(home=MemoryStore().home)
-    return answer_in_run(question, namespace, budget, config, engine, answer, served_by, as_of)
+    text = question.get_secret_value() if isinstance(question, SecretStr) else str(question)
+    return answer_in_run(text, namespace, budget, config, engine, answer, served_by, as_of)
 
 
 def run_query(
@@ -125,4 +127,4 @@ def run_query(
         warm.start()
     with prefect_settings(config, use_ray=use_ray), tags(f"namespace:{namespace}"):
         runnable = query_flow.with_options(task_runner=task_runner(config, batch=False))
-        return runnable(question, namespace, budget, config, engine, answer, served_by, as_of)
+        return runnable(SecretStr(question), namespace, budget, config, engine, answer, served_by, as_of)

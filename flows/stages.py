@@ -26,6 +26,7 @@ from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settin
 from memstage.runtime.encoder_pool import start_encoders
 from memstage.runtime.services import services
 from memstage.stores.access_log import flush_now
+from memstage.stores.locks import indexing_lock
 from memstage.stores.queries import event_count
 from memstage.stores.store import MemoryStore
 from memstage.tasks import forget
@@ -100,9 +101,10 @@ def _run_stage(
     if stage == "forget":  # its 'use' signal: the queries' access counts, merged from their journal first
         flush_now(config.home, lock_timeout_s=LOCK_WAIT_S)
     if get_stage(stage).uses_encoder_pool:
-        results = index_namespaces(
-            config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False
-        )
+        with indexing_lock(config.home):  # never beside an ingest's embedding run
+            results = index_namespaces(
+                config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False
+            )
         return _finish(stage, results, {}, config.home, recorded=True)
     done = fan_out(stage, namespaces, config, use_ray, _store(config.home), log=logger)
     rate = done.throughput(len(namespaces))
@@ -201,8 +203,20 @@ def maintain_flow(namespaces: list[str], config: RuntimeConfig, use_ray: bool = 
 def forget_hard_flow(
     namespace: str, request: str, config: RuntimeConfig, use_ray: bool = False
 ) -> dict[str, Any]:
-    """Hard deletion as its own flow run, so the request is on record (without the subject's text)."""
+    """Hard deletion as its own flow run, so the request is on record (without the subject's text).
+
+    Then the same subject out of Prefect (runtime/prefect_scrub.py) and its database byte-checked;
+    `subject_remains` says whether any check (data directory, Prefect database, Prefect logs) found it."""
+    subject = json.loads(Path(request).read_text()).get("subject")  # the task deletes the file
     result = forget_hard_task(config, namespace, use_ray, request)
+    if subject:
+        from memstage.runtime.prefect_scrub import forget_in_prefect
+
+        prefect_figures = forget_in_prefect(subject)
+        result.figures["prefect"] = prefect_figures
+        result.figures["subject_remains"] = bool(
+            result.figures.get("files_still_containing_subject") or prefect_figures.pop("subject_remains")
+        )
     return _finish("forget-hard", [result], {}, config.home)[0]
 
 

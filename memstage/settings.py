@@ -39,6 +39,9 @@ class Settings:
     openai_model: str | None  # MEMSTAGE_OPENAI_MODEL: the openai engine's model (default: the server's first)
     report_url: str | None  # MEMSTAGE_REPORT_URL: where `memstage report` output is published, if anywhere
     api_key: str | None  # MEMSTAGE_API_KEY: the key `memstage query` sends to a running `memstage serve`
+    # MEMSTAGE_ARTIFACT_TEXT: 1 = Prefect artifacts, run names and logs may carry memory text, questions
+    # and answers (default 0: ids, counts and scores only, so a hard forget has nothing to chase there)
+    artifact_text: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +68,7 @@ class Settings:
             openai_model=env.get("MEMSTAGE_OPENAI_MODEL") or None,
             report_url=env.get("MEMSTAGE_REPORT_URL") or None,
             api_key=env.get("MEMSTAGE_API_KEY") or None,
+            artifact_text=env.get("MEMSTAGE_ARTIFACT_TEXT", "0") not in ("", "0", "false", "no"),
         )
 
     def worker_env(self) -> dict[str, str]:

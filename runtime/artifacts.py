@@ -1,4 +1,10 @@
-"""Prefect artifacts for a run: a table of what each stage did, a short summary in words, a link to the report."""
+"""Prefect artifacts for a run: a table of what each stage did, a short summary in words, a link to the report.
+
+No memory text goes to Prefect by default: `publish` drops the TEXT_KEYS columns (memory text,
+questions, answers, quarantine reasons) and the caller's `text_summary`, keeping ids, counts and
+scores. With MEMSTAGE_ARTIFACT_TEXT=1 the operator opts in to both; what was written then is what a
+hard forget must chase through Prefect's API (runtime/prefect_scrub.py). docs/stages.md has the design.
+"""
 
 from __future__ import annotations
 
@@ -46,14 +52,25 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def publish(key: str, rows: Sequence[dict[str, Any]], summary: str) -> None:
-    """A table artifact of `rows` and a markdown artifact with `summary`; silently skipped outside a run."""
+TEXT_KEYS = frozenset({"text", "question", "answer", "quarantine_reasons", "evidence"})
+
+
+def publish(
+    key: str, rows: Sequence[dict[str, Any]], summary: str, *, text_summary: str | None = None
+) -> None:
+    """A table artifact of `rows` and a markdown artifact with `summary`; silently skipped outside a run.
+
+    `summary` must hold no memory text (ids, counts, names of files and namespaces); `text_summary`
+    (a question and its answer, say) is prepended only when the operator opted in to text."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None:
         return
-    table = [{k: _cell(v) for k, v in r.items()} for r in rows]
+    text_ok = get_settings().artifact_text
+    if text_ok and text_summary:
+        summary = f"{text_summary}\n\n{summary}"
+    table = [{k: _cell(v) for k, v in r.items() if text_ok or k not in TEXT_KEYS} for r in rows]
     if table:  # nothing done (an empty store): the summary says so, no empty table
         create_table_artifact(
             table=table, key=artifact_key(key), description=summary.splitlines()[0] if summary else None

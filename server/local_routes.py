@@ -51,8 +51,10 @@ def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
         from prefect import tags
 
         with prefect_settings(config), tags(f"namespace:{body.namespace}", "served"):
+            from pydantic import SecretStr
+
             result = query_flow(
-                body.question,
+                SecretStr(body.question),  # shown as ********** in Prefect's flow-run parameters
                 body.namespace,
                 body.budget,
                 config,

@@ -55,15 +55,38 @@ def rewrite_database(store: MemoryStore) -> dict[str, int]:
 
 def find_bytes(root: Path, needle: str) -> list[Path]:
     """Files under `root` whose bytes contain `needle` (UTF-8, case-insensitive)."""
+    return find_bytes_in(sorted(Path(root).rglob("*")), needle)
+
+
+def find_bytes_in(paths: list[Path], needle: str) -> list[Path]:
+    """Those of `paths` (regular files) whose bytes contain `needle` (UTF-8, case-insensitive)."""
     pattern = re.compile(re.escape(needle.encode("utf-8")), re.IGNORECASE)
     hits = []
-    for path in sorted(Path(root).rglob("*")):
+    for path in paths:
         if not path.is_file() or path.is_symlink():
             continue
-        size = path.stat().st_size
-        if size == 0:
+        if path.stat().st_size == 0:
             continue
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             if pattern.search(mm):
                 hits.append(path)
+    return hits
+
+
+def tables_holding(store: MemoryStore, needle: str) -> list[str]:
+    """'table.column' of every text column of the store holding `needle` (case-insensitive): the
+    byte search's finer second look, and what it cannot see (compressed strings)."""
+    columns = store.query(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE data_type = 'VARCHAR' OR data_type LIKE '%[]' ORDER BY table_name, column_name"
+    ).to_pylist()
+    hits = []
+    for c in columns:
+        t, col = c["table_name"], c["column_name"]
+        n = store.query(
+            f'SELECT count(*) AS n FROM "{t}" WHERE contains(lower(CAST("{col}" AS VARCHAR)), lower(?))',
+            [needle],
+        )
+        if n.column("n")[0].as_py():
+            hits.append(f"{t}.{col}")
     return hits

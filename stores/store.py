@@ -87,6 +87,17 @@ class Writer:
             self.conn.unregister("_incoming")
         return int(new)
 
+    def existing_ids(self, table: str, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` are stored in `table` already (read inside this transaction)."""
+        if not ids:
+            return set()
+        self.conn.register("_probe", pa.table({"id": pa.array(list(ids), pa.string())}))
+        try:
+            rows = self.conn.execute(f"SELECT id FROM {table} WHERE id IN (SELECT id FROM _probe)").fetchall()
+        finally:
+            self.conn.unregister("_probe")
+        return {r[0] for r in rows}
+
     def delete(self, table: str, namespace: str, ids: Sequence[str], *, key: str = "id") -> int:
         if not ids:
             return 0

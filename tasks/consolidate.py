@@ -43,7 +43,7 @@ from memstage.tasks.hierarchy import (
     find_duplicates,
     split_episodes,
 )
-from memstage.tasks.index import embed_missing
+from memstage.tasks.index import embed_missing, level0_event_id
 from memstage.tasks.injection import node_flag
 
 __all__ = ["cluster_topics", "extractive_summary", "find_duplicates", "run_consolidate", "split_episodes"]
@@ -255,11 +255,23 @@ def link_children(l0: list[dict[str, Any]], level1: list[Node1], changes: _Chang
 def _level0_in_order(
     store: MemoryStore, namespace: str, mem: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Active level-0 memories by session, then by the order of their first source event."""
+    """Active level-0 memories by session, then by the position of their own source event.
+
+    Their own event (a level-0 id is `m0-<event id>`), not the earliest of `event_ids`: a survivor
+    of a merge absorbs its duplicates' events, which may sit at an earlier position of another
+    session (or another conversation's session of the same name), and ordering by those moved the
+    survivor within its session on the next run, so episodes, summaries and links changed again
+    (the issue saw 65 rows on a second maintain of 3,000 turns; 56 on the slow test's namespace)."""
     seq = {eid: r["seq"] for eid, r in queries.event_sources(store, namespace).items()}
     l0 = [m for m in mem.values() if m["level"] == 0 and m["status"] == "active"]
-    first = lambda m: min((seq.get(e, 0) for e in m["event_ids"] or []), default=0)  # noqa: E731
-    return sorted(l0, key=lambda m: (m["session"] or "", first(m), m["id"]))
+
+    def position(m: dict[str, Any]) -> int:
+        own = level0_event_id(m["id"])
+        if own in seq:
+            return seq[own]
+        return min((seq.get(e, 0) for e in m["event_ids"] or []), default=0)
+
+    return sorted(l0, key=lambda m: (m["session"] or "", position(m), m["id"]))
 
 
 def _load_memories(store: MemoryStore, namespace: str) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - tasks.index.build_indexes uses pa.compute without importing it
-from memstage.stores.compact import find_bytes, rewrite_database
+from memstage.stores.compact import find_bytes, rewrite_database, tables_holding
 from memstage.stores.store import MemoryStore, now_utc, validate_namespace
 from memstage.tasks.contract import StageResult, content_hash, make_op, ops_table, timed
 from memstage.tasks.index import Embed, build_indexes, embed_missing, remove_stale_artifacts
@@ -106,12 +106,7 @@ def forget_hard(
                 for c in ("before", "after", "reason")
             )
         ]
-        quarantine = store.query(
-            'SELECT id, raw, "at" FROM quarantine WHERE namespace = ?', [namespace]
-        ).to_pylist()
-        gone_quarantine = [
-            q["id"] for q in quarantine if all or matches(q["raw"], subject) or (before and q["at"] < before)
-        ]
+        gone_quarantine = _quarantine_rows(store, namespace, subject, before, all)
         dangling = [
             m for m in mem if m["id"] not in gone and (m["parent"] in gone or m["superseded_by"] in gone)
         ]
@@ -133,7 +128,9 @@ def forget_hard(
         with store.writer() as w:
             w.delete("events", namespace, sorted(gone_events))
             w.delete("memories", namespace, sorted(gone))
-            w.delete("quarantine", namespace, gone_quarantine)
+            w.conn.register("_bad", pa.table({"id": pa.array(gone_quarantine, pa.string())}))
+            w.execute("DELETE FROM quarantine WHERE id IN (SELECT id FROM _bad)")  # any namespace field
+            w.conn.unregister("_bad")
             w.conn.register("_scrub", pa.table({"id": pa.array(scrub, pa.string())}))
             w.execute(
                 "UPDATE ops SET before = NULL, after = NULL, reason = ? WHERE namespace = ? AND op_id IN (SELECT id FROM _scrub)",
@@ -147,10 +144,11 @@ def forget_hard(
                        WHERE namespace = ? AND id = ?""",
                     [sorted(gone), sorted(gone), namespace, m["id"]],
                 )
-            if subject is not None:
+            if subject is not None:  # an ingest's run row names all its namespaces: 'fz,other'
                 w.execute(
-                    "UPDATE runs SET figures = NULL WHERE namespace = ? AND contains(lower(figures), lower(?))",
-                    [namespace, subject],
+                    "UPDATE runs SET figures = NULL WHERE (namespace = ? OR list_contains(string_split(namespace, ','), ?)) "
+                    "AND contains(lower(figures), lower(?))",
+                    [namespace, namespace, subject],
                 )
             w.insert("ops", ops_table(new_ops))
         result.figures = {
@@ -169,8 +167,43 @@ def forget_hard(
             result.figures["files_still_containing_subject"] = [
                 str(p.relative_to(store.home)) for p in find_bytes(store.home, subject)
             ]
+            if result.figures["files_still_containing_subject"]:
+                result.figures["tables_still_containing_subject"] = tables_holding(store, subject)
         result.changed = len(gone_events) + len(gone) + len(gone_quarantine)
     return result
+
+
+def _quarantine_rows(
+    store: MemoryStore,
+    namespace: str,
+    subject: str | None,
+    before: datetime | None,
+    all: bool,  # noqa: A002
+) -> list[str]:
+    """Quarantine rows of the namespace, including those whose namespace field was itself invalid
+    (`erin/x`, `erin `) but names it, or whose raw record names it; then the selector applies."""
+    rows = store.query(
+        'SELECT id, namespace, raw, "at" FROM quarantine WHERE namespace = ? '
+        "OR contains(lower(namespace), lower(?)) OR contains(lower(raw), lower(?))",
+        [namespace, namespace, namespace],
+    ).to_pylist()
+    ns = namespace.lower()
+    ours = [
+        q
+        for q in rows
+        if q["namespace"] == namespace
+        or _names(q["namespace"], ns)
+        or re.search(r'"namespace"\s*:\s*"' + re.escape(ns) + r"(?=[^a-z0-9._-])", (q["raw"] or "").lower())
+    ]
+    return [q["id"] for q in ours if all or matches(q["raw"], subject) or (before and q["at"] < before)]
+
+
+def _names(field: str | None, ns: str) -> bool:
+    """An invalid namespace field that is the namespace plus junk: 'erin/x', ' erin', 'erin\\n'."""
+    if not field:
+        return False
+    f = field.lower().strip()
+    return f == ns or bool(re.match(re.escape(ns) + r"[^a-z0-9._-]", f))
 
 
 def _rebuild_indexes(store: MemoryStore, namespace: str, embed: Embed | None, flow_run_id: str | None) -> str:

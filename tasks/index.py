@@ -40,6 +40,11 @@ def level0_id(event_id: str) -> str:
     return "m0-" + event_id
 
 
+def level0_event_id(memory_id: str) -> str:
+    """The event a level-0 memory was made from (the inverse of `level0_id`)."""
+    return memory_id.removeprefix("m0-")
+
+
 def level0_text(speaker: str, text: str, metadata: dict[str, Any]) -> str:
     """The memory a turn becomes: who said it, what, and what an image they shared showed."""
     out = f"{speaker}: {text}"
@@ -158,6 +163,11 @@ def insert_memories(
         column = embeddings.column("embedding").take(order).cast(table.schema.field("embedding").type)
         table = table.set_column(table.schema.get_field_index("embedding"), "embedding", column)
     with store.writer() as w:
+        # Only rows not stored yet, and only their ops rows: a concurrent run may have stored some.
+        stored = w.existing_ids("memories", table.column("id").to_pylist())
+        if stored:
+            table = table.filter(pa.array([i not in stored for i in table.column("id").to_pylist()]))
+            ops = [op for op in ops if op["memory_id"] not in stored]
         new = w.insert("memories", table)
         w.insert("ops", ops_table(ops))
     return new
