@@ -3,8 +3,11 @@ raw-turn baselines (dense, BM25, RRF) measured in the same run, per budget and p
 
 The variants come from `tasks/robustness.py` (generated from the file, seed 0); each is evaluated like
 `memstage eval locomo FILE --baselines` (its own data directory, the maintenance chain; no exhaustive
-reference). The JSON is rewritten after each file, so a run cut short keeps what it measured; a
-markdown table beside it (`--table`).
+reference). Then, on the same store, memstage at 1000 tokens with each cue fitted on the dev split's
+surface switched off (ABLATIONS: the named-speaker boosts, the date-period boost, and the dense/BM25
+mix at 0.5 instead of 0.7), set by patching `tasks.scoring`'s module constants in this process only.
+The JSON is rewritten after each file, so a run cut short keeps what it measured; a markdown table
+beside it (`--table`).
 
     python bench/robustness.py --data ../shared/data/locomo/locomo-dev.json \
         --out bench/results/robustness_cpu.json --table bench/results/robustness_cpu.md
@@ -22,6 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+ABLATIONS = {
+    "no_speaker_cue": {"SPEAKER": 0.0, "SPEAKER_SESSION": 0.0},
+    "no_period_cue": {"PERIOD": 0.0},
+    "mix_0.5": {"W_DENSE": 0.5},
+}
 KEEP = ("recall", "by_category", "tokens", "latency_ms", "questions", "conversations", "questions_dated")
 
 
@@ -31,6 +39,35 @@ def trimmed(report: dict[str, Any], dev: dict[str, Any] | None) -> dict[str, Any
     out["prepare_s"] = report.get("steps", {}).get("prepare_s")
     if dev is not None:
         out["minus_dev"] = {b: round(report["recall"][b] - dev["recall"][b], 4) for b in report["recall"]}
+    return out
+
+
+def ablations(home: Path, path: Path, budget: int = 1000) -> dict[str, Any]:
+    """memstage's recall at `budget` on the prepared store at `home`, with each ablation applied."""
+    from memstage.cli.eval_commands import _encoder
+    from memstage.gpu.tokenizer import TokenCounter
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks import scoring
+    from memstage.tasks.evaluate import load_questions, own_memories, run_questions, summarise
+    from memstage.tasks.retrieve import Retriever
+
+    from memstage.settings import get_settings
+
+    store = MemoryStore(home)
+    questions = load_questions(path).items
+    owns = {ns: own_memories(store, ns) for ns in {q.namespace for q in questions}}
+    retriever = Retriever(store, _encoder(), TokenCounter(get_settings().models or store.models_dir()))
+    out = {}
+    for name, patch in ABLATIONS.items():
+        saved = {k: getattr(scoring, k) for k in patch}
+        try:
+            for k, v in patch.items():
+                setattr(scoring, k, v)
+            r = summarise(run_questions(retriever.retrieve, questions, owns, (budget,)))
+        finally:
+            for k, v in saved.items():
+                setattr(scoring, k, v)
+        out[name] = {"recall": r["recall"], "by_category": r["by_category"]}
     return out
 
 
@@ -66,6 +103,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "memstage minus dev: " + "; ".join(
         f"{n} " + " ".join(f"{v:+.3f}" for v in r["minus_dev"].values()) for n, r in files.items() if "minus_dev" in r
     )]  # fmt: skip
+    names = list(ABLATIONS)
+    lines += ["", "memstage at 1000 tokens with a cue switched off:", "",
+              "| file | all cues | " + " | ".join(names) + " |", "|" + " --- |" * (2 + len(names))]  # fmt: skip
+    for n, r in files.items():
+        if "ablations_at_1000" in r:
+            a = r["ablations_at_1000"]
+            lines.append(
+                f"| {n} | {r['recall']['1000']:.3f} | "
+                + " | ".join(f"{a[k]['recall']['1000']:.3f}" for k in names)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -92,8 +140,12 @@ def main() -> None:
         paths = {"dev": args.data, **write_variants(args.data, folder, tuple(args.variants), args.seed)}
         for name, path in paths.items():
             start = time.perf_counter()
-            report = evaluate_locomo(path, budgets=tuple(args.budgets), baselines=True, exhaustive=False)
+            home = Path(folder) / f"home-{name}"
+            report = evaluate_locomo(
+                path, budgets=tuple(args.budgets), baselines=True, exhaustive=False, home=home
+            )
             result["files"][name] = trimmed(report, result["files"].get("dev"))
+            result["files"][name]["ablations_at_1000"] = ablations(home, path)
             result["files"][name]["seconds"] = round(time.perf_counter() - start, 1)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
             if args.table:
