@@ -215,7 +215,7 @@ def plot_forget(runs: list[dict[str, Any]]) -> str:
 
 
 def plot_recall(runs: list[dict[str, Any]]) -> str:
-    """Evidence recall per token budget across eval runs (the retrieval-quality history)."""
+    """Evidence recall per token budget across eval runs (the retrieval-quality history), per category."""
     rs = [r for r in runs if r["stage"] == "eval" and r["figures"].get("recall")]
     if not rs:
         return _empty("Retrieval recall", "memstage eval locomo FILE (recorded in this store)")
@@ -230,9 +230,13 @@ def plot_recall(runs: list[dict[str, Any]]) -> str:
             color=plt.cm.viridis(i / max(len(budgets) - 1, 1)),
             label=f"{b} tokens",
         )
+    for c in ("multi-hop", "temporal", "open-domain", "single-hop"):  # at 1000 tokens, where recorded
+        pts = [(r["started_at"], (r["figures"].get("by_category") or {}).get("1000", {}).get(c)) for r in rs]
+        if pts := [(t, v) for t, v in pts if v is not None]:
+            ax.plot(*zip(*pts, strict=True), linestyle=":", marker=".", label=f"{c} @1000")
     ax.set_ylim(0, 1)
     ax.set_ylabel("recall")
-    ax.legend(fontsize=8, frameon=False, ncol=len(budgets))
+    ax.legend(fontsize=7, frameon=False, ncol=4)
     _time_axis(ax, [r["started_at"] for r in rs])
     return _svg(fig)
 

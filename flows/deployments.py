@@ -324,6 +324,7 @@ def evaluate(
         "benchmark": "locomo",
         "questions": report.get("questions"),
         "recall": report.get("recall"),
+        "by_category": report.get("by_category"),
         "baselines": {m: r.get("recall") for m, r in report.get("baselines", {}).items()},
     }
     record_run(MemoryStore(store_home(home)), result, flow_run_id=runtime.flow_run_id())

@@ -28,7 +28,12 @@ def add_history(store, days: int = 5) -> None:
             "update": {"superseded": 1},
             "index": {"embedded": 19},
             "forget": {"archived": d % 3, "ttl_hard_deleted": int(d == 4)},
-            "eval": {"recall": {"250": 0.5 + 0.01 * d, "500": 0.6 + 0.01 * d, "1000": 0.72, "2000": 0.82}},
+            "eval": {
+                "recall": {"250": 0.5 + 0.01 * d, "500": 0.6 + 0.01 * d, "1000": 0.72, "2000": 0.82},
+                "by_category": {
+                    "1000": {"multi-hop": 0.6, "temporal": 0.7, "open-domain": 0.5, "single-hop": 0.8}
+                },
+            },
             "query": {"kv_cache": {"hit_token_share": min(0.9, 0.3 + 0.15 * d)}},
         }
         for i, (stage, figs) in enumerate(figures.items()):

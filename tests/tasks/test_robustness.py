@@ -182,7 +182,7 @@ def test_eval_variants_reports_each_variant_beside_the_file(samples, tmp_path):
     file, reported under `variants` with memstage minus the file's recall, and a table for each.
     The evaluation itself is stood in for (it is measured end to end by test_evaluate's contract test
     and bench/robustness.py): here it reports the file's question count and dated questions."""
-    from memstage.cli.eval_commands import recall_table, render_eval
+    from memstage.cli.eval_commands import recall_table, render_eval, write_plot
     from memstage.cli.eval_variants import evaluate_variants, resolve_variants
 
     seen = []
@@ -226,6 +226,8 @@ def test_eval_variants_reports_each_variant_beside_the_file(samples, tmp_path):
     text = render_eval(report)
     assert text.count("variant ") == 4 and "dated memstage" in text and "+0.100" in text
     assert recall_table(report)[1].startswith("memstage")
+    png = write_plot(report, tmp_path / "recall.png")  # recall by budget, and per category beside it
+    assert png.read_bytes()[:4] == b"\x89PNG"
     assert resolve_variants(None) == () and resolve_variants(["long", "speakers"]) == ("speakers", "long")
     with pytest.raises(ValueError, match="unknown variant"):
         resolve_variants(["noisy"])
