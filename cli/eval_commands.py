@@ -89,8 +89,12 @@ def evaluate_locomo(
     maintain: bool = True,
     plot: Path | None = None,
     exhaustive: bool = True,
+    answers: bool = False,
+    answer_limit: int | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
-    """The whole evaluation; returns the report (memstage's figures at the top, baselines under `baselines`)."""
+    """The whole evaluation; returns the report (memstage's figures at the top, baselines under `baselines`,
+    answer F1 under `answers` when asked)."""
     from memstage.stores.store import MemoryStore
     from memstage.tasks.retrieve import Retriever
 
@@ -139,6 +143,8 @@ def evaluate_locomo(
                 method: summarise(run_questions(base.retriever(method), questions.items, base_owns, budgets))
                 for method in RawTurnBaselines.METHODS
             }
+        if answers:
+            report["answers"] = _answers(store, retriever, counter, questions.items, answer_limit, engine)
         if plot is not None:
             report["plot"] = str(write_plot(report, plot))
         return report
@@ -161,6 +167,40 @@ def exhaustive_reference(
         "index_minus_exhaustive": {b: round(report["recall"][b] - r, 4) for b, r in ref["recall"].items()},
         "latency_ms": ref["latency_ms"],
     }
+
+
+def _answers(
+    store: Any, retriever: Any, counter: Any, questions: list, limit: int | None, engine: str | None
+) -> dict[str, Any]:
+    """LoCoMo answer F1 of the configured generator and of the extractive baseline, at the default budget."""
+    from memstage.gpu.generator import make_generator
+    from memstage.tasks.answer_eval import evaluate_answers, spread
+    from memstage.tasks.forget import load_policy
+    from memstage.tasks.generate import STANDING_BUDGET, answer_question, standing_block
+    from memstage.tasks.retrieve import DEFAULT_BUDGET
+
+    generator = make_generator(engine, get_settings().models or store.models_dir(), get_settings().device)
+    chosen = spread(questions, limit)
+    policy = {ns: load_policy(store, ns)["flagged"] for ns in {q.namespace for q in chosen}}
+    standing = {
+        ns: standing_block(store.memories(ns), STANDING_BUDGET, counter.count, flagged=policy[ns])
+        for ns in policy
+    }
+    start = time.perf_counter()
+
+    def answer(retrieval: dict[str, Any]) -> dict[str, Any]:
+        ns = retrieval["namespace"]
+        return answer_question(generator, retrieval, standing=standing[ns], flagged=policy[ns], max_tokens=48)
+
+    out = evaluate_answers(chosen, retriever.retrieve, answer, DEFAULT_BUDGET)
+    out.update(
+        {
+            "engine": getattr(generator, "name", ""),
+            "of_questions": len(questions),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    )
+    return out
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path:
@@ -247,6 +287,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "speakers padded dated long (see tasks/robustness.py)",
     )
     q.add_argument("--seed", type=int, default=0, help="--variants: the generator's seed (default 0)")
+    q.add_argument(
+        "--answers",
+        action="store_true",
+        help="also answer the questions with the generator: LoCoMo token F1 beside an extractive baseline",
+    )
+    q.add_argument(
+        "--limit", type=int, default=None, help="--answers: at most N questions, spread evenly (CPU time)"
+    )
+    q.add_argument(
+        "--engine", default=None, choices=("transformers", "openai", "vllm"), help="--answers' generator"
+    )
     add_common(q)
     q.set_defaults(run=cmd_eval_locomo, render=render_eval)
 
@@ -269,6 +320,9 @@ def cmd_eval_locomo(args: argparse.Namespace) -> dict[str, Any]:
         "home": home,
         "maintain": not args.no_maintain,
         "plot": args.plot,
+        "answers": args.answers,
+        "answer_limit": args.limit,
+        "engine": args.engine,
     }
     if variants:
         return evaluate_variants(args.path, variants, evaluate_locomo, seed=args.seed, **options)
@@ -286,6 +340,7 @@ def render_eval(r: dict[str, Any]) -> str:
         "",
         *recall_table(r),
         *render_variants(r, recall_table),
+        *answer_table(r),
     ]
     if r.get("plot"):
         lines.append(f"plot: {r['plot']}")
@@ -319,4 +374,20 @@ def recall_table(r: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"  {c}".ljust(22) + "".join(f"{base['by_category'][b][c]:8.3f}" for b in budgets)
                 )
+    return lines
+
+
+def answer_table(r: dict[str, Any]) -> list[str]:
+    """The answer F1 table of `--answers`: the generator beside the extractive baseline, by category."""
+    a = r.get("answers")
+    if not a:
+        return []
+    lines = [
+        "",
+        f"answer F1 at budget {a['budget']} ({a['questions']} of {a['of_questions']} questions, {a['engine']}):",
+        f"{'':22s}{'generator':>10s}{'extractive':>11s}",
+        "all".ljust(22) + f"{a['f1']:10.3f}{a['extractive_f1']:11.3f}",
+    ]
+    for c, v in a["by_category"].items():
+        lines.append(f"  {c} ({v['questions']})".ljust(22) + f"{v['f1']:10.3f}{v['extractive_f1']:11.3f}")
     return lines

@@ -50,7 +50,10 @@ _ROLE = re.compile(
     r"|\bfrom now on\b[\w\s,]{0,20}\b(answer|reply|respond|say|output|you (will|must|shall) (only|always))\b"
     r"|\b(act|behave|respond|answer) as (if you (are|were)|a|an|the)\b(?![\w\s]{0,12}\b(team|group|family)\b)"
     r"|\bpretend (that )?(you are|to be|you're)\b|\broleplay as\b|\brole-?play\b.{0,30}\byou\b"
+    r"|\blet'?s (play a game|pretend|role-?play)\b[\w\s,:]{0,20}\byou\b"
     r"|\b(jailbreak|dan mode|developer mode|god mode|unrestricted mode)\b"
+    r"|\b(assistant|chatbot|bot|ai|llm|language model|model)s?\b[\w\s]{0,12}\b(reading|reads|processing|summari[sz]ing)\b"
+    r"|\b(operator|owner|developer|creator|admin)s? of (this|the|your) (assistant|ai|bot|chatbot|model|system)\b"
     r"|\bas an ai\b|\b(dear|attention|note to( the)?|hey|hi|hello|to the) (ai|assistant|chatbot|model|llm|language model|bot)\b"
     r"|\b(ai|assistant|chatbot|language model|llm|the model|the bot)\b[\w\s,]{0,25}\b(must|should|shall|will|needs? to|has to|is required to|is instructed to|always|never)\b",
     _I | re.MULTILINE,
@@ -62,11 +65,16 @@ _ANSWER_VERB = (
 _DIRECTIVE = re.compile(
     rf"\b{_ANSWER_VERB}(s|ing)?\b[\w\s,'\"-]{{0,25}}\b(only|exactly|verbatim|solely|nothing but|just the (word|phrase|text)|"
     r"(with )?the (word|phrase|string|text|code|token)s?\s*[:\"'“‘«]?\s*(?-i:[A-Z0-9]))"
-    rf"|\b(your|the|every|each|all|any) (answer|reply|response|output|message)s?\b[\w\s,]{{0,20}}\b(must|should|shall|will|has to|needs to|is to|may only)\b"
+    rf"|\b(your|the|every|each|all|any) (next |first |final |only )?(answer|reply|response|output|message)s?\b[\w\s,]{{0,20}}\b(must|should|shall|will|has to|have to|needs to|is to|may only)\b"
+    rf"|\b{_ANSWER_VERB}\b[\w\s'\"-]{{0,30}}\bbefore (anything|everything) else\b"
+    r"|\b(one|only|single|whole|entire) (true |real |correct |valid |allowed )?(reply|answer|response|output|vocabulary)\b[\w\s]{0,10}\b(is|are|=)\b"
     r"|\b(whenever|when|if|every time|each time|no matter (what|who))\b[\w\s,]{0,20}\b(asks?|asked|questions?|queried|prompted)\b"
     rf"[\w\s,]{{0,30}}\b{_ANSWER_VERB}\b"
     rf"|\b(to|for) (any|every|all|each) (question|query|request|prompt)s?\b[\w\s,]{{0,20}}\b{_ANSWER_VERB}\b"
     rf"|\b(always|must|only) {_ANSWER_VERB}\b"
+    rf"|\bonly {_ANSWER_VERB}(s|es)?\b|\b{_ANSWER_VERB}\b[\w\s'\"-]{{0,30}}\band nothing else\b"
+    r"|\b(whatever|anything|everything) (you are|you're|you get|you) ask(ed)?\b"
+    r"|\b(the )?(correct|right|only|real|true) (answer|reply|response)s? (to|for) (any|every|all|each)\b"
     r"|\b(do not|don't|never) (mention|reveal|answer|tell the user|disclose|talk about)\b[\w\s]{0,20}\b(user|question|anyone|memories)\b"
     r"|\bdecode (this|the following|it|and)\b|\b(base64|rot13|rot-13|hex)[- ]?(encoded|decode|below|above|string|message|text)\b",
     _I,
@@ -83,7 +91,9 @@ _TOOL = re.compile(
 _FENCE = re.compile(
     r"</?\s*(memor(y|ies)|data|evidence|context|quote|document|untrusted)[\s\w=\"'-]*>"
     r"|\b(end|close|closing|exit|stop) (of )?(the )?(memory|memories|data|quoted|evidence|context)( block| section| fence)?\b"
-    r"|\b(memory|memories|data) (block|section|fence) (ends|closed|is over)\b|```|<<<|>>>|\[\[/?(memory|data)\]\]",
+    r"|\b(memory|memories|data|log|context|transcript|conversation|chat) (log |block |section |fence )?"
+    r"(ends|ended|closed|is over|finished|stops)\b|```|<<<|>>>|\[\[/?(memory|data)\]\]"
+    r"|\n\s*(question|answer|user|assistant|human|ai|q|a|system)\s*:",
     _I,
 )
 _FOREIGN = re.compile(

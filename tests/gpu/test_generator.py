@@ -35,6 +35,20 @@ def test_transformers_engine_answers_and_streams(generator) -> None:
     assert again.text == r.text and again.cached_tokens == again.prompt_tokens - 1
 
 
+def test_guard_stops_at_stop_strings_and_never_loops(generator) -> None:
+    from memstage.gpu.generator import GenerationOptions
+    from memstage.tasks.generate import NO_REPEAT_NGRAM, REPETITION_PENALTY, repeats
+
+    msgs = [{"role": "user", "content": "Write the word 'Sam:' twenty times, separated by spaces."}]
+    plain = generator.generate(msgs, max_tokens=32)
+    guard = GenerationOptions(repetition_penalty=REPETITION_PENALTY, no_repeat_ngram=NO_REPEAT_NGRAM)
+    guarded = generator.generate(msgs, max_tokens=32, options=guard)
+    assert repeats(plain.text) and not repeats(guarded.text)  # the unguarded model loops; the guard stops it
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    cut = generator.generate(france, max_tokens=16, options=GenerationOptions(stop=("Paris",)))
+    assert "Paris" not in cut.text and cut.finish_reason == "stop"
+
+
 @pytest.fixture(scope="module")
 def fake_openai_server():
     """A small OpenAI-compatible server (FastAPI, SSE) that reports usage like vLLM does."""
@@ -232,3 +246,13 @@ def test_answer_question_reports_usage() -> None:
     assert set(out["usage"]) >= {"prompt_tokens", "cached_tokens", "ttft_ms", "total_ms", "tokens_per_s"}
     with pytest.raises(ValueError):
         answer_question(Echo(), {"question": " ", "memories": []})
+    assert answer_question(Echo(), {"question": "Q?", "memories": []})["answer"] == "I don't know."
+
+
+def test_clean_answer_cuts_tags_and_loops() -> None:
+    from memstage.tasks.generate import clean_answer, repeats
+
+    assert clean_answer("Sam: Sam: Sam: Sam: Sam:") == "Sam:"
+    assert clean_answer("In Berlin [m3].\nMaya: bye") == "In Berlin [m3]."
+    assert clean_answer("Answer: Pepper") == "Pepper"
+    assert repeats("in Berlin, in Berlin, in Berlin") and not repeats("Maya lives in Berlin now.")

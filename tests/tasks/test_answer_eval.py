@@ -1,0 +1,48 @@
+"""LoCoMo answer F1 as the benchmark computes it, the extractive baseline, and the even question subset."""
+
+from __future__ import annotations
+
+from memstage.tasks.answer_eval import extractive_answer, locomo_f1, spread, summarise_answers, token_f1
+from memstage.tasks.evaluate import Question
+
+
+def test_token_f1_normalises_like_locomo():
+    assert token_f1("The Berlin!", "berlin") == 1.0
+    assert token_f1("in Kreuzberg, Berlin", "Berlin") == 0.5  # 1 of 2 predicted tokens, all of the gold
+    assert token_f1("I don't know.", "Berlin") == 0.0
+
+
+def test_multi_hop_averages_gold_parts_and_open_domain_keeps_the_first():
+    assert locomo_f1("painting, running", "running, painting", 1) == 1.0
+    assert locomo_f1("running", "running, painting", 1) == 0.5
+    assert locomo_f1("likely yes", "likely yes; she said so", 3) == 1.0
+
+
+def test_extractive_takes_the_top_memorys_best_sentence():
+    retrieval = {
+        "question": "Where does Maya live now?",
+        "memories": [
+            {"text": "Sam: I live in Porto.", "score": 0.2},
+            {"text": "Maya: Big news! I live in Kreuzberg now. It is sunny.", "score": 0.9},
+        ],
+    }
+    assert extractive_answer(retrieval) == "I live in Kreuzberg now."
+    assert extractive_answer({"question": "q", "memories": []}) == ""
+
+
+def test_summary_by_category_and_spread():
+    rows = [
+        {"category": 4, "question": "q", "gold": "a", "answer": "a", "extractive": "b", "f1": 1.0,
+         "extractive_f1": 0.0, "unknown": False},
+        {"category": 2, "question": "q", "gold": "a", "answer": "I don't know.", "extractive": "a", "f1": 0.0,
+         "extractive_f1": 1.0, "unknown": True},
+    ]  # fmt: skip
+    out = summarise_answers(rows, 1000)
+    assert out["f1"] == 0.5 and out["extractive_f1"] == 0.5 and out["unknown_share"] == 0.5
+    assert (
+        out["by_category"]["single-hop"]["f1"] == 1.0
+        and out["by_category"]["temporal"]["extractive_f1"] == 1.0
+    )
+    qs = [Question(f"ns{i // 10}", f"q{i}", 4, ["D1:1"]) for i in range(50)]
+    picked = spread(qs, 5)
+    assert [q.question for q in picked] == ["q0", "q10", "q20", "q30", "q40"] and spread(qs, None) == qs
