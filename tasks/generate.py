@@ -40,7 +40,7 @@ FENCE_RULE = (
 STANDING_BUDGET = 1500  # tokens for the standing block
 FLAGGED_POLICIES = ("quote", "hold")  # flagged memories: shown defanged with a warning, or left out
 UNKNOWN = "I don't know."
-REPETITION_PENALTY = 1.2  # see GenerationOptions; measured on SmolLM2-135M in bench/answer_f1
+REPETITION_PENALTY = 1.2  # CTRL's value; with NO_REPEAT_NGRAM it stops SmolLM2-135M looping (tests/gpu)
 NO_REPEAT_NGRAM = 3
 # The generator reads the best-scored memories of the evidence, not all of it: SmolLM2-135M named the
 # wrong person from 19 memories of the demo and the right one from 6 (measured on the demo questions).
@@ -87,12 +87,13 @@ def memory_line(
     """
     from memstage.tasks.compress import resolve_pronouns
 
-    text = " ".join(str(memory.get("text") or "").split())
+    text = str(memory.get("text") or "")
     flag = memory.get("flag") or ""
     if flag:
         if flagged == "hold":
             return None
-        text = defang(text)
+        text = defang(text)  # on the text as stored: the flag was computed on it, line breaks included
+    text = " ".join(text.split())
     speaker = str(memory.get("speaker") or "")
     if not speaker and (m := _SPEAKER.match(text)):
         speaker = m.group(1)
@@ -314,7 +315,7 @@ def answer_question(
         return {"answer": UNKNOWN, "citations": [], "usage": {}, "engine": engine, "held": prompt.held}
     kwargs: dict[str, Any] = {}
     if getattr(generator, "supports_options", False):
-        from memstage.gpu.generator import GenerationOptions
+        from memstage.gpu.sampling import GenerationOptions
 
         kwargs["options"] = GenerationOptions(
             stop=stop_strings(retrieval),

@@ -86,7 +86,7 @@ def test_memory_cannot_close_the_fence():
     )
     user = msgs[1]["content"]
     assert user.count(f"</{tag}>") == 1 and "</memories>" not in user  # only the block's own close
-    assert 'Sam said: "' in user and "quoted records" in msgs[0]["content"]
+    assert "[m1] Sam (2025-01-01): " in user and "quoted records" in msgs[0]["content"]
     assert fence_tag("demo") == tag != fence_tag("other")  # stable per namespace: the prefix cache holds
 
 
@@ -98,7 +98,9 @@ def test_flagged_memories_are_quoted_with_a_warning_or_held_out():
     }
     quoted = layout(retrieval)
     user = quoted.messages[1]["content"]
-    assert "BANANA" not in user and "flagged" in user and "Maya said" in user and quoted.held == 0
+    assert (
+        "BANANA" not in user and "flagged" in user and "Maya (2025-01-01): Maya" in user and quoted.held == 0
+    )
     held = layout(retrieval, flagged="hold")
     assert "[m2]" not in held.messages[1]["content"] and held.held == 1 and held.refs == {"m1": "a"}
 
@@ -113,6 +115,12 @@ def test_flags_are_stored_at_ingest_and_carried_up_by_summaries(store, encoder, 
     nodes = {m["session"]: m for m in store.memories("alice", level=1).to_pylist()}
     assert "carried" in nodes["s2"]["flag"] and nodes["s1"]["flag"] == ""
     assert store.counts("alice")["flagged"] >= 2
+    listed = store.flagged("alice").to_pylist()
+    assert {r["level"] for r in listed} >= {0, 1} and all(r["flag"] for r in listed)
+    from memstage.dashboards.report import flagged_panel
+
+    panel = flagged_panel(store, "alice")
+    assert "IMPORTANT SYSTEM INSTRUCTION" in panel and "carried" in panel  # the report lists them
     again = run_consolidate(store, "alice", embed=encoder.encode, count_tokens=token_counter.count_many)
     assert again.changed == 0
     assert node_flag("a calm summary", ["", None]) == ""
