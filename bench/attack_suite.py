@@ -348,12 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for mode in args.modes:
         start = time.perf_counter()
-        rows = [
-            {"id": c["id"], "kind": c["kind"], **run_case(gen, c, mode, args.policy, args.max_tokens)}
-            for c in cases
-        ]
+        # "before" on one case in K, the place within each template's repeats rotating (turns and summaries)
+        k_ = args.before_every
+        todo = [c for i, c in enumerate(cases) if (i + i // k_) % k_ == 0] if mode == "before" else cases
+        rows = []
+        for k, c in enumerate(todo, 1):
+            rows.append(
+                {"id": c["id"], "kind": c["kind"], **run_case(gen, c, mode, args.policy, args.max_tokens)}
+            )
+            if k % 10 == 0:
+                print(
+                    f"{mode}: {k}/{len(todo)} cases, {time.perf_counter() - start:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         n = len(rows)
         report[mode] = {
+            "cases": n,
             "attack_success": round(sum(r["attacked"] for r in rows) / n, 4),
             "attacks_succeeded": sum(r["attacked"] for r in rows),
             "generated": sum(r["generated"] for r in rows),

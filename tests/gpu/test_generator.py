@@ -196,7 +196,7 @@ def test_prompt_layout_is_stable_first_and_ignores_scores() -> None:
     assert ua.index("[s1] profile") < ua.index("memory a") < ua.index("memory b")  # by event time, not score
     assert ua.rstrip().endswith("Question: Q1?\nAnswer:")
     shared = len(os.path.commonprefix([ua, ub]))
-    assert 'memory a"\n' in ua[:shared]  # consecutive questions share the standing block and common evidence
+    assert "memory a\n" in ua[:shared]  # consecutive questions share the standing block and common evidence
 
 
 def test_evidence_window_is_append_only_until_full() -> None:
@@ -228,7 +228,7 @@ def test_standing_block_by_level_and_importance_within_budget() -> None:
         {"id": "r1", "level": 0, "text": "raw turn", "tokens": 1, "importance": 1.0, "access_count": 99, "event_time": None},
     ]  # fmt: skip
     block = standing_block(pa.Table.from_pylist(rows), budget=10, count_tokens=len)
-    assert block == '[s1] "topic one"\n[s2] "session one"'  # access counts ignored: they change every query
+    assert block == "[s1] topic one\n[s2] session one"  # access counts ignored: they change every query
     assert standing_block(pa.Table.from_pylist(rows[3:]), budget=10, count_tokens=len) == ""
 
 
