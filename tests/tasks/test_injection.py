@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+from memstage.stores import queries
 from memstage.tasks.consolidate import run_consolidate
 from memstage.tasks.forget import ForgetError, save_policy
 from memstage.tasks.generate import build_messages, fence_tag, layout
@@ -115,7 +116,7 @@ def test_flags_are_stored_at_ingest_and_carried_up_by_summaries(store, encoder, 
     nodes = {m["session"]: m for m in store.memories("alice", level=1).to_pylist()}
     assert "carried" in nodes["s2"]["flag"] and nodes["s1"]["flag"] == ""
     assert store.counts("alice")["flagged"] >= 2
-    listed = store.flagged("alice").to_pylist()
+    listed = queries.flagged_memories(store, "alice").to_pylist()
     assert {r["level"] for r in listed} >= {0, 1} and all(r["flag"] for r in listed)
     from memstage.dashboards.report import flagged_panel
 
