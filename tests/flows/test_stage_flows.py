@@ -65,3 +65,45 @@ def test_maintain_reports_a_failing_stage_and_runs_the_rest(tmp_path: Path, capf
     assert len(calls) >= 2  # retried
     assert report["stages"]["index"]["status"] == "ok" and report["stages"]["forget"]["status"] == "ok"
     assert report["stages"]["consolidate"]["changed"] > 0
+
+
+def test_a_failing_namespace_is_retried_alone_and_reported_once(tmp_path: Path, capfd, monkeypatch):
+    """Three namespaces, one whose compress always fails: its task runs twice (one retry), the
+    others once each and their changes are committed; `runs` holds one row per namespace (the
+    failed one as failed), not a second round from a retried flow run."""
+    import memstage.tasks.compress
+    from memstage.stores import queries
+    from memstage.stores.store import MemoryStore
+
+    real = memstage.tasks.compress.run_compress
+    calls: list[str] = []
+
+    def flaky(store, namespace, **kwargs):
+        calls.append(namespace)
+        if namespace == "bob":
+            raise RuntimeError("bob's compress is broken")
+        return real(store, namespace, **kwargs)
+
+    monkeypatch.setattr(memstage.tasks.compress, "run_compress", flaky)
+    home = str(tmp_path / "home")
+    common = ["--home", home, "--runner", "local"]
+    for ns in ("alice", "bob", "carol"):
+        run_json(capfd, "ingest", str(write_jsonl(tmp_path / f"{ns}.jsonl", ns, ALICE)), *common)
+    from memstage.cli.main import main
+
+    assert main(["run", "compress", *common, "--json"]) != 0  # the stage reports its failure
+    assert "bob's compress is broken" in capfd.readouterr().err
+    assert sorted(calls) == ["alice", "bob", "bob", "carol"]
+    store = MemoryStore(home)
+    runs = [r for r in queries.runs(store, None) if r["stage"] == "compress"]
+    assert sorted((r["namespace"], r["status"]) for r in runs) == [
+        ("alice", "ok"),
+        ("bob", "failed"),
+        ("carol", "ok"),
+    ]
+    changed = {r["namespace"]: r["changed"] for r in runs}
+    assert changed["alice"] > 0 and changed["carol"] > 0  # their changes committed despite bob
+    compressed = store.query(
+        "SELECT namespace, count(*) AS n FROM ops WHERE stage = 'compress' GROUP BY ALL ORDER BY ALL"
+    ).to_pylist()
+    assert [r["namespace"] for r in compressed] == ["alice", "carol"]
