@@ -10,11 +10,21 @@ then byte-searches every file under the data directory for the subject and repor
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - tasks.index.build_indexes uses pa.compute without importing it
 from memstage.stores.compact import find_bytes, rewrite_database, tables_holding
+from memstage.stores.erase import (
+    Erasure,
+    commit_erasure,
+    erase_candidates,
+    quarantine_candidates,
+    retire_indexes,
+    unembedded_count,
+)
 from memstage.stores.store import MemoryStore, now_utc, validate_namespace
 from memstage.tasks.contract import StageResult, content_hash, make_op, ops_table, timed
 from memstage.tasks.index import Embed, build_indexes, embed_missing, remove_stale_artifacts
@@ -33,6 +43,55 @@ def check_selector(subject: str | None, before: datetime | None, all: bool) -> N
 
 def matches(value: str | None, subject: str | None) -> bool:
     return bool(subject) and value is not None and subject.lower() in value.lower()
+
+
+def _selector(subject: str | None, before: datetime | None, all: bool) -> Callable[..., bool]:  # noqa: A002
+    def selected(text: str | None, meta: str | None, when: datetime | None) -> bool:
+        if all:
+            return True
+        if subject is not None:
+            return matches(text, subject) or matches(meta, subject)
+        return when is not None and before is not None and when < before
+
+    return selected
+
+
+def doomed(
+    events: list[dict[str, Any]], mem: list[dict[str, Any]], selected: Callable[..., bool], *, by_date: bool
+) -> tuple[set[str], set[str], set[str]]:
+    """(events, level-0 memories, higher nodes) to delete: what matches, what holds a matching
+    event, and the summaries and topics built from them (consolidate rebuilds from what is left)."""
+    gone_events = {e["id"] for e in events if selected(e["text"], e["metadata"], e["event_time"])}
+    holds = lambda m: gone_events & set(m["event_ids"] or [])  # noqa: E731
+    gone0 = {
+        m["id"]
+        for m in mem
+        if m["level"] == 0 and (selected(m["text"], m["metadata"], m["event_time"]) or holds(m))
+    }
+    gone_events |= {e for m in mem if m["id"] in gone0 for e in (m["event_ids"] or [])}
+    gone_hi = {
+        m["id"]
+        for m in mem
+        if m["level"] >= 1
+        and (selected(m["text"], m["metadata"], None if by_date else m["event_time"]) or holds(m))
+    }
+    return gone_events, gone0, gone_hi
+
+
+def _ops_to_redact(
+    ops: list[dict[str, Any]], gone: set[str], ids: set[str], subject: str | None
+) -> list[str]:
+    """Ops about a deleted memory, or whose text names the subject or any deleted id."""
+    hexes = {h for i in ids for h in _HEX.findall(i)}
+    return [
+        o["op_id"]
+        for o in ops
+        if o["memory_id"] in gone
+        or any(
+            matches(o[c], subject) or (o[c] and hexes & set(_HEX.findall(o[c])))
+            for c in ("before", "after", "reason")
+        )
+    ]
 
 
 def forget_hard(
@@ -54,123 +113,67 @@ def forget_hard(
         )
     result = StageResult("forget.hard", namespace)
     with timed(result):
-        events = store.query(
-            "SELECT id, text, metadata, event_time FROM events WHERE namespace = ?", [namespace]
-        ).to_pylist()
-        mem = store.query(
-            "SELECT id, level, text, metadata, event_ids, event_time, parent, superseded_by FROM memories WHERE namespace = ?",
-            [namespace],
-        ).to_pylist()
-
-        def selected(text: str | None, meta: str | None, when: datetime | None) -> bool:
-            if all:
-                return True
-            if subject is not None:
-                return matches(text, subject) or matches(meta, subject)
-            return when is not None and when < before
-
-        gone_events = {e["id"] for e in events if selected(e["text"], e["metadata"], e["event_time"])}
-        gone0 = {
-            m["id"]
-            for m in mem
-            if m["level"] == 0
-            and (
-                selected(m["text"], m["metadata"], m["event_time"]) or gone_events & set(m["event_ids"] or [])
-            )
-        }
-        gone_events |= {e for m in mem if m["id"] in gone0 for e in (m["event_ids"] or [])}
-        # summaries and topics built from deleted items go too (consolidate rebuilds them from what is left)
-        gone_hi = {
-            m["id"]
-            for m in mem
-            if m["level"] >= 1
-            and (
-                selected(m["text"], m["metadata"], None if before else m["event_time"])
-                or gone_events & set(m["event_ids"] or [])
-            )
-        }
+        rows = erase_candidates(store, namespace)
+        mem = rows["memories"]
+        gone_events, gone0, gone_hi = doomed(
+            rows["events"], mem, _selector(subject, before, all), by_date=before is not None
+        )
         gone = gone0 | gone_hi
-        hexes = {h for i in gone | gone_events for h in _HEX.findall(i)}
         at = now_utc()
         forget_id = content_hash(namespace, "forget-hard", at.isoformat())
         how = "all" if all else ("subject" if subject is not None else f"before {before:%Y-%m-%d}")
-        ops_rows = store.query(
-            "SELECT op_id, memory_id, before, after, reason FROM ops WHERE namespace = ?", [namespace]
-        ).to_pylist()
-        scrub = [
-            o["op_id"]
-            for o in ops_rows
-            if o["memory_id"] in gone
-            or any(
-                matches(o[c], subject) or (o[c] and hexes & set(_HEX.findall(o[c])))
-                for c in ("before", "after", "reason")
-            )
-        ]
-        gone_quarantine = _quarantine_rows(store, namespace, subject, before, all)
-        dangling = [
-            m for m in mem if m["id"] not in gone and (m["parent"] in gone or m["superseded_by"] in gone)
-        ]
         reason = f"hard forget ({how}, request {forget_id}): text deleted everywhere; NOT undoable"
-        new_ops = [
-            make_op(
-                namespace=namespace,
-                memory_id=mid,
-                stage="forget",
-                action="delete",
-                before=None,
-                after=None,
-                reason=reason,
-                flow_run_id=flow_run_id,
-                at=at,
-            )
-            for mid in sorted(gone)
-        ]
-        with store.writer() as w:
-            w.delete("events", namespace, sorted(gone_events))
-            w.delete("memories", namespace, sorted(gone))
-            w.conn.register("_bad", pa.table({"id": pa.array(gone_quarantine, pa.string())}))
-            w.execute("DELETE FROM quarantine WHERE id IN (SELECT id FROM _bad)")  # any namespace field
-            w.conn.unregister("_bad")
-            w.conn.register("_scrub", pa.table({"id": pa.array(scrub, pa.string())}))
-            w.execute(
-                "UPDATE ops SET before = NULL, after = NULL, reason = ? WHERE namespace = ? AND op_id IN (SELECT id FROM _scrub)",
-                [f"[redacted by hard forget {forget_id}]", namespace],
-            )
-            w.conn.unregister("_scrub")
-            for m in dangling:  # links to deleted nodes are cut; a superseded memory keeps its valid_to
-                w.execute(
-                    """UPDATE memories SET parent = CASE WHEN parent IN (SELECT unnest(?)) THEN NULL ELSE parent END,
-                       superseded_by = CASE WHEN superseded_by IN (SELECT unnest(?)) THEN NULL ELSE superseded_by END
-                       WHERE namespace = ? AND id = ?""",
-                    [sorted(gone), sorted(gone), namespace, m["id"]],
-                )
-            if subject is not None:  # an ingest's run row names all its namespaces: 'fz,other'
-                w.execute(
-                    "UPDATE runs SET figures = NULL WHERE (namespace = ? OR list_contains(string_split(namespace, ','), ?)) "
-                    "AND contains(lower(figures), lower(?))",
-                    [namespace, namespace, subject],
-                )
-            w.insert("ops", ops_table(new_ops))
+        erasure = Erasure(
+            namespace=namespace,
+            events=sorted(gone_events),
+            memories=sorted(gone),
+            quarantine=_quarantine_rows(store, namespace, subject, before, all),
+            ops_to_redact=_ops_to_redact(rows["ops"], gone, gone | gone_events, subject),
+            redaction=f"[redacted by hard forget {forget_id}]",
+            relinked=[
+                m["id"]
+                for m in mem
+                if m["id"] not in gone and (m["parent"] in gone or m["superseded_by"] in gone)
+            ],
+            subject=subject,
+            new_ops=_deletion_ops(namespace, sorted(gone), reason, flow_run_id, at),
+        )
+        commit_erasure(store, erasure)
         result.figures = {
             "undoable": False,
             "mode": how,
             "events_deleted": len(gone_events),
             "memories_deleted": len(gone0),
             "summaries_deleted": len(gone_hi),
-            "ops_redacted": len(scrub),
-            "quarantine_deleted": len(gone_quarantine),
-            "links_cut": len(dangling),
+            "ops_redacted": len(erasure.ops_to_redact),
+            "quarantine_deleted": len(erasure.quarantine),
+            "links_cut": len(erasure.relinked),
         }
         result.figures["indexes"] = _rebuild_indexes(store, namespace, embed, flow_run_id)
         result.figures["database"] = rewrite_database(store)
         if subject is not None:
-            result.figures["files_still_containing_subject"] = [
-                str(p.relative_to(store.home)) for p in find_bytes(store.home, subject)
-            ]
-            if result.figures["files_still_containing_subject"]:
-                result.figures["tables_still_containing_subject"] = tables_holding(store, subject)
-        result.changed = len(gone_events) + len(gone) + len(gone_quarantine)
+            _check_bytes(store, subject, result)
+        result.changed = len(gone_events) + len(gone) + len(erasure.quarantine)
     return result
+
+
+def _deletion_ops(
+    namespace: str, ids: list[str], reason: str, flow_run_id: str | None, at: datetime
+) -> pa.Table:
+    """One op per deleted memory, recording the deletion without its text."""
+    ops = [
+        make_op(namespace=namespace, memory_id=mid, stage="forget", action="delete", before=None, after=None,
+                reason=reason, flow_run_id=flow_run_id, at=at)
+        for mid in ids
+    ]  # fmt: skip
+    return ops_table(ops)
+
+
+def _check_bytes(store: MemoryStore, subject: str, result: StageResult) -> None:
+    found = [str(p.relative_to(store.home)) for p in find_bytes(store.home, subject)]
+    result.figures["files_still_containing_subject"] = found
+    if found:
+        result.figures["tables_still_containing_subject"] = tables_holding(store, subject)
 
 
 def _quarantine_rows(
@@ -182,11 +185,7 @@ def _quarantine_rows(
 ) -> list[str]:
     """Quarantine rows of the namespace, including those whose namespace field was itself invalid
     (`erin/x`, `erin `) but names it, or whose raw record names it; then the selector applies."""
-    rows = store.query(
-        'SELECT id, namespace, raw, "at" FROM quarantine WHERE namespace = ? '
-        "OR contains(lower(namespace), lower(?)) OR contains(lower(raw), lower(?))",
-        [namespace, namespace, namespace],
-    ).to_pylist()
+    rows = quarantine_candidates(store, namespace)
     ns = namespace.lower()
     ours = [
         q
@@ -210,19 +209,10 @@ def _rebuild_indexes(store: MemoryStore, namespace: str, embed: Embed | None, fl
     """Indexes hold the deleted text (and BM25 its words): rebuild them, or drop them when embeddings are missing."""
     if embed is not None:
         embed_missing(store, namespace, embed)
-    missing = (
-        store.query(
-            "SELECT count(*) AS n FROM memories WHERE namespace = ? AND status = 'active' AND valid_to IS NULL AND embedding IS NULL",
-            [namespace],
-        )
-        .column("n")[0]
-        .as_py()
-    )
-    if missing == 0:
+    if unembedded_count(store, namespace) == 0:
         build_indexes(store, namespace, flow_run_id=flow_run_id)
         remove_stale_artifacts(store, namespace)
         return "rebuilt"
-    with store.writer() as w:
-        w.execute("UPDATE index_manifest SET current = false WHERE namespace = ?", [namespace])
+    retire_indexes(store, namespace)
     store.remove_namespace_files(namespace)
     return "dropped (memories without embeddings; the next index run rebuilds them)"
