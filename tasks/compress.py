@@ -394,10 +394,7 @@ def run_compress(
 
 def level0_ratio(store: MemoryStore, namespace: str) -> dict[str, Any]:
     """Tokens of all active level-0 memories now, against what they had before compression."""
-    mem = store.query(
-        "SELECT tokens, metadata FROM memories WHERE namespace = ? AND level = 0 AND status = 'active'",
-        [namespace],
-    ).to_pylist()
+    mem = queries.level0_token_rows(store, namespace)
     after = sum(m["tokens"] or 0 for m in mem)
     before = sum(
         json.loads(m["metadata"] or "{}").get("compressed", {}).get("tokens_before", m["tokens"] or 0)

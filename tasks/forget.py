@@ -185,12 +185,7 @@ def restore(
     result = StageResult("restore", namespace)
     with timed(result):
         validate_namespace(namespace)
-        archived = store.query(
-            """SELECT m.* FROM memories m WHERE m.namespace = ? AND m.status = 'archived' AND m.id IN (SELECT unnest(?))
-               AND EXISTS (SELECT 1 FROM ops o WHERE o.namespace = m.namespace AND o.memory_id = m.id
-                           AND o.stage = 'forget' AND o.action = 'archive')""",
-            [namespace, list(memory_ids)],
-        ).to_pylist()
+        archived = queries.archived_by_forget(store, namespace, memory_ids)
         at = now_utc()
         rows, ops = [], []
         for old in archived:

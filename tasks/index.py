@@ -69,19 +69,7 @@ def index_text(memory: dict[str, Any], events: Sequence[dict[str, Any]]) -> str:
 
 def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> list[str]:
     """`index_text` of each memory id (whose stored text is in `texts`), reading source events in one query."""
-    # Unnest then equi-join (a hash join): joining on list_contains(m.event_ids, e.id) compared every
-    # memory with every event of the namespace, 0.5 s of the ingest flow's driver time on LoCoMo.
-    # Only the fields level0_text reads: whole event rows made Python dicts of every column.
-    rows = store.query(
-        """WITH wanted AS (
-               SELECT id, unnest(event_ids) AS event_id FROM memories
-               WHERE namespace = ? AND level = 0 AND id IN (SELECT unnest(?)))
-           SELECT w.id, list({'speaker': e.speaker, 'text': e.text, 'metadata': e.metadata} ORDER BY e.seq)
-                  AS events
-           FROM wanted w JOIN events e ON e.namespace = ? AND e.id = w.event_id GROUP BY w.id""",
-        [namespace, list(ids), namespace],
-    ).to_pylist()
-    events = {r["id"]: r["events"] for r in rows}
+    events = queries.source_events(store, namespace, ids)
     return [
         index_text({"level": 0, "text": t}, events[i]) if i in events else t
         for i, t in zip(ids, texts, strict=True)
@@ -91,12 +79,7 @@ def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: S
 def new_level0_events(store: MemoryStore, namespace: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The events of `namespace` that have no level-0 memory yet (never recreating one a stage
     archived), and the texts their memories will have (see `level0_rows`)."""
-    new = store.query(
-        """SELECT e.* FROM events e WHERE e.namespace = ?
-           AND NOT EXISTS (SELECT 1 FROM memories m WHERE m.namespace = e.namespace AND m.id = 'm0-' || e.id)
-           ORDER BY e.session, e.seq""",
-        [namespace],
-    ).to_pylist()
+    new = queries.events_without_level0(store, namespace)
     return new, [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in new]
 
 
@@ -213,10 +196,7 @@ def scan_unscanned(store: MemoryStore, namespace: str, *, flow_run_id: str | Non
 
 def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], list[str]]:
     """(ids, texts) of the active memories whose embedding is null: new, or text changed by a stage."""
-    todo = store.query(
-        "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
-        [namespace],
-    )
+    todo = queries.unembedded(store, namespace)
     ids = todo.column("id").to_pylist()
     if not ids:  # the usual case on ingest: no index_texts query
         return [], []
@@ -236,16 +216,7 @@ def commit_embeddings(store: MemoryStore, namespace: str, embeddings: pa.Table) 
     """Store computed embeddings (a derived column: no `ops` row, the memory's content is unchanged)."""
     if embeddings.num_rows == 0:
         return 0
-    with store.writer() as w:
-        w.conn.register("_emb", embeddings)
-        try:
-            w.execute(
-                "UPDATE memories SET embedding = _emb.embedding FROM _emb "
-                "WHERE memories.namespace = ? AND memories.id = _emb.id",
-                [namespace],
-            )
-        finally:
-            w.conn.unregister("_emb")
+    queries.set_embeddings(store, namespace, embeddings)
     return embeddings.num_rows
 
 
