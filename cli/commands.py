@@ -165,7 +165,7 @@ def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
     api = os.environ.get("PREFECT_API_URL")
     print(
         f"memstage: cold query: no `memstage serve` running for {config.home}, so this process loads the "
-        "models and indexes (10-15 s; `memstage serve` keeps them warm for ~1 s queries); "
+        "models and indexes first (seconds; a running `memstage serve` keeps them loaded); "
         + (f"the run goes to the Prefect server at {api}" if api else
            "no PREFECT_API_URL, so no Prefect server is started: the run is recorded in the store "
            "(memstage report) only"),
