@@ -37,6 +37,7 @@ QUERY_KINDS = (
     ("warm: memstage serve", "#55a868", ("serve",)),
     ("cold: in the CLI process", "#dd8452", ("cli",)),
     ("deployment / flow run", "#4c72b0", ("deployment", "flow")),
+    ("chat: /v1/chat/completions", "#8172b3", ("chat",)),
 )
 FORGET_BARS = 24  # hourly forget runs: the last day's, not every bar since the store began
 LEVEL_NAMES = {0: "raw turns (level 0)", 1: "sessions (level 1)", 2: "topics (level 2)"}

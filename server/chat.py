@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -105,7 +106,21 @@ class _Reply:
         return f"data: {json.dumps(data)}\n\n"
 
 
-def _generate_in_thread(gen: Any, messages: list[dict[str, str]], **options: Any) -> asyncio.Queue:
+def _record(home: Any, ns: str, retrieval: dict[str, Any], result: Any, start: float) -> None:
+    """A chat answer as a `runs` row (stage 'query', served_by 'chat'), like every other query."""
+    from memstage.flows.query_steps import record_step
+
+    done = {**retrieval, "answer": result.text, "usage": result.usage()}
+    done["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
+    try:
+        record_step(home, ns, done, answer=True, served_by="chat", flow_run_id=None)
+    except Exception as exc:  # noqa: BLE001 - the answer matters more than its record
+        logging.getLogger("memstage").warning("chat answer not recorded: %s", exc)
+
+
+def _generate_in_thread(
+    gen: Any, messages: list[dict[str, str]], after: Callable[[Any], None], **options: Any
+) -> asyncio.Queue:
     """Run the generator in a thread; its text, its result or its error arrive on the returned queue."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -113,7 +128,9 @@ def _generate_in_thread(gen: Any, messages: list[dict[str, str]], **options: Any
     def work() -> None:
         put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
         try:
-            put(("done", gen.generate(messages, on_text=lambda t: put(("text", t)), **options)))
+            result = gen.generate(messages, on_text=lambda t: put(("text", t)), **options)
+            after(result)
+            put(("done", result))
         except Exception as exc:  # reported in the stream: the status line has gone already
             put(("error", exc))
 
@@ -172,6 +189,7 @@ def mount_chat(
         key: Any = Depends(caller),
         x_memstage_namespace: str | None = Header(None, description=NAMESPACE_DOC),
     ) -> Any:
+        start = time.perf_counter()
         ns, retrieval, messages = await run_in_threadpool(prepare, x_memstage_namespace, key, body)
         gen = await run_in_threadpool(services.generator, config.engine)
         app.state.generator = gen
@@ -183,11 +201,13 @@ def mount_chat(
                        {"namespace": ns, "memory_ids": [m["memory_id"] for m in retrieval["memories"]]})  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            queue = _generate_in_thread(gen, messages, **options)
+            after = lambda r: _record(services.store.home, ns, retrieval, r, start)  # noqa: E731
+            queue = _generate_in_thread(gen, messages, after, **options)
             return StreamingResponse(
                 _stream(queue, reply, include_usage, metrics), media_type="text/event-stream"
             )
         result = await run_in_threadpool(lambda: gen.generate(messages, **options))
+        await run_in_threadpool(_record, services.store.home, ns, retrieval, result, start)
         return {
             "id": reply.rid, "object": "chat.completion", "created": reply.created, "model": MODEL_ID,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},

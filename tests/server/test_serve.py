@@ -75,6 +75,17 @@ def test_models_and_an_answer_from_memory(client, server) -> None:
     extra = r.model_extra["memstage"]
     assert extra["namespace"] == "alpha" and set(extra["memory_ids"]) <= ids_of(server[1], "alpha")
     assert r.usage.prompt_tokens > 50 and r.usage.completion_tokens > 0
+    import time
+
+    from memstage.stores import queries
+
+    deadline = time.monotonic() + 30  # the access journal is merged by the server's flusher thread
+    while not (rows := [x for x in queries.runs(server[1], "alpha") if x["stage"] == "query"]):
+        assert time.monotonic() < deadline, "the chat answer left no query run"
+        time.sleep(0.2)
+    figures = rows[-1]["figures"]  # recorded like every query: where, tokens, answered
+    assert figures["served_by"] == "chat" and figures["prompt_tokens"] == r.usage.prompt_tokens
+    assert figures["answered"] is True
 
 
 def test_streaming_with_the_namespace_header_and_cached_prefix(client, server) -> None:
