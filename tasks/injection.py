@@ -98,7 +98,8 @@ _FENCE = re.compile(
 )
 _FOREIGN = re.compile(
     # override / "only answer" / role words in other languages
-    r"\b(ignora|ignore[zr]?|ignoriere|ignorieren|negeer|ignorar|ignorują|ignoruj|görmezden gel|yoksay)\b"
+    r"\b(ignora|ignorez|ignorer|ignore (?=toutes|tous|les|tes|vos)|ignoriere|ignorieren|negeer|ignorar|ignorują|ignoruj|"
+    r"görmezden gel|yoksay)\b"
     r"[\w\s,'-]{0,40}?\b(instrucciones|instructions|anweisungen|istruzioni|instruções|instructies|instrukcje|"
     r"talimatları|regeln|reglas|règles|regole|regras|regels|zasady|consignes|indicaciones|vorgaben)\b"
     r"|\b(responde|contesta|réponds|répondez|antworte|antworten sie|rispondi|responda|antwoord|odpowiedz|cevap ver|yanıtla)\b"
