@@ -117,18 +117,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], out: Path, table: Path | None) -> None:
+    """Runs split over processes, as one result: files in order, each variant's minus_dev against dev."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    result = {
+        "command": " && ".join(r["command"] for r in runs) + " && python bench/robustness.py --merge ...",
+        "machine": "; ".join(r["machine"] for r in runs),
+        "seed": runs[0]["seed"],
+        "files": {n: f for r in runs for n, f in r["files"].items()},
+    }
+    dev = result["files"].get("dev")
+    for name, f in result["files"].items():
+        if dev is not None and name != "dev":
+            f["minus_dev"] = {b: round(f["recall"][b] - dev["recall"][b], 4) for b in f["recall"]}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if table:
+        table.write_text(markdown(result))
+
+
 def main() -> None:
     from memstage.cli.eval_commands import evaluate_locomo
     from memstage.tasks.robustness import VARIANTS, write_variants
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="combine runs' JSON (dev in one)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--table", type=Path, default=None)
+    ap.add_argument("--no-dev", action="store_true", help="the variants only (another run measured dev)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out, args.table)
     result: dict[str, Any] = {
         "command": "python bench/robustness.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
@@ -137,7 +159,8 @@ def main() -> None:
         "files": {},
     }
     with tempfile.TemporaryDirectory(prefix="memstage-robustness-") as folder:
-        paths = {"dev": args.data, **write_variants(args.data, folder, tuple(args.variants), args.seed)}
+        paths = {} if args.no_dev else {"dev": args.data}
+        paths.update(write_variants(args.data, folder, tuple(args.variants), args.seed))
         for name, path in paths.items():
             start = time.perf_counter()
             home = Path(folder) / f"home-{name}"
