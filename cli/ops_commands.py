@@ -193,14 +193,24 @@ def check_server(api: str) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if not os.environ.get("PREFECT_API_URL"):
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
         raise UserError(
             "PREFECT_API_URL is not set: start `prefect server start` and "
             "`export PREFECT_API_URL=http://127.0.0.1:4200/api` first (see deploy/README.md)"
         )
-    check_server(os.environ["PREFECT_API_URL"])
+    # Every client call below talks to the server the environment names now, not to whatever API
+    # this process's Prefect settings were loaded with (a temporary server, in tests and notebooks).
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return _deploy(args, api)
+
+
+def _deploy(args: argparse.Namespace, api: str) -> dict[str, Any]:
+    import yaml
+
+    check_server(api)
     config = config_from(args)
     env = {**get_settings().worker_env(), "MEMSTAGE_HOME": str(config.home), "MEMSTAGE_RUNNER": config.runner}
     if os.environ.get("RAY_ADDRESS"):
@@ -222,7 +232,7 @@ def cmd_deploy(args: argparse.Namespace) -> dict[str, Any]:
     config.home.mkdir(parents=True, exist_ok=True)  # runs start in it: a missing one crashes every run
     apply_deployments(spec, workdir=config.home)
     return {
-        "api": os.environ["PREFECT_API_URL"],
+        "api": api,
         "pool": args.pool,
         "store_limit": limit,
         "home": str(config.home),
