@@ -59,6 +59,14 @@ class GenerationResult:
         }
 
 
+def chat_template_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """`messages` through the tokenizer's chat template, ending with the assistant's turn opening."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 class Generator(ABC):
     """An answer engine. Implementations hold their model (or client) and are reused across calls."""
 
@@ -116,10 +124,7 @@ class TransformersGenerator(Generator):
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """The model's own chat template, ending with the assistant's turn opening."""
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_template_ids(self.tokenizer, messages)
 
     def generate(
         self,

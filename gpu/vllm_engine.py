@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memstage.gpu.generator import GenerationResult, Generator, Message, OnText
+from memstage.gpu.generator import GenerationResult, Generator, Message, OnText, chat_template_ids
 
 # vLLM's environment, set before its first import: the engine core in this process (one request at a
 # time, nothing to overlap: a second process only adds a hop), no usage reports (no network), and
@@ -71,10 +71,7 @@ class VLLMGenerator(Generator):
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """memstage's layout (tasks.generate) through the model's chat template, as token ids."""
-        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_template_ids(self.tokenizer, messages)
 
     def generate(
         self,
