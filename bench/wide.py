@@ -38,22 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 DATA = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
-NAMES = [
-    "Ava",
-    "Ben",
-    "Cleo",
-    "Dev",
-    "Eli",
-    "Fay",
-    "Gus",
-    "Hana",
-    "Ivo",
-    "Jade",
-    "Kai",
-    "Lena",
-    "Milo",
-    "Nia",
-]
+from scale_data import FIRST  # noqa: E402 - bench/ is on the path from the line above
+
+NAMES = FIRST[:14]  # the scale bench's first names: one list for both synthetic benches
 QUESTIONS = ["What did they do last weekend?", "Where does she work?", "What is his hobby?", "family", "trip"]
 
 
