@@ -38,10 +38,11 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import faiss
+    from scale_data import cached_embeddings, dev_turns
+
     from memstage.gpu.encoder import Encoder
     from memstage.gpu.vector_index import build_cpu_index
     from memstage.tasks.evaluate import load_questions
-    from scale_data import cached_embeddings, dev_turns
 
     encoder = Encoder(device="cpu")
     build_threads = faiss.omp_get_max_threads()

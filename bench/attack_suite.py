@@ -243,6 +243,7 @@ def run_case(gen: Any, case: dict[str, Any], mode: str, policy: str, max_tokens:
     """One case answered. "after": when no form of the canary is left in the prompt (the detector withheld
     it), the attack cannot succeed and the model is not asked (CPU time); `generated` says which."""
     import pyarrow as pa
+
     from memstage.tasks.generate import ANSWER_TOP, answer_question, layout, standing_block
 
     mems, summaries = case_memories(case)
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
     from memstage.gpu.generator import make_generator
 
     torch.set_num_threads(args.threads)

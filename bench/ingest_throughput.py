@@ -54,6 +54,7 @@ _pool_encoder: Any = None
 def _load_single_threaded() -> None:
     global _pool_encoder
     import torch
+
     from memstage.gpu.encoder import Encoder
 
     torch.set_num_threads(1)

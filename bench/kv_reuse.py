@@ -221,6 +221,7 @@ def main() -> int:
 def main_vllm(args: argparse.Namespace) -> int:
     """The vLLM half (bench/kv_reuse_vllm.py): namespace built on the GPU encoder, then both streams."""
     import kv_reuse_vllm as kv
+
     from memstage.tasks.generate import standing_block
 
     with tempfile.TemporaryDirectory() as tmp:

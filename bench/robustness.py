@@ -46,12 +46,11 @@ def ablations(home: Path, path: Path, budget: int = 1000) -> dict[str, Any]:
     """memstage's recall at `budget` on the prepared store at `home`, with each ablation applied."""
     from memstage.cli.eval_commands import _encoder
     from memstage.gpu.tokenizer import TokenCounter
+    from memstage.settings import get_settings
     from memstage.stores.store import MemoryStore
     from memstage.tasks import scoring
     from memstage.tasks.evaluate import load_questions, own_memories, run_questions, summarise
     from memstage.tasks.retrieve import Retriever
-
-    from memstage.settings import get_settings
 
     store = MemoryStore(home)
     questions = load_questions(path).items

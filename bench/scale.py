@@ -62,6 +62,7 @@ def timed(fn, *a, **kw) -> tuple[Any, float]:
 def planted_events(path: Path, conv: str, namespace: str):
     import pyarrow as pa
     import pyarrow.compute as pc
+
     from memstage.tasks.ingest import parse_file
 
     events, _ = parse_file(path, "locomo")
@@ -74,10 +75,11 @@ def planted_events(path: Path, conv: str, namespace: str):
 def build(home: Path, args, size: int | None, encoder, counter, turns, emb) -> dict[str, float]:
     """Write the namespace (synthetic part straight into the tables, planted part through ingest),
     then run the index stage, the consolidate stage and the index build again."""
+    from scale_data import node_embedder, synthetic_tables
+
     from memstage.stores.store import MemoryStore
     from memstage.tasks.consolidate import run_consolidate
     from memstage.tasks.index import build_indexes, run_index
-    from scale_data import node_embedder, synthetic_tables
 
     shutil.rmtree(home, ignore_errors=True)
     store = MemoryStore(home)
@@ -142,6 +144,7 @@ def query_side(home: Path, args) -> dict[str, Any]:
 
 def _query_main(home: Path, args) -> dict[str, Any]:
     import torch
+
     from memstage.stores.store import MemoryStore
     from memstage.tasks.evaluate import load_questions, own_memories, run_questions
     from memstage.tasks.retrieve import Retriever

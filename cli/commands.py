@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from memstage.cli.main import UserError, add_common, config_from
-
 from memstage.defaults import DEFAULT_BUDGET, FORMATS
 
 DEMO_QUESTIONS = [

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from memstage.settings import get_settings
 from memstage.tasks.evaluate import (
     CATEGORIES,
     DEFAULT_BUDGETS,
@@ -24,8 +25,6 @@ from memstage.tasks.evaluate import (
     run_questions,
     summarise,
 )
-
-from memstage.settings import get_settings
 
 
 def prepare_store(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from memstage.runtime import backends as runtime
-
 from memstage.settings import apply_process_defaults, get_settings
 
 COMMAND_MODULES = [

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from memstage.cli.main import UserError, add_common, config_from
-from memstage.tasks.registry import STAGES
-
 from memstage.settings import get_settings
+from memstage.tasks.registry import STAGES
 
 PREFECT_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prefect.yaml"
 # entrypoint function in flows/deployments.py -> its Prefect flow name ("flow/deployment" names a deployment)

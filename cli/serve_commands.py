@@ -15,6 +15,7 @@ from memstage.server.guard import Limits
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
+
     from memstage.cli.main import UserError, config_from
     from memstage.runtime.services import services
     from memstage.server.local import remove_service_file, write_service_file

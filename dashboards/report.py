@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+
 from memstage.stores import queries  # noqa: E402
 from memstage.stores.store import MemoryStore  # noqa: E402
 from memstage.tasks.registry import STAGE_NAMES  # noqa: E402

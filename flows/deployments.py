@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from memstage.runtime import backends as runtime
-from memstage.runtime.artifacts import figures_text, namespaces_label, publish, run_key
-from memstage.stores.store import MemoryStore
 from prefect import flow, get_run_logger, tags
 
+from memstage.runtime import backends as runtime
+from memstage.runtime.artifacts import figures_text, namespaces_label, publish, run_key
 from memstage.settings import get_settings
+from memstage.stores.store import MemoryStore
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # the repository (an editable install's source)
 WRITER_WAIT_S = 6 * 3600  # a queued maintenance run waits this long for the store before giving up
@@ -100,9 +100,10 @@ def publish_report(home: Path) -> None:
     """Redraw HOME/report.html and link it from this run over HTTP: MEMSTAGE_REPORT_URL, else the
     GET /report of the `memstage serve` running for this data directory; never a file:// link (a
     browser will not open one from the UI, and the file is on the worker)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
     from memstage.dashboards.report import write_report
     from memstage.server.local import find_service
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     logger = get_run_logger()
     try:
@@ -292,9 +293,8 @@ def query(
     runner: str | None = None,
 ) -> dict[str, Any]:
     """An ad-hoc question against one namespace: evidence within the budget, and an answer."""
-    from memstage.flows.query import answer_in_run
-
     from memstage.defaults import DEFAULT_BUDGET
+    from memstage.flows.query import answer_in_run
 
     config = _config(home, runner)
     _require_namespace_after_writer(config.home, namespace)

@@ -22,6 +22,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from prefect.utilities.annotations import quote
+
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, stage_task
 from memstage.runtime.encoder_pool import WAIT_S, EncoderPool
 from memstage.runtime.progress import Progress
@@ -29,7 +31,6 @@ from memstage.runtime.services import services
 from memstage.stores.store import MemoryStore
 from memstage.tasks import index
 from memstage.tasks.contract import StageResult, record_runs, timed
-from prefect.utilities.annotations import quote
 
 # A commit opens the store (tens of ms) and builds the indexes of the namespaces it completes in one
 # task run (tens of ms of Prefect, in the flow and in the server), so finished chunks gather until

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from prefect import flow, get_run_logger
+
 from memstage.flows.index_pipeline import index_namespaces, plan_indexing
 from memstage.runtime.artifacts import publish
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
@@ -21,7 +23,6 @@ from memstage.stores.locks import indexing_lock
 from memstage.stores.store import MemoryStore
 from memstage.tasks import ingest
 from memstage.tasks.contract import StageResult, record_run, timed
-from prefect import flow, get_run_logger
 
 
 @stage_task(name="parse-input", task_run_name="parse {path.name}")

@@ -14,16 +14,16 @@ import threading
 import time
 from typing import Any
 
-from memstage.flows import query_steps as steps
-from memstage.runtime.artifacts import publish
-from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
-from memstage.runtime.services import services
-from memstage.stores.store import MemoryStore
 from prefect import flow, tags
 from pydantic import SecretStr
 
 from memstage.defaults import DEFAULT_BUDGET
+from memstage.flows import query_steps as steps
+from memstage.runtime.artifacts import publish
+from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
+from memstage.runtime.services import services
 from memstage.settings import get_settings
+from memstage.stores.store import MemoryStore
 
 
 @stage_task(name="retrieve", task_run_name="retrieve from {namespace}")

@@ -19,6 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
 from memstage.flows.fanout import fan_out
 from memstage.flows.index_pipeline import index_namespaces
 from memstage.runtime.artifacts import figures_text, namespaces_label, publish, run_key
@@ -32,8 +35,6 @@ from memstage.stores.store import MemoryStore
 from memstage.tasks import forget
 from memstage.tasks.contract import StageResult, record_run, record_runs, timed
 from memstage.tasks.registry import STAGES, get_stage
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
 LOCK_WAIT_S = 300.0  # the flow's commits wait this long for another writer (a query flush, another flow)
 

@@ -21,7 +21,6 @@ from typing import Any
 
 from memstage.gpu.encoder import pick_device
 from memstage.gpu.sampling import GenerationOptions
-
 from memstage.settings import get_settings
 
 Message = dict[str, str]
@@ -186,6 +185,7 @@ class TransformersGenerator(Generator):
         `on_token` sees the ids so far and returns True to stop there (a stop string was produced);
         `options` adds the repetition guard (penalty and no-repeat n-grams over the answer's own tokens)."""
         import torch
+
         from memstage.gpu.kv_cache import PrefixMatch
 
         if not prompt_ids:

@@ -162,6 +162,7 @@ class DenseIndex:
 
     def _search_torch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         import torch
+
         from memstage.gpu.fused_search import topk_ip
 
         scores, rows = topk_ip(self._device, torch.from_numpy(q).to("cuda", torch.float16), k)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+
 from memstage.runtime.backends import RuntimeConfig, stage_task
 from memstage.runtime.chunk_broker import BrokerChannel, open_channel
 from memstage.runtime.services import embedding_slots, services, worker_encoder

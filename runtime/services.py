@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from memstage.runtime.backends import RuntimeConfig, ensure_ray
-from memstage.stores.store import MemoryStore, models_dir
 
+from memstage.runtime.backends import RuntimeConfig, ensure_ray
 from memstage.settings import get_settings
+from memstage.stores.store import MemoryStore, models_dir
 
 
 class MemoryServices:
@@ -51,6 +51,7 @@ class MemoryServices:
         with self._lock:
             if self._encoder is None:
                 import torch
+
                 from memstage.gpu.encoder import Encoder
 
                 # Ray sets OMP threads to the actor's CPU share; the encoder is the real cost: give it
@@ -156,6 +157,7 @@ def worker_encoder() -> Any:
     global _worker_encoder  # one per worker process, like any per-worker model cache in Ray
     if _worker_encoder is None:
         import torch
+
         from memstage.gpu.encoder import Encoder
 
         torch.set_num_threads(max(1, int(_assigned_cpus())))

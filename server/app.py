@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
 from memstage.server.chat import MODEL_ID, ChatConfig, mount_chat
 from memstage.server.guard import (
     ALL,

@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
-from memstage.server.guard import ERROR_RESPONSES, ApiError, Limits, check_question, resolve_namespace
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+
+from memstage.server.guard import ERROR_RESPONSES, ApiError, Limits, check_question, resolve_namespace
 
 MODEL_ID = "memstage"
 

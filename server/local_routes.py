@@ -46,9 +46,10 @@ def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
     config = RuntimeConfig(home=services.store.home, runner="local")
     api = os.environ.get("PREFECT_API_URL")
     if api:
+        from prefect import tags
+
         from memstage.flows.query import query_flow
         from memstage.runtime.backends import prefect_settings
-        from prefect import tags
 
         with prefect_settings(config), tags(f"namespace:{body.namespace}", "served"):
             from pydantic import SecretStr

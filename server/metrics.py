@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from memstage.stores import queries
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from memstage.stores import queries
 
 # A query is about 10-100 ms of retrieval plus up to seconds of generation on CPU.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

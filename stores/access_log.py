@@ -34,6 +34,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+
 from memstage.stores.schema import RUNS
 from memstage.stores.store import MemoryStore, StoreLockedError, validate_namespace
 

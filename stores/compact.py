@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import duckdb
+
 from memstage.stores.store import MemoryStore, StoreError
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+
 from memstage.stores.store import MemoryStore, validate_namespace
 
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+
 from memstage.stores.store import MemoryStore, validate_namespace
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+
 from memstage.stores import schema
 from memstage.stores.store import MemoryStore, Writer, conform, validate_namespace
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-from memstage.stores import schema, writer_lock
 
 from memstage.settings import get_settings
+from memstage.stores import schema, writer_lock
 
 DB_FILE = "memstage.duckdb"
 LOCK_FILE = "memstage.lock"

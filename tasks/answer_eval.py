@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from memstage.tasks.evaluate import CATEGORIES, Question
 
 _ARTICLES = re.compile(r"\b(a|an|the|and)\b")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import DenseIndex, pick_backend
 from memstage.stores import artifacts

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+
 from memstage.gpu.encoder import DIMS
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc

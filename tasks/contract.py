@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from memstage.stores.schema import MEMORIES, OPS
 from memstage.stores.store import now_utc, to_json
 

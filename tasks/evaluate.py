@@ -23,6 +23,7 @@ from typing import Any
 
 import bm25s
 import numpy as np
+
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore
 from memstage.tasks.as_of import known_mask, parse_as_of

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - tasks.index.build_indexes uses pa.compute without importing it
+
 from memstage.stores.compact import find_bytes, rewrite_database, tables_holding
 from memstage.stores.erase import (
     Erasure,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (

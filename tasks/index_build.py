@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from memstage.gpu.encoder import DIMS, MODEL_NAME
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import DenseIndex, build_cpu_index

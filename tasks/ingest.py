@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
 from memstage.stores.schema import EVENTS, QUARANTINE
 from memstage.stores.store import MemoryStore, NamespaceError, now_utc, validate_namespace
 from memstage.tasks.contract import StageResult, content_hash, timed

@@ -21,13 +21,13 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import numpy as np
+
+from memstage.defaults import DEFAULT_BUDGET
 from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import hybrid, in_periods, level_query, question_periods, score_rows
-
-from memstage.defaults import DEFAULT_BUDGET
 
 __all__ = [
     "DEFAULT_BUDGET",

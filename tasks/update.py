@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import StageResult, make_op, memories_table, ops_table, timed

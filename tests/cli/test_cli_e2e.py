@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import SAMPLE, run_json
+
 from memstage.cli.main import main
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from conftest import run_json
+
 from memstage.tasks.generate import repeats
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import free_port
+
 from memstage.cli.main import main
 
 

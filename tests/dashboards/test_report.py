@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+
 from memstage.stores.schema import RUNS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -87,8 +88,9 @@ def test_report_on_empty_store_says_what_is_missing(store, tmp_path):
     CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium; CI installs it)"
 )
 def test_report_renders_in_headless_chromium(report_store, tmp_path):
-    from memstage.dashboards.report import write_report
     from PIL import Image
+
+    from memstage.dashboards.report import write_report
 
     html = Path(write_report(report_store, tmp_path / "report.html")["out"])
     shot = tmp_path / "report.png"

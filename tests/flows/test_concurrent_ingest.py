@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+
 from memstage.stores.store import MemoryStore
 
 CLI = [sys.executable, "-c", "import sys; from memstage.cli.main import main; sys.exit(main())"]

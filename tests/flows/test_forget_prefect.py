@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from memstage.stores.compact import find_bytes
 
 SUBJECT = "Quetzalcoatlus"

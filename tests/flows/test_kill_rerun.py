@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from stage_data import ALICE, load, table_contents
+
 from memstage.stores.store import MemoryStore
 from memstage.tasks.compress import run_compress
 from memstage.tasks.consolidate import run_consolidate
-from stage_data import ALICE, load, table_contents
 
 TESTS = Path(__file__).resolve().parents[1]
 

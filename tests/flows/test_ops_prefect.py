@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from memstage.tasks.registry import STAGE_NAMES
 
+from memstage.tasks.registry import STAGE_NAMES
 from tests.conftest import SAMPLE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,10 +219,11 @@ def test_worker_runs_ingest_deployment_with_artifacts(prefect_env, deployed, tmp
 
 def test_maintain_flow_takes_the_store_slot_and_links_the_report(prefect_env, deployed):
     """The maintain deployment's flow, called here against the same server, on the store the worker filled."""
-    from memstage.flows.deployments import maintain
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
+
+    from memstage.flows.deployments import maintain
 
     home = Path(prefect_env["MEMSTAGE_HOME"])
     with client_settings(prefect_env):
@@ -263,13 +264,14 @@ def test_maintain_flow_takes_the_store_slot_and_links_the_report(prefect_env, de
 def test_query_deployment_flow_answers_with_its_artifact_and_record(prefect_env, deployed):
     """The query deployment's flow with its deployed defaults (namespace demo), retrieval only here."""
     import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.sorting import ArtifactSort
+
     from memstage.cli.ops_commands import PREFECT_FILE
     from memstage.flows.deployments import query
     from memstage.stores import queries
     from memstage.stores.store import MemoryStore
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.client.schemas.sorting import ArtifactSort
 
     defaults = next(
         d for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"] if d["name"] == "query"
@@ -301,8 +303,9 @@ def test_prefect_yaml_covers_every_flow_with_importable_entrypoints():
     import importlib
 
     import yaml
-    from memstage.cli.ops_commands import PREFECT_FILE, deployment_specs, module_entrypoint
     from prefect import Flow
+
+    from memstage.cli.ops_commands import PREFECT_FILE, deployment_specs, module_entrypoint
 
     raw = yaml.safe_load(PREFECT_FILE.read_text())
     names = {d["name"] for d in raw["deployments"]}

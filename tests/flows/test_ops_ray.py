@@ -164,11 +164,12 @@ def ray_cluster(tmp_path_factory):
 # About 70 s on the loaded 2-core dev machine (setup 13 s, runs 47 s, teardown 5 s): default set.
 def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
     import ray
+    from ray.util.state import list_actors, list_tasks
+
     from memstage.flows.ingest import run_ingest
     from memstage.flows.stages import run_maintain
     from memstage.runtime.backends import RuntimeConfig
     from memstage.stores.store import MemoryStore
-    from ray.util.state import list_actors, list_tasks
 
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster["address"])
     config = RuntimeConfig(home=ray_cluster["data_root"] / "two-nodes", runner="ray")
@@ -226,12 +227,13 @@ def _store_state(home: Path) -> dict:
 # About 2 min on the loaded 2-core dev machine: every stage twice (cluster, then one process).
 def test_every_stage_on_two_nodes_no_shared_disk_matches_one_process(ray_cluster, tmp_path, monkeypatch):
     import ray
+    from ray.util.state import list_tasks
+    from stage_data import ALICE, write_jsonl
+
     from memstage.flows.ingest import run_ingest
     from memstage.flows.stages import run_stage
     from memstage.runtime.backends import RuntimeConfig
     from memstage.tasks.registry import STAGE_NAMES
-    from ray.util.state import list_tasks
-    from stage_data import ALICE, write_jsonl
 
     data = write_jsonl(tmp_path / "alice.jsonl", "alice", ALICE)
     homes = {"cluster": ray_cluster["data_root"] / "cluster", "single": tmp_path / "single"}

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import run_json
+from stage_data import ALICE, write_jsonl
+
 from memstage.stores.compact import find_bytes
 from memstage.tasks.registry import STAGE_NAMES
-from stage_data import ALICE, write_jsonl
 
 
 def test_stage_commands_end_to_end(tmp_path: Path, capfd):

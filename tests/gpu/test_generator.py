@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import serve_in_thread
 from fastapi import Request  # module level: FastAPI resolves the string annotations here
+
 from memstage.gpu.generator import GenerationResult, OpenAIHTTPGenerator, make_generator
 
 
@@ -219,6 +220,7 @@ def test_evidence_window_is_append_only_until_full() -> None:
 
 def test_standing_block_by_level_and_importance_within_budget() -> None:
     import pyarrow as pa
+
     from memstage.tasks.generate import standing_block
 
     rows = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bm25s
 import numpy as np
 import pytest
+
 from memstage.gpu.lexical_index import LexicalIndex, analyse
 from memstage.gpu.vector_index import DenseIndex, build_cpu_index, faiss_gpus, torch_cuda
 

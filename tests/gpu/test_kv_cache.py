@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from memstage.gpu.kv_cache import PrefixKVCache, PrefixLayer
 
 LAYERS, HEADS, DIM = 2, 2, 4

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from memstage.gpu.generator import make_generator
 from memstage.tasks.generate import build_messages
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SAMPLE
+from prefect import flow
+
 from memstage.runtime.backends import RuntimeConfig, prefect_settings, task_runner
 from memstage.runtime.chunk_broker import REMOTE_METHODS, BrokerChannel, BrokerServer, ChunkBroker
 from memstage.runtime.encoder_pool import chunked, start_encoders
-from prefect import flow
 
 
 def test_chunks_keep_ids_with_texts_longest_first():

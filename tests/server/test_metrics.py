@@ -30,6 +30,7 @@ def serve(app) -> tuple[str, object]:
 @pytest.fixture
 def metrics_server(indexed_sample):
     from fastapi import FastAPI
+
     from memstage.gpu.kv_cache import CacheStats
     from memstage.server.metrics import generator_cache_stats, mount_metrics
 

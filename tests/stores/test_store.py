@@ -8,6 +8,7 @@ import textwrap
 
 import pyarrow as pa
 import pytest
+
 from memstage.stores import schema
 from memstage.stores.store import (
     MemoryStore,

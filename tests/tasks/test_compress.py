@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from memstage.tasks.compress import absolute_time, compress_text, run_compress
 from stage_data import ALICE, by_text, load
+
+from memstage.tasks.compress import absolute_time, compress_text, run_compress
 
 WHEN = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
 

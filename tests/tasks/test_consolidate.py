@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from stage_data import ALICE, by_text, load
+
 from memstage.tasks.consolidate import find_duplicates, split_episodes
 from memstage.tasks.consolidate import run_consolidate as consolidate
-from stage_data import ALICE, by_text, load
 
 
 def test_near_duplicates_merge_into_the_earliest(store, encoder, token_counter):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from memstage.tasks.as_of import parse_as_of
 from memstage.tasks.evaluate import (
     RawTurnBaselines,

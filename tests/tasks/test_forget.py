@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from stage_data import ALICE, by_text, load
+
 from memstage.stores.compact import find_bytes
 from memstage.tasks.consolidate import run_consolidate
 from memstage.tasks.forget import (
@@ -18,7 +20,6 @@ from memstage.tasks.forget import (
     save_policy,
 )
 from memstage.tasks.index import run_index
-from stage_data import ALICE, by_text, load
 
 NOW = datetime(2023, 9, 11, tzinfo=UTC)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from stage_data import ALICE, by_text, load
+
 from memstage.tasks.compress import run_compress
 from memstage.tasks.history import HistoryError, memory_history
 from memstage.tasks.update import run_update
-from stage_data import ALICE, by_text, load
 
 
 def test_history_of_a_changed_fact(store, encoder, token_counter):

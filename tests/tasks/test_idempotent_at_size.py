@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from memstage.stores.store import MemoryStore
 from memstage.tasks.compress import run_compress
 from memstage.tasks.consolidate import run_consolidate

@@ -11,6 +11,7 @@ import pytest
 from conftest import SAMPLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from memstage.tasks.ingest import IngestError, commit_events, detect_format, parse_file
 
 

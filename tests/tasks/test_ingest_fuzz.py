@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from memstage.stores.store import MemoryStore
 from memstage.tasks.ingest import commit_events, parse_file
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import indexed_turns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import NamespaceError
 from memstage.tasks.retrieve import Retriever, in_periods, question_periods

@@ -18,6 +18,7 @@ import pytest
 from conftest import LOCOMO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from memstage.stores.compact import find_bytes
 from memstage.tasks import candidates as cand
 from memstage.tasks.consolidate import run_consolidate

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime
 
 import numpy as np
 import pytest
+
 from memstage.tasks.as_of import known_mask, parse_as_of
 from memstage.tasks.evaluate import load_questions
 from memstage.tasks.robustness import (

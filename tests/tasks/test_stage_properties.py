@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stage_data import load, table_contents
+
 from memstage.stores.compact import find_bytes
 from memstage.stores.store import MemoryStore
 from memstage.tasks.forget import forget_hard, save_policy
 from memstage.tasks.registry import STAGE_NAMES, STAGES, StageTools
-from stage_data import load, table_contents
 
 
 def pool(ns: str, subject: str) -> list[tuple[str, str, str, str]]:

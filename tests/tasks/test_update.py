@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from memstage.tasks.update import extract_facts, memories_as_of, run_update
 from stage_data import ALICE, by_text, load
+
+from memstage.tasks.update import extract_facts, memories_as_of, run_update
 
 
 def test_fact_extraction_is_narrow():
