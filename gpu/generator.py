@@ -25,6 +25,28 @@ from memstage.settings import get_settings
 
 Message = dict[str, str]
 OnText = Callable[[str], None]  # receives each new piece of answer text as it is produced
+
+
+class TextStream:
+    """Feeds `on_text` only what is new in an answer text that grows as tokens are decoded, holding
+    back a multi-byte character split across tokens (the decoded text then ends with U+FFFD)."""
+
+    def __init__(self, on_text: OnText | None) -> None:
+        self.on_text, self.sent = on_text, ""
+
+    def update(self, text: str) -> None:
+        if len(text) > len(self.sent) and not text.endswith("\ufffd"):
+            new, self.sent = text[len(self.sent) :], text
+            if self.on_text is not None:
+                self.on_text(new)
+
+    def finish(self, text: str) -> None:
+        """The final text: whatever of it was not sent yet."""
+        if self.on_text is not None and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent) :])
+        self.sent = text
+
+
 ENGINES = ("transformers", "openai", "vllm")
 DEFAULT_CACHE_BYTES = 2 << 30
 
@@ -138,17 +160,12 @@ class TransformersGenerator(Generator):
         start = time.perf_counter()
         opts = options or GenerationOptions()
         ids = self.prompt_ids(messages)
-        pieces: list[str] = []
+        stream = TextStream(on_text)
 
         def emit(out_ids: list[int]) -> bool:
             text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
             cut = opts.stop_at(text)
-            text = text[:cut] if cut is not None else text
-            done = "".join(pieces)
-            if len(text) > len(done) and not text.endswith("\ufffd"):  # wait out split multi-byte chars
-                pieces.append(text[len(done) :])
-                if on_text is not None:
-                    on_text(pieces[-1])
+            stream.update(text[:cut] if cut is not None else text)
             return cut is not None
 
         out, stats = self.generate_ids(
@@ -164,8 +181,7 @@ class TransformersGenerator(Generator):
         cut = opts.stop_at(text)
         if cut is not None:
             text, stats.finish_reason = text[:cut], "stop"
-        if on_text is not None and len(text) > len("".join(pieces)):
-            on_text(text[len("".join(pieces)) :])
+        stream.finish(text)
         stats.text = text
         return stats
 

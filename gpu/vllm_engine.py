@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memstage.gpu.generator import GenerationResult, Generator, Message, OnText, chat_template_ids
+from memstage.gpu.generator import GenerationResult, Generator, Message, OnText, TextStream, chat_template_ids
 
 # vLLM's environment, set before its first import: the engine core in this process (one request at a
 # time, nothing to overlap: a second process only adds a hop), no usage reports (no network), and
@@ -84,25 +84,17 @@ class VLLMGenerator(Generator):
     ) -> GenerationResult:
         start = time.perf_counter()
         ids = self.prompt_ids(messages)
-        sent: list[str] = []
-
-        def emit(text: str) -> None:
-            done = "".join(sent)
-            if len(text) > len(done) and not text.endswith("\ufffd"):  # wait out split multi-byte chars
-                sent.append(text[len(done) :])
-                if on_text is not None:
-                    on_text(sent[-1])
+        stream = TextStream(on_text)
 
         _, result = self.generate_ids(
             ids,
             max_new_tokens=max_tokens,
             temperature=temperature,
             skip_prefix_cache=skip_prefix_cache,
-            on_text=emit,
+            on_text=stream.update,
             start=start,
         )
-        if on_text is not None and len(result.text) > len("".join(sent)):
-            on_text(result.text[len("".join(sent)) :])
+        stream.finish(result.text)
         return result
 
     def generate_ids(
