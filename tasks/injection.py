@@ -26,6 +26,9 @@ import codecs
 import re
 import unicodedata
 from collections.abc import Iterable
+from functools import cache
+
+from memstage.tasks.injection_gate import Finder, Gate
 
 _I = re.IGNORECASE
 
@@ -167,8 +170,18 @@ def decodings(text: str) -> Iterable[str]:
     yield codecs.decode(text, "rot13")
 
 
+@cache
+def _gated_checks() -> tuple[Finder, tuple[tuple[str, Gate, re.Pattern[str]], ...]]:
+    checks = tuple((name, Gate.of(pattern), pattern) for name, pattern in _CHECKS)
+    return Finder([gate for _, gate, _ in checks]), checks
+
+
 def _plain_reasons(text: str) -> list[str]:
-    return [name for name, pattern in _CHECKS if pattern.search(text)]
+    # The gate skips a pattern whose required strings are all absent: the same reasons, many times
+    # faster on clean text (tasks.injection_gate; bench/injection_scan.py measures it).
+    finder, checks = _gated_checks()
+    found = finder.found(text)
+    return [name for name, gate, pattern in checks if gate.may_match(found) and pattern.search(text)]
 
 
 def scan(text: str) -> list[str]:
