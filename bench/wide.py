@@ -1,20 +1,24 @@
-"""Many small namespaces: ingest + maintain throughput per Ray worker count, and `memstage serve` under
-concurrent clients (latency, errors, access counts sent against recorded).
+"""Many small namespaces: maintain throughput per Ray worker count, and `memstage serve` under concurrent
+clients (latency, errors, access counts sent against recorded).
 
-    python bench/wide.py --namespaces 12 --turns 30 --workers 1 2 --clients 8 --queries 96 \
+    python bench/wide.py --namespaces 200 --turns 20 --workers 1 2 --clients 32 --queries 96 \
         --json bench/results/wide_cpu.json
 
-Namespaces: LoCoMo dev conversations recombined (bench/scale_data.py's recipe, cheaper): namespace k
-takes `--turns` consecutive turns of dev conversation k mod C from a session offset that grows with
-k, its speakers renamed from a pool of names (in the texts too) and its dates shifted. Per worker
-count W, a fresh process starts a local Ray with W CPUs and runs the real ingest flow (the encoder
-pool, one encoder per CPU) and then the real maintain flow (stage tasks on W workers over Arrow
-snapshots, commits in the flow's process) into a fresh data directory; namespaces/s and turns/s are
-over ingest + maintain. `lost` is the turns sent minus the events stored (plus namespaces missing).
-Serving: `memstage serve --insecure-local` on loopback over the first worker count's store; one
-client asks `--queries` retrieval-only questions in a row (the single-client p95), then `--clients`
-clients ask the same number at once; afterwards the server stops (its access journal is merged at
-shutdown) and the access counts recorded are compared with the memories the replies named.
+Input (bench/wide_data.py): N namespaces of `--turns` LoCoMo dev turns each, recombined, stored once
+as ingest leaves them (real parser and event commit, real level-0 rows made by a process pool,
+embeddings as in the scale bench), in this process; `ingest` reports that. Then per worker count W,
+smallest first: a copy of that store, and a fresh process that starts a local Ray of W CPUs (no GPU
+unless --gpu: the scaling measured is the CPU workers') and the Prefect API (`setup_s`, not timed),
+then runs the real maintain flow (compress, consolidate, update, index, forget: batches of
+namespaces on the W workers over Arrow snapshots, commits in the flow's process) over the first
+namespaces: all N for the largest W, `--small-namespaces` K per worker (K*W) for the others
+(default N*W/max W; `--same-size`: all N). namespaces/s and turns/s are over that maintain run,
+the workers' model loads included. `lost` per run: turns sent to its namespaces minus turns stored,
+plus namespaces left without a current index; the largest over runs. `--max-seconds` caps the
+whole run: the largest W maintains only as many namespaces as the rate measured at the W before
+says fit what is left (reported as its `namespaces`); a run that still overruns is killed with its
+Ray and reported as timed out. Progress goes to stderr, the JSON to stdout (and --json). Imports:
+the standard library, numpy, pyarrow, ray, prefect and memstage (no psutil, no httpx).
 """
 
 from __future__ import annotations
@@ -25,218 +29,238 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 DATA = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
-from scale_data import FIRST  # noqa: E402 - bench/ is on the path from the line above
-
-NAMES = FIRST[:14]  # the scale bench's first names: one list for both synthetic benches
-QUESTIONS = ["What did they do last weekend?", "Where does she work?", "What is his hobby?", "family", "trip"]
-
-
-def synthesise(n: int, turns: int, out: Path) -> int:
-    """JSONL of `n` namespaces of `turns` turns each; returns the turns written."""
-    from datetime import timedelta
-
-    from scale_data import dev_turns
-
-    all_turns = dev_turns(DATA)
-    by_conv: dict[str, list[dict[str, Any]]] = {}
-    for t in all_turns:
-        by_conv.setdefault(t["conv"], []).append(t)
-    convs = sorted(by_conv)
-    written = 0
-    with out.open("w") as f:
-        for k in range(n):
-            rows = by_conv[convs[k % len(convs)]]
-            start = (k // len(convs) * turns) % max(1, len(rows) - turns)
-            speakers = sorted({t["speaker"] for t in rows})
-            rename = {s: NAMES[(k + i) % len(NAMES)] + str(k) for i, s in enumerate(speakers)}
-            for t in rows[start : start + turns]:
-                text = t["text"]
-                for old, new in rename.items():
-                    text = text.replace(old, new)
-                when = t["time"] + timedelta(days=k % 365)
-                row = {"namespace": f"w{k:05d}", "session": f"{t['session']}", "speaker": rename[t["speaker"]],
-                       "text": text, "time": when.isoformat()}  # fmt: skip
-                f.write(json.dumps(row) + "\n")
-                written += 1
-    return written
+# One converted generator tokenizer per machine (else each fresh store converts its own).
+os.environ.setdefault("MEMSTAGE_MODELS", str(Path.home() / ".cache" / "memstage-models"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHOWN = (" ok, ", "namespaces/s", "failed", "Error", "Traceback")  # child log lines passed on
 
 
-def one_worker_count(workers: int, data: Path, home: Path) -> dict[str, Any]:
-    """Ingest + maintain `data` into `home` on a local Ray of `workers` CPUs (run in its own process)."""
+def log(msg: str) -> None:
+    print(f"[wide {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def maintain_child(workers: int, home: Path, count: int, gpu: bool) -> dict[str, Any]:
+    """Maintain the first `count` namespaces of `home` on a local Ray of `workers` CPUs (own process)."""
+    import functools
+
     import ray
 
-    os.environ["MEMSTAGE_RUNNER"] = "ray"
-    os.environ["MEMSTAGE_ENCODERS"] = str(workers)
-    ray.init(num_cpus=workers, include_dashboard=False, namespace="memstage", log_to_driver=False)
-    from memstage.flows.ingest import run_ingest
-    from memstage.flows.stages import run_maintain
-    from memstage.runtime.backends import RuntimeConfig
+    from memstage.flows.stages import maintain_flow
+    from memstage.runtime.backends import RuntimeConfig, ensure_ray, prefect_settings
     from memstage.stores.store import MemoryStore
 
+    # memstage starts Ray as always (its workers' environment, its trimmed processes); only the CPUs
+    # (and whether a GPU is seen) are the bench's
+    ray.init = functools.partial(ray.init, num_cpus=workers, **({} if gpu else {"num_gpus": 0}))
     config = RuntimeConfig(home=home, runner="ray")
+    names = [f"w{k:05d}" for k in range(count)]  # bench/wide_data.py's names
+    stored = set(MemoryStore(home).namespaces())
     start = time.perf_counter()
-    ingested = run_ingest(data, "jsonl", None, config, False)
-    ingest_s = time.perf_counter() - start
-    report = run_maintain(None, config)
-    total = time.perf_counter() - start
+    with prefect_settings(config, use_ray=True):
+        ensure_ray(config)
+        setup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        report = maintain_flow(names, config, True)
+        maintain_s = time.perf_counter() - start
     store = MemoryStore(home)
+    where = "namespace IN (SELECT unnest(?))"
+    events = store.query(f"SELECT count(*) AS n FROM events WHERE {where}", [names]).column("n")[0].as_py()
+    indexed = (
+        store.query(
+            f"SELECT count(DISTINCT namespace) AS n FROM index_manifest WHERE current AND {where}", [names]
+        )
+        .column("n")[0]
+        .as_py()
+    )
     return {
-        "ingest_s": round(ingest_s, 2),
-        "maintain_s": round(total - ingest_s, 2),
-        "failed": report["failed"],
-        "maintain_throughput": report["throughput"],
-        "events": store.counts()["events"],
-        "namespaces_stored": len(store.namespaces()),
-        "events_new": ingested["events_new"],
-        "total_s": round(total, 2),
+        "namespaces": len(names),
+        "turns": events,
+        "namespaces_per_s": round(len(names) / maintain_s, 2),
+        "turns_per_s": round(events / maintain_s, 1),
+        "maintain_s": round(maintain_s, 2),
+        "setup_s": round(setup_s, 2),
+        "stages_s": {s: r["duration_s"] for s, r in report["stages"].items()},
+        "failed_stages": report["failed"],
+        "namespaces_indexed": indexed,
+        "namespaces_missing": sum(ns not in stored for ns in names),
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_child(w: int, home: Path, count: int, gpu: bool, limit_s: float) -> dict[str, Any]:
+    """`maintain_child` in a fresh process (its own session: a timeout kills its Ray too)."""
+    cmd = [sys.executable, __file__, "--child", str(w), "--home", str(home), "--count", str(count)]
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"}
+    proc = subprocess.Popen(cmd + (["--gpu"] if gpu else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
+
+    def relay() -> None:
+        for line in proc.stderr:
+            if any(s in line for s in SHOWN):
+                log(f"W={w}: {line.rstrip()[:200]}")
+
+    relayer = threading.Thread(target=relay, daemon=True)
+    relayer.start()
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, limit_s))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {"timed_out": True, "limit_s": round(limit_s, 1)}
+    relayer.join(5)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}", "namespaces": count}
+    return json.loads(out.strip().splitlines()[-1])
 
 
-def _ask(base: str, namespace: str, question: str) -> tuple[float, int, bool]:
-    body = json.dumps({"question": question, "namespace": namespace, "answer": False}).encode()
-    req = urllib.request.Request(base + "/memstage/query", body, {"Content-Type": "application/json"})
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--namespaces", type=int, default=200)
+    ap.add_argument("--turns", type=int, default=20, help="turns per namespace")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--small-namespaces", type=int, help="per worker, below the largest worker count")
+    ap.add_argument("--same-size", action="store_true", help="every worker count maintains all namespaces")
+    ap.add_argument("--gpu", action="store_true", help="let Ray see the GPU (the services actor embeds)")
+    ap.add_argument("--clients", type=int, default=32, help="concurrent serve clients (0: no serve load)")
+    ap.add_argument("--queries", type=int, default=96)
+    ap.add_argument("--serve-namespaces", type=int, default=16, help="namespaces the serve load asks")
+    ap.add_argument("--max-seconds", type=float, default=3600, help="cap on the whole run's wall time")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one, removed)")
+    ap.add_argument("--json", type=Path, help="write the result here too")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # internal: one worker count
+    ap.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, Any]:
+    from wide_data import embeddings, ingest, synthesise
+
+    data = work / "wide.jsonl"
+    turns, source, per_namespace = synthesise(DATA, args.namespaces, args.turns, data)
+    log(f"{args.namespaces} namespaces, {turns} turns synthesised")
+    emb = embeddings(DATA, args.cache)
     start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            n = len(json.loads(r.read())["memories"])
-        return (time.perf_counter() - start) * 1000, n, True
-    except Exception:  # noqa: BLE001 - counted as an error
-        return (time.perf_counter() - start) * 1000, 0, False
+    template = work / "template"
+    stored = ingest(data, template, source, emb, log)
+    ingest_s = time.perf_counter() - start
+    ingested = {**stored, "s": round(ingest_s, 2), "namespaces_per_s": round(args.namespaces / ingest_s, 1),
+                "turns_per_s": round(turns / ingest_s, 1), "where": "this process, once (see bench/wide_data.py)"}  # fmt: skip
+    log(f"ingest: {ingested}")
+    runs: dict[int, dict[str, Any]] = {}
+    top = max(args.workers)
+    serve_reserve = 90 if args.clients else 0
+    for w in sorted(set(args.workers)):  # smallest first: the largest (all N) fits what time is left
+        count = planned(args, w, top, runs)
+        left = deadline - time.monotonic() - serve_reserve
+        if left < 10:
+            runs[w] = {"skipped": "time cap"}
+            log(f"W={w}: skipped (time cap)")
+            continue
+        count = fitted(count, w, runs, left)
+        home = work / f"home-{w}"
+        shutil.copytree(template, home)
+        log(f"W={w}: maintaining {count} namespaces (at most {left:.0f} s)")
+        runs[w] = run_child(w, home, count, args.gpu, left)
+        log(f"W={w}: {runs[w]}")
+    serve = serve_over(args, work, runs, deadline)
+    return {"ingest": ingested, "runs": runs, "turns": turns, "per_namespace": per_namespace, "serve": serve}
 
 
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return round(s[min(len(s) - 1, int(q * len(s)))], 1) if s else 0.0
+def planned(args: argparse.Namespace, w: int, top: int, runs: dict) -> int:
+    """Namespaces worker count `w` maintains: all N for the largest (or with --same-size), else
+    --small-namespaces per worker, else N*w/top."""
+    if w == top or args.same_size:
+        return args.namespaces
+    if args.small_namespaces:
+        return min(args.namespaces, args.small_namespaces * w)
+    return max(1, round(args.namespaces * w / top))
 
 
-def serve_load(home: Path, namespaces: list[str], clients: int, queries: int) -> dict[str, Any]:
-    from memstage.stores.store import MemoryStore
+def fitted(count: int, w: int, runs: dict, left: float) -> int:
+    """`count`, or fewer if the rate of the largest worker count run so far, scaled linearly to `w`
+    workers, says `count` would not be done in `left` seconds (with a margin for set-up)."""
+    done = [(v, r) for v, r in runs.items() if "namespaces_per_s" in r]
+    if not done:
+        return count
+    v, r = max(done, key=lambda d: d[0])
+    rate = r["namespaces_per_s"] * w / v
+    fits = int(max(0.0, left - r["setup_s"] - 15) * rate * 0.8)
+    if fits < count:
+        log(f"W={w}: {count} namespaces would take about {count / rate:.0f} s; {fits} fit the time cap")
+    return max(1, min(count, fits))
 
-    def recorded() -> int:
-        return int(
-            MemoryStore(home)
-            .query("SELECT coalesce(sum(access_count), 0) AS n FROM memories")
-            .column("n")[0]
-            .as_py()
-        )
 
-    before = recorded()
-    port = _free_port()
-    env = {**os.environ, "MEMSTAGE_RUNNER": "local"}
-    env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "memstage.cli.main", "serve", "--insecure-local", "--host", "127.0.0.1",
-         "--port", str(port), "--home", str(home)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while not (home / "serve.json").exists():  # announced once its models are warm
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("memstage serve did not come up")
-            time.sleep(0.5)
-        work = [(namespaces[i % len(namespaces)], QUESTIONS[i % len(QUESTIONS)]) for i in range(queries)]
-        warm = [_ask(base, ns, QUESTIONS[0]) for ns in namespaces]  # each namespace's indexes loaded once
-        single = [_ask(base, ns, q) for ns, q in work]
-        with ThreadPoolExecutor(clients) as pool:
-            many = list(pool.map(lambda a: _ask(base, *a), work))
-    finally:
-        server.send_signal(signal.SIGINT)  # uvicorn's shutdown: the lifespan merges the journal
-        server.wait(120)
-    both = warm + single + many
+def serve_over(args: argparse.Namespace, work: Path, runs: dict, deadline: float) -> dict[str, Any]:
+    done = [w for w, r in runs.items() if "namespaces_per_s" in r]
+    if not args.clients or not done or time.monotonic() > deadline:
+        return {"skipped": "no clients asked, no maintained store, or time cap"}
+    from wide_serve import serve_load
+
+    w = min(done)
+    namespaces = [f"w{k:05d}" for k in range(min(args.serve_namespaces, runs[w]["namespaces"]))]
+    log(f"serve: {args.clients} clients over {len(namespaces)} namespaces of the W={w} store")
+    return serve_load(work / f"home-{w}", namespaces, args.clients, args.queries)
+
+
+def summarise(args: argparse.Namespace, got: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+    runs = got["runs"]
+    ok = {w: r for w, r in runs.items() if "namespaces_per_s" in r}
+    base = ok.get(min(ok)) if ok else None
+    for w, r in ok.items():
+        r["speedup"] = round(r["namespaces_per_s"] / base["namespaces_per_s"], 2) if base else None
+        r["of_linear"] = round(r["speedup"] * min(ok) / w, 2) if base else None
+    sent = got["per_namespace"]
+    for r in ok.values():  # turns sent to its namespaces but not stored, and namespaces left unindexed
+        r["lost"] = sum(sent[: r["namespaces"]]) - r["turns"] + r["namespaces"] - r["namespaces_indexed"]
+    lost = max([r["lost"] for r in ok.values()] or [None])
     return {
-        "clients": clients,
-        "queries": queries,
-        "p50_ms": _pct([t for t, _, ok in many if ok], 0.5),
-        "p95_ms": _pct([t for t, _, ok in many if ok], 0.95),
-        "p50_single_ms": _pct([t for t, _, ok in single if ok], 0.5),
-        "p95_single_ms": _pct([t for t, _, ok in single if ok], 0.95),
-        "errors": sum(not ok for _, _, ok in both),
-        "accesses_sent": sum(n for _, n, _ in both),
-        "accesses_recorded": recorded() - before,
+        "workers": {str(w): runs[w] for w in sorted(runs)},
+        "namespaces": args.namespaces,
+        "turns": got["turns"],
+        "turns_per_namespace": args.turns,
+        "ingest": got["ingest"],
+        "lost": lost,
+        "serve": got["serve"],
+        "command": "python bench/wide.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.node()}: {os.cpu_count()} cores",
+        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--namespaces", type=int, default=12)
-    ap.add_argument("--turns", type=int, default=30, help="turns per namespace")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--queries", type=int, default=96)
-    ap.add_argument("--json", type=Path, help="write the result here too")
-    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one worker count, in this process
-    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--home", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.one:
-        print(json.dumps(one_worker_count(args.one, args.data, args.home)))
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(maintain_child(args.child, args.home, args.count, args.gpu)))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="memstage-wide-"))
+    deadline = time.monotonic() + args.max_seconds
+    work = args.work or Path(tempfile.mkdtemp(prefix="memstage-wide-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        data = work / "wide.jsonl"
-        turns = synthesise(args.namespaces, args.turns, data)
-        runs = {}
-        for w in args.workers:
-            home = work / f"home-{w}"
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", str(w), "--data", str(data), "--home", str(home)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            runs[w] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{w} worker(s): {runs[w]}", file=sys.stderr)
-        first = work / f"home-{args.workers[0]}"
-        namespaces = [f"w{k:05d}" for k in range(args.namespaces)]
-        serve = serve_load(first, namespaces, args.clients, args.queries)
-        lost = max(turns - r["events"] + (args.namespaces - r["namespaces_stored"]) for r in runs.values())
-        result = {
-            "workers": {
-                str(w): {
-                    "namespaces_per_s": round(args.namespaces / r["total_s"], 3),
-                    "turns_per_s": round(turns / r["total_s"], 1),
-                    **r,
-                }
-                for w, r in runs.items()
-            },
-            "namespaces": args.namespaces,
-            "turns": turns,
-            "lost": lost,
-            "serve": serve,
-            "command": "python bench/wide.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.node()}: {os.cpu_count()} cores, shared with other agents' work",
-            "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
-        }
+        result = summarise(args, measure(args, work, deadline), argv)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1))
-    one = runs[args.workers[0]]["total_s"]
-    print("workers  namespaces/s  turns/s  speed-up vs 1st", file=sys.stderr)
+    log("workers  namespaces  namespaces/s  turns/s  speed-up  of linear")
     for w, r in result["workers"].items():
-        print(
-            f"{w:>7}  {r['namespaces_per_s']:>12}  {r['turns_per_s']:>7}  {one / runs[int(w)]['total_s']:.2f}x",
-            file=sys.stderr,
-        )
-    print(f"serve: {serve}", file=sys.stderr)
+        if "namespaces_per_s" in r:
+            log(f"{w:>7}  {r['namespaces']:>10}  {r['namespaces_per_s']:>12}  {r['turns_per_s']:>7}  "
+                f"{r['speedup']:>7}x  {r['of_linear']:>9}")  # fmt: skip
+        else:
+            log(f"{w:>7}  {r}")
+    log(f"lost: {result['lost']}; serve: {result['serve']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -12,6 +12,7 @@ stages after it still run; the report gives namespaces/s and turns/s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -36,6 +37,12 @@ from memstage.tasks import forget
 from memstage.tasks.contract import StageResult, record_run, record_runs, timed
 from memstage.tasks.registry import STAGES, get_stage
 
+# The index stage over this many namespaces or more runs like the others (batches of namespaces on
+# the workers, each embedding with its own encoder and building the indexes): its encoder pool path
+# builds every namespace's indexes in the flow's process, one after another, which many small
+# namespaces turn into the whole cost; with fewer, the pool keeps every core encoding at once.
+INDEX_FAN_OUT_FROM = 64
+SHOWN = 50  # namespaces listed in a stage's artifact; the rest are counted (10k rows is no report)
 LOCK_WAIT_S = 300.0  # the flow's commits wait this long for another writer (a query flush, another flow)
 
 
@@ -78,16 +85,23 @@ def _finish(
         {"stage": stage, "namespace": ns, "error": e} for ns, e in failed.items()
     ]
     changed = sum(r.changed for r in results)
+    shown = [{"stage": stage, "namespace": ns, "error": e} for ns, e in failed.items()][:SHOWN]
+    shown += [r.as_dict() for r in results[: SHOWN - len(shown)]]
     publish(
         run_key(stage, [str(r["namespace"]) for r in rows]),
-        rows,
+        shown,
         f"**{stage}** over {len(rows)} namespace(s): {changed} rows changed"
-        + (f"; failed: {', '.join(failed)}" if failed else "")
+        + (f"; failed: {', '.join(list(failed)[:SHOWN])}" if failed else "")
         + "\n\n"
         + "\n".join(
             f"- {r['namespace']}: "
             + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("stage", "namespace"))
-            for r in rows
+            for r in shown
+        )
+        + (
+            f"\n- ... and {len(rows) - len(shown)} more (the `runs` table has them all)"
+            if len(rows) > len(shown)
+            else ""
         ),
     )
     if failed:
@@ -101,13 +115,14 @@ def _run_stage(
     logger = get_run_logger()
     if stage == "forget":  # its 'use' signal: the queries' access counts, merged from their journal first
         flush_now(config.home, lock_timeout_s=LOCK_WAIT_S)
-    if get_stage(stage).uses_encoder_pool:
+    if get_stage(stage).uses_encoder_pool and len(namespaces) < INDEX_FAN_OUT_FROM:
         with indexing_lock(config.home):  # never beside an ingest's embedding run
             results = index_namespaces(
                 config, namespaces, start_encoders(config, use_ray=use_ray), show_progress=False
             )
         return _finish(stage, results, {}, config.home, recorded=True)
-    done = fan_out(stage, namespaces, config, use_ray, _store(config.home), log=logger)
+    with indexing_lock(config.home) if get_stage(stage).uses_encoder_pool else contextlib.nullcontext():
+        done = fan_out(stage, namespaces, config, use_ray, _store(config.home), log=logger)
     rate = done.throughput(len(namespaces))
     logger.info("%s: %s namespaces/s, %s turns/s over %d batch(es)", stage, rate["namespaces_per_s"],
                 rate["turns_per_s"], rate["batches"])  # fmt: skip

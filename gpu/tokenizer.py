@@ -61,6 +61,11 @@ def ensure_converted(models_root: Path) -> Path:
     return target
 
 
+def tokenizer_file(models_root: Path) -> Path:
+    """The generator's `tokenizer.json` under `models_root` (converted on first use)."""
+    return ensure_converted(models_root) / "tokenizer.json"
+
+
 class TokenCounter:
     """Counts tokens with the generator's tokenizer; the unit of every budget.
 
@@ -71,7 +76,16 @@ class TokenCounter:
     def __init__(self, models_root: Path) -> None:
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(ensure_converted(models_root) / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file(models_root)))
+
+    @classmethod
+    def from_json(cls, text: str) -> TokenCounter:
+        """A counter from the text of `tokenizer.json` (a worker that has no models folder)."""
+        from tokenizers import Tokenizer
+
+        counter = cls.__new__(cls)
+        counter.tokenizer = Tokenizer.from_str(text)
+        return counter
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)

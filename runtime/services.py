@@ -165,6 +165,26 @@ def worker_encoder() -> Any:
     return _worker_encoder
 
 
+_worker_counters: dict[str, Any] = {}
+
+
+def worker_counter(key: str, tokenizer: Any) -> Any:
+    """This process's token counter, built from the flow's `tokenizer.json` (bytes, or a Ray object
+    ref of them) on a worker's first stage task and kept under `key` for its next ones: a worker
+    needs no models folder, and no call to the services actor per count (one actor serialised every
+    worker's counts)."""
+    counter = _worker_counters.get(key)
+    if counter is None:
+        from memstage.gpu.tokenizer import TokenCounter
+
+        if not isinstance(tokenizer, bytes):
+            import ray
+
+            tokenizer = ray.get(tokenizer)
+        counter = _worker_counters[key] = TokenCounter.from_json(tokenizer.decode())
+    return counter
+
+
 def _assigned_cpus() -> float:
     try:
         import ray

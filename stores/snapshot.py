@@ -1,14 +1,16 @@
-"""Stage work away from the data directory: a namespace's rows as Arrow tables out, a scratch store built
-from them on any machine, and the rows, deletions and index files a stage changed there, committed back.
+"""Stage work away from the data directory: a batch of namespaces' rows as Arrow tables out, a scratch
+store built from them on any machine, and the rows, deletions and index files a stage changed there,
+committed back.
 
-The flow's process reads a `Snapshot` of one namespace (its rows of every table a stage reads, and
-the policy file) and hands it to a worker through Ray's object store. The worker builds a scratch
-store from it in a temporary folder of its own (never the data directory), runs the stage there
-unchanged, and returns `Changes`: per table the rows that are new or different and the keys that
-are gone, plus the index files the stage wrote. The flow's process commits them, in order, one
-transaction per batch (`apply`): the only writer of the data directory is the flow's process.
-A row's access count and last access are the store's at commit time (queries may have been merged
-since the snapshot; no stage changes them).
+The flow's process reads a `Snapshot` of a batch of namespaces (their rows of every table a stage
+reads, one query per table, and the policy file) and hands it to a worker through Ray's object
+store. The worker builds one scratch store from it in a temporary folder of its own (never the data
+directory), runs the stage there unchanged, namespace by namespace, and returns `Changes`: per table
+the rows that are new or different and the keys that are gone, plus the index files the stage
+wrote, for the namespaces that succeeded. The flow's process commits the changes of one or more
+batches in one transaction (`apply`), one delete and one insert per table: the only writer of the
+data directory is the flow's process. A row's access count and last access are the store's at
+commit time (queries may have been merged since the snapshot; no stage changes them).
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ _KEPT = ("access_count", "last_access")  # the store's values win: only the acce
 
 @dataclass
 class Snapshot:
-    namespace: str
+    namespaces: list[str]
     tables: dict[str, pa.Table]
     files: dict[str, bytes] = field(default_factory=dict)  # path relative to the data directory -> bytes
 
 
 @dataclass
 class Changes:
-    namespace: str
+    namespaces: list[str]
     upserts: dict[str, pa.Table] = field(default_factory=dict)
-    deletes: dict[str, pa.Table] = field(default_factory=dict)  # the primary-key columns of removed rows
+    deletes: dict[str, pa.Table] = field(default_factory=dict)  # namespace + primary key of removed rows
     files: dict[str, bytes] = field(default_factory=dict)  # new index files, relative to the data dir
 
     @property
@@ -50,42 +52,59 @@ class Changes:
         return sum(t.num_rows for t in self.upserts.values()) + sum(t.num_rows for t in self.deletes.values())
 
 
-def read(store: MemoryStore, namespace: str) -> Snapshot:
-    """The namespace's rows of every table a stage reads, and the files it reads (flow side)."""
-    validate_namespace(namespace)
-    tables = {t: store.query(f"SELECT * FROM {t} WHERE namespace = ?", [namespace]) for t in TABLES}
+def _names(namespaces: str | Sequence[str]) -> list[str]:
+    names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
+    return [validate_namespace(ns) for ns in names]
+
+
+def read(store: MemoryStore, namespaces: str | Sequence[str]) -> Snapshot:
+    """The namespaces' rows of every table a stage reads (one query per table), and the files it
+    reads (flow side)."""
+    names = _names(namespaces)
+    where = "namespace IN (SELECT unnest(?))"
+    with store.hold():
+        tables = {t: store.query(f"SELECT * FROM {t} WHERE {where}", [names]) for t in TABLES}
     files = {f: (store.home / f).read_bytes() for f in FILES if (store.home / f).exists()}
-    return Snapshot(namespace, tables, files)
+    return Snapshot(names, tables, files)
 
 
 @contextlib.contextmanager
 def scratch(snapshot: Snapshot) -> Iterator[MemoryStore]:
-    """A store in a temporary folder holding the snapshot (worker side); removed afterwards."""
+    """A store in a temporary folder holding the snapshot, kept open (worker side); removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix="memstage-scratch-"))
     try:
         store = MemoryStore(folder)
-        with store.writer() as w:
-            for table, rows in snapshot.tables.items():
-                w.insert(table, rows)
-        for rel, data in snapshot.files.items():
-            (folder / rel).write_bytes(data)
-        yield store
+        with store.hold():  # one connection for the whole batch: opening DuckDB costs tens of ms
+            with store.writer() as w:
+                for table, rows in snapshot.tables.items():
+                    w.insert(table, rows)
+            for rel, data in snapshot.files.items():
+                (folder / rel).write_bytes(data)
+            yield store
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def diff(store: MemoryStore, snapshot: Snapshot) -> Changes:
-    """What the stage changed in the scratch `store` against `snapshot` (worker side)."""
-    ns = snapshot.namespace
-    out = Changes(ns)
+def diff(store: MemoryStore, snapshot: Snapshot, namespaces: Sequence[str] | None = None) -> Changes:
+    """What stages changed in the scratch `store` against `snapshot` (worker side), for `namespaces`
+    (default: all of the snapshot's; leave out those whose stage failed): one query per table."""
+    names = _names(snapshot.namespaces if namespaces is None else namespaces)
+    out = Changes(names)
+    if not names:
+        return out
+    where = "namespace IN (SELECT unnest(?))"
     with store.hold(), store.writer() as w:  # a writer: the registered tables live on its connection
         for table in TABLES:
-            keys = ", ".join(schema.PRIMARY_KEYS[table])
+            keys = ", ".join(("namespace", *(k for k in schema.PRIMARY_KEYS[table] if k != "namespace")))
             w.conn.register("_before", conform(snapshot.tables[table], schema.TABLES[table]))
             try:
-                up = w.query(f"SELECT * FROM {table} WHERE namespace = ? EXCEPT SELECT * FROM _before", [ns])
+                up = w.query(
+                    f"SELECT * FROM {table} WHERE {where} EXCEPT SELECT * FROM _before WHERE {where}",
+                    [names, names],
+                )
                 gone = w.query(
-                    f"SELECT {keys} FROM _before EXCEPT SELECT {keys} FROM {table} WHERE namespace = ?", [ns]
+                    f"SELECT {keys} FROM _before WHERE {where} EXCEPT SELECT {keys} FROM {table} WHERE {where}",
+                    [names, names],
                 )
             finally:
                 w.conn.unregister("_before")
@@ -93,72 +112,86 @@ def diff(store: MemoryStore, snapshot: Snapshot) -> Changes:
                 out.upserts[table] = up
             if gone.num_rows:
                 out.deletes[table] = gone
-    index_dir = store.home / "indexes" / ns
-    if index_dir.exists():
-        for path in sorted(p for p in index_dir.rglob("*") if p.is_file()):
-            out.files[str(path.relative_to(store.home))] = path.read_bytes()
+    for ns in names:
+        index_dir = store.home / "indexes" / ns
+        if index_dir.exists():
+            for path in sorted(p for p in index_dir.rglob("*") if p.is_file()):
+                out.files[str(path.relative_to(store.home))] = path.read_bytes()
     return out
 
 
 def apply(store: MemoryStore, batch: Sequence[Changes]) -> int:
-    """Commit changes of several namespaces, in order, in one transaction (flow side); index files are
-    written first (new version folders: nothing current is overwritten), stale ones removed after."""
+    """Commit the changes of several batches in one transaction, one delete and one insert per table
+    (flow side); index files are written first (new version folders: nothing current is
+    overwritten), stale ones removed after."""
+    indexes = (store.home / "indexes").resolve()
     for changes in batch:
+        names = set(changes.namespaces)
         for rel, data in changes.files.items():
             path = (store.home / rel).resolve()
-            if store.home.resolve() / "indexes" / validate_namespace(changes.namespace) not in path.parents:
+            if path.parent == indexes or not path.is_relative_to(indexes):
                 raise ValueError(f"index file outside its namespace's folder: {rel!r}")
+            if path.relative_to(indexes).parts[0] not in names:
+                raise ValueError(f"index file of a namespace not in its batch: {rel!r}")
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
     written = 0
     with store.writer() as w:
-        for changes in batch:
-            for table, keys in changes.deletes.items():
-                written += _delete(w, table, changes.namespace, keys)
-            for table, rows in changes.upserts.items():
+        for table in TABLES:
+            gone = [c.deletes[table] for c in batch if table in c.deletes]
+            if gone:
+                written += _delete(w, table, pa.concat_tables(gone))
+        for table in TABLES:
+            up = [c.upserts[table] for c in batch if table in c.upserts]
+            if up:
+                rows = pa.concat_tables(up)
                 if table == "memories":
-                    rows = _with_stored_access(w, changes.namespace, rows)
+                    rows = _with_stored_access(w, rows)
                 w.insert(table, rows, replace=True)
                 written += rows.num_rows
-    from memstage.stores.artifacts import remove_stale
-
-    for changes in batch:
-        if "index_manifest" in changes.upserts:
-            keep = {
-                store.home / p for p in store.current_indexes(changes.namespace).column("path").to_pylist()
-            }
-            remove_stale(store.index_dir(changes.namespace), keep)
+    reindexed = sorted({ns for c in batch if "index_manifest" in c.upserts
+                        for ns in c.upserts["index_manifest"].column("namespace").to_pylist()})  # fmt: skip
+    if reindexed:
+        _remove_stale_files(store, reindexed)
     return written
 
 
-def _delete(w: Writer, table: str, namespace: str, keys: pa.Table) -> int:
-    cols = schema.PRIMARY_KEYS[table]
+def _remove_stale_files(store: MemoryStore, namespaces: list[str]) -> None:
+    from memstage.stores.artifacts import remove_stale
+
+    current = store.query(
+        "SELECT namespace, path FROM index_manifest WHERE current AND namespace IN (SELECT unnest(?))",
+        [namespaces],
+    ).to_pylist()
+    keep: dict[str, set[Path]] = {ns: set() for ns in namespaces}
+    for row in current:
+        keep[row["namespace"]].add(store.home / row["path"])
+    for ns in namespaces:
+        remove_stale(store.index_dir(ns), keep[ns])
+
+
+def _delete(w: Writer, table: str, keys: pa.Table) -> int:
+    cols = ("namespace", *(k for k in schema.PRIMARY_KEYS[table] if k != "namespace"))
     w.conn.register("_gone", keys.select(list(cols)))
     try:
         match = " AND ".join(f"{table}.{c} = _gone.{c}" for c in cols)
-        w.execute(
-            f"DELETE FROM {table} WHERE namespace = ? AND EXISTS (SELECT 1 FROM _gone WHERE {match})",
-            [validate_namespace(namespace)],
-        ).fetchall()
+        w.execute(f"DELETE FROM {table} WHERE EXISTS (SELECT 1 FROM _gone WHERE {match})").fetchall()
     finally:
         w.conn.unregister("_gone")
     return keys.num_rows
 
 
-def _with_stored_access(w: Writer, namespace: str, rows: pa.Table) -> pa.Table:
-    stored = w.query(
-        "SELECT id, access_count, last_access FROM memories WHERE namespace = ? AND id IN (SELECT unnest(?))",
-        [namespace, rows.column("id").to_pylist()],
-    ).to_pylist()
-    if not stored:
-        return rows
-    now = {r["id"]: r for r in stored}
-    ids = rows.column("id").to_pylist()
-    for col in _KEPT:
-        old = rows.column(col).to_pylist()
-        new = [now[i][col] if i in now else v for i, v in zip(ids, old, strict=True)]
-        rows = rows.set_column(
-            rows.schema.get_field_index(col), col, pa.array(new, rows.schema.field(col).type)
+def _with_stored_access(w: Writer, rows: pa.Table) -> pa.Table:
+    """`rows` with the access count and last access the store holds now, where it holds the row."""
+    rows = conform(rows, schema.TABLES["memories"])
+    w.conn.register("_up", rows)
+    try:
+        kept = ", ".join(f"CASE WHEN m.id IS NULL THEN u.{c} ELSE m.{c} END AS {c}" for c in _KEPT)
+        out = w.query(
+            f"SELECT u.* REPLACE ({kept}) FROM _up u "
+            "LEFT JOIN memories m ON m.id = u.id AND m.namespace = u.namespace"
         )
-    return rows
+    finally:
+        w.conn.unregister("_up")
+    return conform(out, schema.TABLES["memories"])

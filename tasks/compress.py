@@ -329,7 +329,11 @@ def _compressed_row(
         **m,
         "text": text,
         "tokens": n_tok,
-        "embedding": None,
+        # A level-0 memory is found by its source turns' text (tasks.index.index_text), which compress
+        # leaves alone: its embedding stays valid (re-embedding gave the same vector: the whole
+        # encoder cost of maintaining many small namespaces). Without source events it is found
+        # by its own text, which changed: the index stage embeds it again.
+        "embedding": m["embedding"] if m.get("event_ids") else None,
         "metadata": json.dumps(meta, sort_keys=True),
         "updated_at": at,
         "flag": flag_text(text),  # a shorter text is scanned again

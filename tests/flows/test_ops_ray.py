@@ -197,10 +197,11 @@ def test_ingest_and_maintain_on_two_nodes(ray_cluster, tmp_path, monkeypatch):
         by_node.setdefault(node, {})
         by_node[node][t.name] = by_node[node].get(t.name, 0) + 1
     print("finished Ray tasks per node:", json.dumps(by_node, indent=1, sort_keys=True))
+    # on a CPU cluster each worker embeds and counts tokens with models of its own, kept between its
+    # tasks (flows/fanout.py): no call goes through one services actor, which serialised them
     names = {t.name for t in tasks}
-    assert any("MemoryServices" in n for n in names)  # encoder calls went to the long-lived actor
-    actors = list_actors(filters=[("class_name", "=", "MemoryServices")], raise_on_missing_output=False)
-    assert len(actors) == 1 and actors[0].state == "ALIVE"  # one warm actor served both runs
+    assert not any("MemoryServices" in n for n in names), names
+    assert not list_actors(filters=[("class_name", "=", "MemoryServices")], raise_on_missing_output=False)
     ray.shutdown()
 
 
@@ -230,6 +231,7 @@ def test_every_stage_on_two_nodes_no_shared_disk_matches_one_process(ray_cluster
     from ray.util.state import list_tasks
     from stage_data import ALICE, write_jsonl
 
+    from memstage.flows import stages
     from memstage.flows.ingest import run_ingest
     from memstage.flows.stages import run_stage
     from memstage.runtime.backends import RuntimeConfig
@@ -241,8 +243,12 @@ def test_every_stage_on_two_nodes_no_shared_disk_matches_one_process(ray_cluster
     cluster = RuntimeConfig(home=homes["cluster"], runner="ray")
     for path in (SAMPLE, data):
         run_ingest(path, "auto", None, cluster, False)
+    # the index stage as over many namespaces (batches on the workers, like the other stages), which
+    # must leave the store the encoder pool's path leaves in the single-process run below
+    monkeypatch.setattr(stages, "INDEX_FAN_OUT_FROM", 1)
     for stage in STAGE_NAMES:
         run_stage(stage, None, cluster)
+    monkeypatch.undo()
     # the second node never saw the data directory: its view of the folder is still the empty,
     # read-only tmpfs (a task that tried to open the store there would have failed its stage)
     seen = ray.get(
@@ -257,7 +263,6 @@ def test_every_stage_on_two_nodes_no_shared_disk_matches_one_process(ray_cluster
     assert ran_on == {ray_cluster["nodes"]["node2"]}, "the stage tasks ran on the node without the data"
     ray.shutdown()
 
-    monkeypatch.delenv("RAY_ADDRESS")
     single = RuntimeConfig(home=homes["single"], runner="local")
     for path in (SAMPLE, data):
         run_ingest(path, "auto", None, single, False)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import numpy as np
 from stage_data import ALICE, by_text, load
 
 from memstage.tasks.compress import absolute_time, compress_text, run_compress
+from memstage.tasks.index import commit_embeddings, embeddings_table
 
 WHEN = datetime(2023, 5, 8, 13, 56, tzinfo=UTC)
 
@@ -47,6 +49,9 @@ def test_absolute_times():
 
 def test_stage_compresses_once_and_keeps_originals(store, token_counter):
     load(store, "alice", ALICE, token_counter.count_many)
+    ids = store.memories("alice", level=0).column("id").to_pylist()
+    vectors = np.arange(len(ids) * 4, dtype=np.float32).reshape(len(ids), 4)  # stand-ins for embeddings
+    commit_embeddings(store, "alice", embeddings_table(ids, vectors))
     before = {m["id"]: m for m in store.memories("alice", level=0).to_pylist()}
     first = run_compress(store, "alice", count_tokens=token_counter.count_many, flow_run_id="run-1")
     assert first.changed > 0
@@ -56,7 +61,8 @@ def test_stage_compresses_once_and_keeps_originals(store, token_counter):
     for mid, m in after.items():
         assert m["tokens"] <= before[mid]["tokens"]  # never longer
         if m["text"] != before[mid]["text"]:
-            assert m["embedding"] is None  # the index stage re-embeds it
+            # found by its source turn's text, unchanged: its embedding stays
+            assert m["embedding"] == before[mid]["embedding"] is not None and m["event_ids"]
             assert json.loads(m["metadata"])["compressed"]["tokens_before"] == before[mid]["tokens"]
     filler = by_text(store, "alice", "Good to see", level=0)
     assert not filler or len(filler[0]["text"]) < len(ALICE[0][2])

@@ -1,0 +1,97 @@
+"""`memstage serve` under concurrent clients, for bench/wide.py: latency, errors, access counts sent
+against recorded.
+
+`memstage serve --insecure-local` on loopback over a maintained store; each namespace is asked once
+(its indexes loaded), then one client asks `queries` retrieval-only questions in a row (the
+single-client p95), then `clients` clients ask the same number at once; afterwards the server
+stops (its access journal is merged at shutdown) and the access counts recorded are compared with
+the memories the replies named. Standard library only on the client side (urllib).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+QUESTIONS = ["What did they do last weekend?", "Where does she work?", "What is his hobby?", "family", "trip"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ask(base: str, namespace: str, question: str) -> tuple[float, int, bool]:
+    body = json.dumps({"question": question, "namespace": namespace, "answer": False}).encode()
+    req = urllib.request.Request(base + "/memstage/query", body, {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            n = len(json.loads(r.read())["memories"])
+        return (time.perf_counter() - start) * 1000, n, True
+    except Exception:  # noqa: BLE001 - counted as an error
+        return (time.perf_counter() - start) * 1000, 0, False
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))], 1) if s else 0.0
+
+
+def serve_load(home: Path, namespaces: list[str], clients: int, queries: int) -> dict[str, Any]:
+    from memstage.stores.store import MemoryStore
+
+    def recorded() -> int:
+        return int(
+            MemoryStore(home)
+            .query("SELECT coalesce(sum(access_count), 0) AS n FROM memories")
+            .column("n")[0]
+            .as_py()
+        )
+
+    before = recorded()
+    port = _free_port()
+    env = {**os.environ, "MEMSTAGE_RUNNER": "local"}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "memstage.cli.main", "serve", "--insecure-local", "--host", "127.0.0.1",
+         "--port", str(port), "--home", str(home)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not (home / "serve.json").exists():  # announced once its models are warm
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("memstage serve did not come up")
+            time.sleep(0.5)
+        work = [(namespaces[i % len(namespaces)], QUESTIONS[i % len(QUESTIONS)]) for i in range(queries)]
+        warm = [_ask(base, ns, QUESTIONS[0]) for ns in namespaces]  # each namespace's indexes loaded once
+        single = [_ask(base, ns, q) for ns, q in work]
+        with ThreadPoolExecutor(clients) as pool:
+            many = list(pool.map(lambda a: _ask(base, *a), work))
+    finally:
+        server.send_signal(signal.SIGINT)  # uvicorn's shutdown: the lifespan merges the journal
+        server.wait(120)
+    both = warm + single + many
+    return {
+        "clients": clients,
+        "queries": queries,
+        "p50_ms": _pct([t for t, _, ok in many if ok], 0.5),
+        "p95_ms": _pct([t for t, _, ok in many if ok], 0.95),
+        "p50_single_ms": _pct([t for t, _, ok in single if ok], 0.5),
+        "p95_single_ms": _pct([t for t, _, ok in single if ok], 0.95),
+        "errors": sum(not ok for _, _, ok in both),
+        "accesses_sent": sum(n for _, n, _ in both),
+        "accesses_recorded": recorded() - before,
+    }
