@@ -28,8 +28,8 @@ from memstage.runtime.backends import RuntimeConfig, flow_run_id, stage_task
 from memstage.runtime.encoder_pool import WAIT_S, EncoderPool
 from memstage.runtime.progress import Progress
 from memstage.runtime.services import services
-from memstage.stores.store import MemoryStore
-from memstage.tasks import index
+from memstage.stores.store import MemoryStore, models_dir, now_utc
+from memstage.tasks import index, level0
 from memstage.tasks.contract import StageResult, record_runs, timed
 
 # A commit opens the store (tens of ms) and builds the indexes of the namespaces it completes in one
@@ -61,14 +61,24 @@ def read_plan(home: Path, namespaces: list[str], label: str) -> IndexPlan:
 
 
 @stage_task(name="level0-memories", task_run_name="level-0 memories of {label}")
-def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str, dict[str, tuple[Any, Any]]]:
-    """namespace -> memory id -> (row, ops row) of the new level-0 memories, not stored yet (they are
-    stored with their embeddings). Tokens are counted here, in the flow's process (a light tokenizer)."""
-    count_tokens = services(config, use_ray=False).count_tokens
-    out = {}
-    for ns, (new, texts) in plan.level0.items():
-        rows, ops = index.level0_rows(ns, new, texts, count_tokens=count_tokens, flow_run_id=flow_run_id())
-        out[ns] = {row["id"]: (row, op) for row, op in zip(rows, ops, strict=True)}
+def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str, tuple[pa.Table, pa.Table]]:
+    """namespace -> (rows, ops rows) of the new level-0 memories, not stored yet (they are stored
+    with their embeddings). Flags and token counts of every namespace's texts in one batch, on a
+    process pool when they are many (tasks.level0)."""
+    texts = [t for _, ns_texts in plan.level0.values() for t in ns_texts]
+    if not texts:
+        return {}
+    flags, tokens = level0.text_features(
+        texts, lambda t: services(config, use_ray=False).count_tokens(t), models_dir(config.home)
+    )
+    out, k, at = {}, 0, now_utc()
+    for ns, (new, ns_texts) in plan.level0.items():
+        n = len(ns_texts)
+        if n:
+            out[ns] = level0.level0_tables(
+                ns, new, ns_texts, tokens[k : k + n], flags[k : k + n], flow_run_id=flow_run_id(), at=at
+            )
+        k += n
     return out
 
 
@@ -137,25 +147,39 @@ def _embed_and_index(
     ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet stored
 
     with Progress("embedding", sum(n for _, n in pool.outstanding.values()), enabled=show_progress) as bar:
-        level0 = StageResult("index.level0", "")
-        with timed(level0):
+        making = StageResult("index.level0", "")
+        with timed(making):
             # quote: Prefect would otherwise walk every event of the plan looking for futures (2 s on LoCoMo).
             fresh = make_level0(config, quote(plan), span(namespaces))
 
         def commit_ready(complete: list[str]) -> None:
-            """Store the finished chunks, then build the indexes of the complete namespaces (in a hold)."""
+            """Store the finished chunks (new level-0 rows with their embeddings, one insert per table
+            for every namespace), then build the indexes of the complete namespaces (in a hold)."""
+            rows, ops = [], []
             for ns, tables in ready.items():
                 table = pa.concat_tables(tables)
-                new_rows = fresh.get(ns, {})
-                is_new = pa.array([i in new_rows for i in table.column("id").to_pylist()], pa.bool_())
-                new_table = table.filter(is_new)
-                made = [new_rows.pop(i) for i in new_table.column("id").to_pylist()]
-                created[ns] += index.insert_memories(
-                    store, [row for row, _ in made], [op for _, op in made], new_table
-                )
+                is_new = pa.array([False] * table.num_rows, pa.bool_())
+                if ns in fresh:
+                    ns_rows, ns_ops = fresh[ns]
+                    where = pc.index_in(table.column("id"), value_set=ns_rows.column("id"))
+                    is_new = pc.is_valid(where)
+                    take = pc.drop_null(where)
+                    emb = (
+                        table.filter(is_new).column("embedding").cast(ns_rows.schema.field("embedding").type)
+                    )
+                    picked = ns_rows.take(take)
+                    rows.append(
+                        picked.set_column(picked.schema.get_field_index("embedding"), "embedding", emb)
+                    )
+                    ops.append(ns_ops.take(take))
                 index.commit_embeddings(store, ns, table.filter(pc.invert(is_new)))
                 embedded[ns] += table.num_rows
             ready.clear()
+            if rows:
+                for ns, n in level0.insert_level0(
+                    store, pa.concat_tables(rows), pa.concat_tables(ops)
+                ).items():
+                    created[ns] += n
             built.update(build_all(config.home, complete))
 
         while pool.outstanding:
@@ -176,7 +200,7 @@ def _embed_and_index(
             for ns in namespaces:
                 r = StageResult("index", ns)
                 r.changed = created[ns] + embedded[ns] + built[ns].changed
-                r.duration_s = built[ns].duration_s + level0.duration_s / max(1, len(namespaces))
+                r.duration_s = built[ns].duration_s + making.duration_s / max(1, len(namespaces))
                 r.figures = {
                     "level0_created": created[ns],
                     "embedded": embedded[ns],

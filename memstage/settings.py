@@ -42,6 +42,9 @@ class Settings:
     # MEMSTAGE_ARTIFACT_TEXT: 1 = Prefect artifacts, run names and logs may carry memory text, questions
     # and answers (default 0: ids, counts and scores only, so a hard forget has nothing to chase there)
     artifact_text: bool = False
+    # MEMSTAGE_SCAN_WORKERS: processes that compute injection flags and token counts of a big ingest
+    # (tasks.level0; default half the CPUs; 1 = in the flow's process)
+    scan_workers: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +72,7 @@ class Settings:
             report_url=env.get("MEMSTAGE_REPORT_URL") or None,
             api_key=env.get("MEMSTAGE_API_KEY") or None,
             artifact_text=env.get("MEMSTAGE_ARTIFACT_TEXT", "0") not in ("", "0", "false", "no"),
+            scan_workers=_int(env, "MEMSTAGE_SCAN_WORKERS", None),
         )
 
     def worker_env(self) -> dict[str, str]:

@@ -205,12 +205,13 @@ def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], l
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
-    return pa.table(
-        {
-            "id": pa.array(list(ids), pa.string()),
-            "embedding": pa.array(list(np.asarray(vectors, dtype=np.float32)), pa.list_(pa.float32())),
-        }
-    )
+    matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+    if matrix.ndim == 2:  # one flat buffer, no array per row
+        flat = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+        column = flat.cast(pa.list_(pa.float32()))
+    else:
+        column = pa.array(list(matrix), pa.list_(pa.float32()))
+    return pa.table({"id": pa.array(list(ids), pa.string()), "embedding": column})
 
 
 def commit_embeddings(store: MemoryStore, namespace: str, embeddings: pa.Table) -> int:

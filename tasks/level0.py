@@ -1,0 +1,194 @@
+"""Level-0 memories of new events as Arrow tables: rows and their `ops` rows in one columnar pass.
+
+The same rows and ops as `tasks.index.level0_rows` (tested equal, byte for byte: the op's `after`
+JSON and so its op id), without a dict per row and a `json.dumps` per field: the `after` JSON of a
+level-0 row is a fixed template whose only free fields are strings, each JSON-escaped once. The
+injection flags and token counts, the per-text cost of a level-0 row (regexes and a tokenizer, one
+core each), are computed on a pool of processes (`text_features`) when there are many texts, so a
+GPU host's cores share the driver's per-turn work; results are the same as computed inline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from json.encoder import encode_basestring  # JSON string with its quotes, as json.dumps(ensure_ascii=False)
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memstage.stores.schema import MEMORIES, OPS
+from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks.injection import flag_text
+
+REASON = "level-0 memory for a new event"
+POOL_MIN_TEXTS = 2048  # fewer texts: computed inline (a pool's round trip costs more than it saves)
+POOL_CHUNK = 512
+
+# `row_json(new_memory(...))` of a level-0 row: json.dumps(sort_keys=True, default=str) spelled out.
+_AFTER = (
+    '{{"access_count": 0, "created_at": {at}, "event_ids": [{eid}], "event_time": {et}, "flag": {flag}, '
+    '"id": {id}, "importance": 0.5, "last_access": null, "level": 0, "metadata": {md}, "namespace": {ns}, '
+    '"parent": null, "session": {session}, "speaker": {speaker}, "status": "active", '
+    '"superseded_by": null, "text": {text}, "tokens": {tokens}, "updated_at": {at}, "valid_from": {vf}, '
+    '"valid_to": null, "version": 1}}'
+)
+
+
+def _js(value: Any) -> str:
+    """A value as json.dumps(default=str, ensure_ascii=False) writes it (strings, datetimes, None)."""
+    if value is None:
+        return "null"
+    return encode_basestring(value if isinstance(value, str) else str(value))
+
+
+def _op_id(key: str) -> str:
+    """`contract.content_hash(key)` of one string part."""
+    return hashlib.sha256(encode_basestring(key).encode() + b"\x1f").hexdigest()[:24]
+
+
+def level0_tables(
+    namespace: str,
+    new: Sequence[dict[str, Any]],
+    texts: Sequence[str],
+    tokens: Sequence[int],
+    flags: Sequence[str],
+    *,
+    flow_run_id: str | None = None,
+    at: datetime | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """(memories rows, ops rows) of the level-0 memories of `new` events (embedding null)."""
+    at = at or now_utc()
+    n = len(new)
+    ids = ["m0-" + ev["id"] for ev in new]
+    event_times = [ev["event_time"] for ev in new]
+    valid_from = [t or at for t in event_times]
+    at_js, at_iso, ns_js, run = _js(at), at.isoformat(), _js(namespace), flow_run_id or ""
+    after, op_ids = [], []
+    for k, ev in enumerate(new):
+        doc = _AFTER.format(
+            at=at_js, eid=_js(ev["id"]), et=_js(event_times[k]), flag=_js(flags[k]), id=_js(ids[k]),
+            md=_js(ev["metadata"]), ns=ns_js, session=_js(ev["session"]), speaker=_js(ev["speaker"]),
+            text=_js(texts[k]), tokens="null" if tokens[k] is None else int(tokens[k]), vf=_js(valid_from[k]),
+        )  # fmt: skip
+        after.append(doc)
+        op_ids.append(_op_id("\x1f".join((namespace, ids[k], "index", "insert", doc, run, at_iso))))
+    ts = MEMORIES.field("created_at").type
+
+    def const(value: Any, name: str) -> pa.Array:
+        return pa.array([value] * n, MEMORIES.field(name).type)
+
+    rows = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "namespace": const(namespace, "namespace"),
+            "level": const(0, "level"),
+            "text": pa.array(list(texts), pa.string()),
+            "tokens": pa.array(list(tokens), pa.int32()),
+            "embedding": pa.nulls(n, MEMORIES.field("embedding").type),
+            "parent": pa.nulls(n, pa.string()),
+            "event_ids": pa.array([[ev["id"]] for ev in new], pa.list_(pa.string())),
+            "session": pa.array([ev["session"] for ev in new], pa.string()),
+            "speaker": pa.array([ev["speaker"] for ev in new], pa.string()),
+            "event_time": pa.array(event_times, ts),
+            "version": const(1, "version"),
+            "valid_from": pa.array(valid_from, ts),
+            "valid_to": pa.nulls(n, ts),
+            "superseded_by": pa.nulls(n, pa.string()),
+            "importance": const(0.5, "importance"),
+            "access_count": const(0, "access_count"),
+            "last_access": pa.nulls(n, ts),
+            "status": const("active", "status"),
+            "metadata": pa.array([ev["metadata"] for ev in new], pa.string()),
+            "created_at": const(at, "created_at"),
+            "updated_at": const(at, "updated_at"),
+            "flag": pa.array(list(flags), pa.string()),
+        },
+        schema=MEMORIES,
+    )
+    ops = pa.table(
+        {
+            "op_id": pa.array(op_ids, pa.string()),
+            "namespace": rows.column("namespace"),
+            "memory_id": rows.column("id"),
+            "stage": pa.array(["index"] * n, pa.string()),
+            "action": pa.array(["insert"] * n, pa.string()),
+            "before": pa.nulls(n, pa.string()),
+            "after": pa.array(after, pa.string()),
+            "reason": pa.array([REASON] * n, pa.string()),
+            "flow_run_id": pa.array([flow_run_id] * n, pa.string()),
+            "at": pa.array([at] * n, OPS.field("at").type),
+        },
+        schema=OPS,
+    )
+    return rows, ops
+
+
+def insert_level0(store: MemoryStore, rows: pa.Table, ops: pa.Table) -> dict[str, int]:
+    """Insert level-0 rows (with their embeddings) and their ops rows in one transaction, one insert
+    per table; rows a concurrent run stored already are left out, with their ops rows. Returns how
+    many rows were new, per namespace."""
+    if rows.num_rows == 0:
+        return {}
+    with store.writer() as w:
+        stored = w.existing_ids("memories", rows.column("id").to_pylist())
+        if stored:
+            keep = pa.array([i not in stored for i in rows.column("id").to_pylist()], pa.bool_())
+            rows, ops = rows.filter(keep), ops.filter(keep)  # ops are in the rows' order
+        w.insert("memories", rows)
+        w.insert("ops", ops)
+    counts = pc.value_counts(rows.column("namespace")).to_pylist()
+    return {c["values"]: c["counts"] for c in counts}
+
+
+# ---- flags and token counts, on a process pool for many texts ----------------------------------
+
+_pool: ProcessPoolExecutor | None = None
+_counter: Any = None
+
+
+def _worker_features(models_root: str, texts: list[str]) -> tuple[list[str], list[int]]:
+    global _counter
+    if _counter is None:
+        from memstage.gpu.tokenizer import TokenCounter
+
+        _counter = TokenCounter(Path(models_root))
+    return [flag_text(t) for t in texts], _counter.count_many(texts)
+
+
+def pool_size() -> int:
+    """MEMSTAGE_SCAN_WORKERS, else half the CPUs this process may use (the encoders want the rest)."""
+    from memstage.settings import get_settings
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return get_settings().scan_workers or max(1, cpus // 2)
+
+
+def _get_pool() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:
+        import multiprocessing
+
+        # spawn: the driver holds threads (Prefect, DuckDB) that a fork would copy mid-lock
+        _pool = ProcessPoolExecutor(pool_size(), mp_context=multiprocessing.get_context("spawn"))
+    return _pool
+
+
+def text_features(texts: Sequence[str], count_tokens: Any, models_root: Path | None) -> tuple[list, list]:
+    """(injection flags, token counts) of `texts`: inline when few (or no `models_root` to count
+    with), else in chunks on the process pool, kept for later calls."""
+    texts = list(texts)
+    if len(texts) < POOL_MIN_TEXTS or models_root is None or pool_size() < 2:
+        return [flag_text(t) for t in texts], list(count_tokens(texts))
+    parts = [texts[i : i + POOL_CHUNK] for i in range(0, len(texts), POOL_CHUNK)]
+    flags: list[str] = []
+    counts: list[int] = []
+    for f, c in _get_pool().map(_worker_features, [str(models_root)] * len(parts), parts):
+        flags += f
+        counts += c
+    return flags, counts
