@@ -29,7 +29,7 @@ from memstage.runtime.encoder_pool import WAIT_S, EncoderPool
 from memstage.runtime.progress import Progress
 from memstage.runtime.services import services
 from memstage.stores.store import MemoryStore, models_dir, now_utc
-from memstage.tasks import index, level0
+from memstage.tasks import index, index_build, level0
 from memstage.tasks.contract import StageResult, record_runs, timed
 
 # A commit opens the store (tens of ms) and builds the indexes of the namespaces it completes in one
@@ -85,7 +85,7 @@ def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str,
 @stage_task(name="build-indexes", task_run_name="indexes of {label}")
 def build_indexes(home: Path, namespaces: list[str], label: str) -> list[StageResult]:
     store = MemoryStore(home)
-    return [index.build_indexes(store, ns, flow_run_id=flow_run_id()) for ns in namespaces]
+    return index_build.build_many(store, namespaces, flow_run_id=flow_run_id(), parallel=True)
 
 
 def build_all(home: Path, namespaces: list[str]) -> dict[str, StageResult]:

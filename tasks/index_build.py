@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from memstage.gpu.vector_index import DenseIndex, build_cpu_index
 from memstage.stores import artifacts
 from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks import workers
 from memstage.tasks.contract import StageResult, timed
 
 KINDS = ("columns", "dense", "lexical")
@@ -182,69 +185,118 @@ def write_level(folder: Path, level: int, part: pa.Table, found_by: list[str], k
     return info
 
 
+@dataclass
+class BuildJob:
+    """A namespace whose artifacts must be rebuilt: what `write_artifacts` writes, and its manifest."""
+
+    namespace: str
+    index_dir: Path
+    version: int
+    fingerprint: str
+    levels: dict[int, pa.Table]
+    found_by: dict[int, list[str]]
+    memories: int
+
+
+def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> BuildJob | None:
+    """Read the namespace's rows; None (with `result.figures` set) when its indexes are current."""
+    rows = artifacts.namespace_rows(store, namespace)
+    levels = {
+        int(lvl): rows.filter(pc.equal(rows.column("level"), lvl))
+        for lvl in pc.unique(rows.column("level")).to_pylist()
+    }
+    found_by = {lvl: found_by_texts(part) for lvl, part in levels.items()}
+    fp = fingerprint(rows, found_by)
+    current = store.current_indexes(namespace).to_pylist()
+    have = {(r["level"], r["kind"]) for r in current}
+    fresh = all((lvl, k) in have for lvl in levels for k in KINDS) and len(have) == len(levels) * len(KINDS)
+    if (current and fresh and all(r["fingerprint"] == fp for r in current)) or (
+        rows.num_rows == 0 and not current
+    ):
+        result.figures = {"levels_rebuilt": [], "memories_indexed": rows.num_rows}
+        return None
+    if rows.column("embedding").null_count:
+        raise RuntimeError(f"{namespace}: memories without embeddings; run embed_missing first")
+    version = max((r["version"] for r in current), default=0) + 1
+    return BuildJob(namespace, store.index_dir(namespace), version, fp, levels, found_by, rows.num_rows)
+
+
+def write_artifacts(job: BuildJob) -> dict[int, Any]:
+    """Write the job's version folder (files only: runs in a pool process as well as here)."""
+    kids = members(job.levels)
+    infos: dict[int, Any] = {}
+
+    def write(folder: Path) -> None:
+        for lvl, part in job.levels.items():
+            infos[lvl] = write_level(folder, lvl, part, job.found_by[lvl], kids.get(lvl))
+        artifacts.save_manifest(
+            folder, {"version": job.version, "model": MODEL_NAME, "dims": DIMS, "levels": infos}
+        )
+
+    artifacts.write_version(job.index_dir, job.version, write)
+    return infos
+
+
+def finish_build(store: MemoryStore, job: BuildJob, infos: dict[int, Any], result: StageResult) -> None:
+    """Point the manifest at the written version and delete the older ones."""
+    rel = artifacts.version_dir(job.index_dir, job.version).relative_to(store.home)
+    files = {"columns": "rows.arrow", "dense": "dense.faiss", "lexical": "lexical"}
+    new_rows = [
+        {
+            "namespace": job.namespace,
+            "level": lvl,
+            "kind": kind,
+            "version": job.version,
+            "path": str(rel / f"L{lvl}.{files[kind]}"),
+            "count": infos[lvl]["count"],
+            "model": MODEL_NAME,
+            "fingerprint": job.fingerprint,
+            "created_at": now_utc(),
+            "current": True,
+        }
+        for lvl in sorted(job.levels)
+        for kind in KINDS
+    ]
+    artifacts.commit_manifest(store, job.namespace, pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST))
+    remove_stale_artifacts(store, job.namespace)
+    result.changed = len(job.levels)
+    result.figures = {
+        "levels_rebuilt": sorted(job.levels),
+        "memories_indexed": job.memories,
+        "version": job.version,
+    }
+
+
 def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> StageResult:
     """Write the namespace's artifacts as a new version when its memories changed since the current one."""
-    result = StageResult("index.build", namespace)
-    with timed(result):
-        rows = artifacts.namespace_rows(store, namespace)
-        levels = {
-            int(lvl): rows.filter(pc.equal(rows.column("level"), lvl))
-            for lvl in pc.unique(rows.column("level")).to_pylist()
-        }
-        found_by = {lvl: found_by_texts(part) for lvl, part in levels.items()}
-        fp = fingerprint(rows, found_by)
-        current = store.current_indexes(namespace).to_pylist()
-        have = {(r["level"], r["kind"]) for r in current}
-        fresh = all((lvl, k) in have for lvl in levels for k in KINDS) and len(have) == len(levels) * len(
-            KINDS
-        )
-        if current and fresh and all(r["fingerprint"] == fp for r in current):
-            result.figures = {"levels_rebuilt": [], "memories_indexed": rows.num_rows}
-            return result
-        if rows.num_rows == 0 and not current:
-            result.figures = {"levels_rebuilt": [], "memories_indexed": 0}
-            return result
-        if rows.column("embedding").null_count:
-            raise RuntimeError(f"{namespace}: memories without embeddings; run embed_missing first")
-        version = max((r["version"] for r in current), default=0) + 1
-        kids = members(levels)
-        infos: dict[int, Any] = {}
+    return build_many(store, [namespace], flow_run_id=flow_run_id)[0]
 
-        def write(folder: Path) -> None:
-            for lvl, part in levels.items():
-                infos[lvl] = write_level(folder, lvl, part, found_by[lvl], kids.get(lvl))
-            artifacts.save_manifest(
-                folder, {"version": version, "model": MODEL_NAME, "dims": DIMS, "levels": infos}
-            )
 
-        folder = artifacts.write_version(store.index_dir(namespace), version, write)
-        rel = folder.relative_to(store.home)
-        files = {"columns": "rows.arrow", "dense": "dense.faiss", "lexical": "lexical"}
-        new_rows = [
-            {
-                "namespace": namespace,
-                "level": lvl,
-                "kind": kind,
-                "version": version,
-                "path": str(rel / f"L{lvl}.{files[kind]}"),
-                "count": infos[lvl]["count"],
-                "model": MODEL_NAME,
-                "fingerprint": fp,
-                "created_at": now_utc(),
-                "current": True,
-            }
-            for lvl in sorted(levels)
-            for kind in KINDS
-        ]
-        artifacts.commit_manifest(store, namespace, pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST))
-        remove_stale_artifacts(store, namespace)
-        result.changed = len(levels)
-        result.figures = {
-            "levels_rebuilt": sorted(levels),
-            "memories_indexed": rows.num_rows,
-            "version": version,
-        }
-    return result
+def build_many(
+    store: MemoryStore, namespaces: list[str], *, flow_run_id: str | None = None, parallel: bool = False
+) -> list[StageResult]:
+    """`build_indexes` of several namespaces: rows read here, the artifact files of the namespaces
+    that changed written on the process pool (tasks.workers) when `parallel` and more than one,
+    manifests committed here."""
+    results = [StageResult("index.build", ns) for ns in namespaces]
+    jobs: list[tuple[StageResult, BuildJob]] = []
+    for result in results:
+        with timed(result):
+            job = plan_build(store, result.namespace, result)
+        if job is not None:
+            jobs.append((result, job))
+    pool = workers.get_pool() if parallel and len(jobs) > 1 and workers.pool_size() > 1 else None
+    start = time.perf_counter()
+    written = (
+        pool.map(write_artifacts, [job for _, job in jobs])
+        if pool
+        else map(write_artifacts, (j for _, j in jobs))
+    )
+    for (result, job), infos in zip(jobs, written, strict=True):
+        with timed(result):
+            finish_build(store, job, infos, result)
+        result.duration_s += (time.perf_counter() - start) / len(jobs)  # the writes ran together
+    return results
 
 
 def remove_stale_artifacts(store: MemoryStore, namespace: str) -> list[Path]:

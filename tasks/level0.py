@@ -11,9 +11,7 @@ GPU host's cores share the driver's per-turn work; results are the same as compu
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from json.encoder import encode_basestring  # JSON string with its quotes, as json.dumps(ensure_ascii=False)
 from pathlib import Path
@@ -24,6 +22,7 @@ import pyarrow.compute as pc
 
 from memstage.stores.schema import MEMORIES, OPS
 from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks import workers
 from memstage.tasks.injection import flag_text
 
 REASON = "level-0 memory for a new event"
@@ -148,7 +147,6 @@ def insert_level0(store: MemoryStore, rows: pa.Table, ops: pa.Table) -> dict[str
 
 # ---- flags and token counts, on a process pool for many texts ----------------------------------
 
-_pool: ProcessPoolExecutor | None = None
 _counter: Any = None
 
 
@@ -161,34 +159,16 @@ def _worker_features(models_root: str, texts: list[str]) -> tuple[list[str], lis
     return [flag_text(t) for t in texts], _counter.count_many(texts)
 
 
-def pool_size() -> int:
-    """MEMSTAGE_SCAN_WORKERS, else half the CPUs this process may use (the encoders want the rest)."""
-    from memstage.settings import get_settings
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return get_settings().scan_workers or max(1, cpus // 2)
-
-
-def _get_pool() -> ProcessPoolExecutor:
-    global _pool
-    if _pool is None:
-        import multiprocessing
-
-        # spawn: the driver holds threads (Prefect, DuckDB) that a fork would copy mid-lock
-        _pool = ProcessPoolExecutor(pool_size(), mp_context=multiprocessing.get_context("spawn"))
-    return _pool
-
-
 def text_features(texts: Sequence[str], count_tokens: Any, models_root: Path | None) -> tuple[list, list]:
     """(injection flags, token counts) of `texts`: inline when few (or no `models_root` to count
     with), else in chunks on the process pool, kept for later calls."""
     texts = list(texts)
-    if len(texts) < POOL_MIN_TEXTS or models_root is None or pool_size() < 2:
+    if len(texts) < POOL_MIN_TEXTS or models_root is None or workers.pool_size() < 2:
         return [flag_text(t) for t in texts], list(count_tokens(texts))
     parts = [texts[i : i + POOL_CHUNK] for i in range(0, len(texts), POOL_CHUNK)]
     flags: list[str] = []
     counts: list[int] = []
-    for f, c in _get_pool().map(_worker_features, [str(models_root)] * len(parts), parts):
+    for f, c in workers.get_pool().map(_worker_features, [str(models_root)] * len(parts), parts):
         flags += f
         counts += c
     return flags, counts
