@@ -50,11 +50,12 @@ class Encoder:
         self.batch_size = batch_size or (1024 if self.device.startswith("cuda") else 64)
         self.dims = DIMS
         self.name = MODEL_NAME
-        # On CUDA, sentence-transformers' per-batch host work leaves the GPU mostly idle; `_encode_cuda`
-        # does the same computation (mean pooling, L2 norm) with the host work batched. Measured on an
-        # H100 (bench/results/gpu_engines_h100_run2.json, 50k texts): 26.3k texts/s against 16.5k,
-        # bounded by tokenisation (32.7k/s); min cosine to sentence-transformers' vectors 0.99976
-        # (fp16). MEMSTAGE_ENCODER_FAST=0 falls back to sentence-transformers.
+        # On CUDA, sentence-transformers' per-batch host work leaves the GPU mostly idle; `_encode_fast`
+        # does the same computation (mean pooling, L2 norm) with the host work batched, threaded and
+        # overlapped with the model. The earlier batched path, on an H100 (bench/results/
+        # gpu_engines_h100_run2.json, 50k texts): 26.3k texts/s against 16.5k, bounded by host work;
+        # min cosine to sentence-transformers' vectors 0.99976 (fp16). MEMSTAGE_ENCODER_FAST=0 falls
+        # back to sentence-transformers.
         self.fast_cuda = self.device.startswith("cuda") and get_settings().encoder_fast
         self._backend: Any = None  # the Rust tokenizer and its thread pool, made on first use
         self._pool: Any = None
@@ -63,7 +64,7 @@ class Encoder:
         if len(texts) == 0:
             return np.zeros((0, self.dims), dtype=np.float32)
         if self.fast_cuda:
-            return self._encode_cuda(list(texts), batch_size or self.batch_size)
+            return self._encode_fast(list(texts), batch_size or self.batch_size)
         vecs = self.model.encode(
             list(texts),
             batch_size=batch_size or self.batch_size,
@@ -73,12 +74,8 @@ class Encoder:
         )
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids as the model's tokenizer gives them (special tokens, truncation), computed by the
-        Rust tokenizer in slices on a thread pool: it releases the GIL, so the slices run on all cores
-        even where TOKENIZERS_PARALLELISM=false (Ray workers), and the Python side is one `.ids` per
-        text instead of transformers' per-text conversion. Not shown faster yet: with it the encoder ran
-        21.4k texts/s on an H200 (bench/results/ingest_gpu_h200.json), with no run without it there."""
+    def _tokenizer(self) -> tuple[Any, Any]:
+        """The Rust tokenizer (truncating as the model does) and the thread pool that runs it, made once."""
         if self._backend is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -89,36 +86,51 @@ class Encoder:
             backend.no_padding()
             workers = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
             self._backend, self._pool = backend, ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
-        step = max(256, -(-len(texts) // self._pool._max_workers))
-        parts = self._pool.map(
-            self._backend.encode_batch_fast, [texts[i : i + step] for i in range(0, len(texts), step)]
-        )
+        return self._backend, self._pool
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as the model's tokenizer gives them (special tokens, truncation), computed by the
+        Rust tokenizer in slices on a thread pool: it releases the GIL, so the slices run on all cores
+        even where TOKENIZERS_PARALLELISM=false (Ray workers)."""
+        backend, pool = self._tokenizer()
+        step = max(256, -(-len(texts) // pool._max_workers))
+        parts = pool.map(backend.encode_batch_fast, [texts[i : i + step] for i in range(0, len(texts), step)])
         return [e.ids for part in parts for e in part]
 
-    def _encode_cuda(self, texts: list[str], batch_size: int) -> np.ndarray:
-        """Tokenise all texts in one call (the Rust tokenizer uses every core), run length-sorted
-        batches in fp16, pool and normalise on the GPU, copy back once. Measured on an H100 (bench/
-        gpu_engines.py): sentence-transformers' encode reached 6k-16k sentences/s end to end while the
-        model alone ran 233k/s; the host side was the bottleneck. This path: 26k/s."""
+    def _id_matrix(self, texts: list[str]) -> np.ndarray:
+        """One batch's token ids, padded to its longest text, as an int64 matrix (runs on the pool)."""
+        encodings = self._backend.encode_batch_fast(texts)
+        width = max(len(e.ids) for e in encodings)
+        pad = self.model.tokenizer.pad_token_id or 0
+        return np.array([e.ids + [pad] * (width - len(e.ids)) for e in encodings], dtype=np.int64)
+
+    def tokenise_batches(self, texts: list[str], batch_size: int) -> list[tuple[np.ndarray, Any]]:
+        """(positions, future of their padded id matrix) per batch, longest texts first; all batches
+        are submitted to the thread pool at once, so they are tokenised ahead of the model."""
+        _, pool = self._tokenizer()
+        order = np.argsort(-np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), kind="stable")
+        # several batches per call, one per thread at once, but not so small that the model's
+        # per-batch cost (kernel launches on CUDA) dominates
+        step = max(128, min(batch_size, -(-len(texts) // pool._max_workers)))
+        batches = [order[i : i + step] for i in range(0, len(order), step)]
+        return [(idx, pool.submit(self._id_matrix, [texts[i] for i in idx])) for idx in batches]
+
+    def _encode_fast(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Texts sorted by length into batches (little padding); every batch tokenised and padded on
+        the thread pool (all cores, the GIL released in Rust) while the model runs the batches before
+        it, in fp16 on CUDA; mean pooling and L2 norm on the device, one copy back. The host work per
+        text is one Rust encoding and one list of ids. sentence-transformers' encode, on an H100,
+        reached 6k-16k sentences/s while the model alone ran 233k/s: the host was the bottleneck.
+        Works on CPU too (fp32), where tests compare it with sentence-transformers."""
         import torch
 
-        tok = self.model.tokenizer
+        batches = self.tokenise_batches(texts, batch_size)
         bert = self.model[0].auto_model
-        ids = self.token_ids(texts)
-        lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")  # similar lengths per batch: little padding
-        pad = tok.pad_token_id or 0
+        pad = self.model.tokenizer.pad_token_id or 0
         out = torch.empty((len(texts), self.dims), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = int(lengths[idx[0]])
-                arr = np.full((len(idx), width), pad, dtype=np.int64)
-                for r, i in enumerate(idx):
-                    arr[r, : lengths[i]] = ids[i]
-                batch = torch.from_numpy(arr)
-                if self.device.startswith("cuda"):
-                    batch = batch.pin_memory().to(self.device, non_blocking=True)
+            for idx, future in batches:
+                batch = torch.from_numpy(future.result()).to(self.device, non_blocking=True)
                 mask = batch != pad
                 hidden = bert(input_ids=batch, attention_mask=mask.long()).last_hidden_state
                 m = mask.unsqueeze(-1).to(torch.float32)

@@ -14,3 +14,29 @@ def test_threaded_token_ids_match_the_tokenizer(encoder) -> None:
     assert got == expected
     assert max(map(len, got)) == encoder.model.max_seq_length  # the long text was truncated, not dropped
     assert encoder.token_ids(texts[:3]) == expected[:3]  # fewer texts than threads
+
+
+def test_batched_path_matches_sentence_transformers_on_cpu(encoder) -> None:
+    """The batched path (`_encode_fast`, what CUDA runs) gives sentence-transformers' vectors, in input
+    order, whatever the lengths (here on CPU, in fp32)."""
+    import numpy as np
+
+    texts = [f"Maya: I moved to Lisbon in {y}, near the river." * (1 + y % 7) for y in range(1990, 2290)]
+    texts += ["word " * 400, "x", "émoji 🤖 ünïcode", "Sam: we adopted a beagle named Pepper."]
+    want = encoder.model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
+    got = encoder._encode_fast(texts, 64)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert float(np.min(np.sum(got * want, axis=1))) > 0.99999
+
+
+def test_tokenised_batches_are_the_padded_token_ids(encoder) -> None:
+    texts = [f"turn {k}: " + "words " * (k % 13) for k in range(700)]
+    ids = encoder.token_ids(texts)
+    seen = []
+    for idx, future in encoder.tokenise_batches(texts, 256):
+        matrix = future.result()
+        assert matrix.shape[1] == max(len(ids[i]) for i in idx)  # padded to the batch's longest only
+        for row, i in zip(matrix.tolist(), idx, strict=True):
+            assert row[: len(ids[i])] == ids[i] and set(row[len(ids[i]) :]) <= {0}
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(texts)))
