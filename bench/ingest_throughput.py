@@ -5,8 +5,9 @@ the same texts, alternately for --rounds rounds (the machine is shared and its s
 within minutes). The bare rates are measured before the first round and after every round, and each
 round's flow is compared with the mean of the two that bracket it (so a drift of the machine's speed
 during the round cancels out). What is measured:
-  * bare encoder, one process: the model in this process, all cores as torch threads, batches of
-    1024 (how a library user would call it);
+  * bare encoder, one process: the model in this process, all cores as torch threads, calls of
+    1024 texts (how a library user would call it), or on a GPU host calls of the flow's chunk size
+    (CHUNK["actor"]), so both feed the same `Encoder` the same way;
   * bare encoder, data-parallel: one single-threaded model per core in a multiprocessing pool,
     pulling the flow's own chunks (the layout the flow uses on CPU, without Prefect, Ray or the store);
   * the whole ingest flow with its runtime warm (Prefect server, Ray, workers holding their models,
@@ -40,11 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def bare_encoder_rate(enc: Any, texts: list[str]) -> float:
+def bare_encoder_rate(enc: Any, texts: list[str], call: int = 1024) -> float:
+    """Texts/s of `enc.encode` called on `call` texts at a time (on a GPU: the flow's chunk size)."""
     enc.encode(texts[:64])  # warm-up
     start = time.perf_counter()
-    for i in range(0, len(texts), 1024):
-        enc.encode(texts[i : i + 1024])
+    for i in range(0, len(texts), call):
+        enc.encode(texts[i : i + call])
     return len(texts) / (time.perf_counter() - start)
 
 
@@ -183,7 +185,7 @@ def main() -> int:
         try:
 
             def bare_rates() -> tuple[float, float | None]:
-                one = bare_encoder_rate(encoder, texts)
+                one = bare_encoder_rate(encoder, texts, CHUNK["actor"] if where == "actor" else 1024)
                 return one, (data_parallel_rate(pool, by_namespace, CHUNK[where]) if pool else None)
 
             before = bare_rates()

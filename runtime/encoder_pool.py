@@ -30,8 +30,10 @@ from memstage.tasks import index
 
 # Texts per chunk. CPU: about a second of one core, so the encoders finish within a second of each
 # other; length-sorted 64-text chunks encode as fast as 690-text batches (padding is what costs).
-# GPU: the card wants big batches. Local: one encoder with every core, pipelined with the flow.
-CHUNK = {"workers": 64, "actor": 1024, "local": 256}
+# GPU: the card wants big calls: the encoder tokenises a call's batches on all cores ahead of the
+# model (gpu/encoder.py), and each chunk costs a round trip through the broker and the actor.
+# Local: one encoder with every core, pipelined with the flow.
+CHUNK = {"workers": 64, "actor": 4096, "local": 256}
 WAIT_S = 2.0  # longest wait for results in one call: the flow's loop stays responsive
 GATHER = 4  # results one call waits for (within WAIT_S): a round trip when the broker is an actor
 ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the encoders still run
