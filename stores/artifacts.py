@@ -64,9 +64,19 @@ def namespace_rows(store: Any, namespace: str) -> pa.Table:
 
 def commit_manifest(store: Any, namespace: str, rows: pa.Table) -> None:
     """Retire the namespace's current manifest rows and insert `rows` (the new version), in one transaction."""
+    commit_manifests(store, {namespace: rows})
+
+
+def commit_manifests(store: Any, rows: dict[str, pa.Table]) -> None:
+    """`commit_manifest` of several namespaces, in one transaction."""
+    if not rows:
+        return
     with store.writer() as w:
-        w.execute("UPDATE index_manifest SET current = false WHERE namespace = ? AND current", [namespace])
-        w.insert("index_manifest", rows)
+        for namespace in rows:
+            w.execute(
+                "UPDATE index_manifest SET current = false WHERE namespace = ? AND current", [namespace]
+            )
+        w.insert("index_manifest", pa.concat_tables(list(rows.values())))
 
 
 def version_dir(index_dir: Path, version: int) -> Path:

@@ -66,8 +66,10 @@ class Writer:
     def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
         self.conn = conn
 
-    def insert(self, table: str, rows: pa.Table, *, replace: bool = False) -> int:
+    def insert(self, table: str, rows: pa.Table, *, replace: bool = False, absent: bool = False) -> int:
         """Insert rows of `table`'s schema; existing primary keys are kept (or replaced with `replace`).
+        `absent`: the caller checked that no row's key is stored (in this transaction): one plain
+        INSERT, no anti-join (a stored key then fails the transaction instead of being skipped).
 
         Returns the number of rows that were new (not already stored by primary key)."""
         if rows.num_rows == 0:
@@ -76,12 +78,15 @@ class Writer:
         keys = schema.PRIMARY_KEYS[table]
         self.conn.register("_incoming", rows)
         try:
+            cols = ", ".join(f'"{c}"' for c in rows.column_names)
+            if absent:
+                self.conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+                return rows.num_rows
             join = " AND ".join(f"t.{k} = i.{k}" for k in keys)
             new = self.conn.execute(
                 f"SELECT count(*) FROM _incoming i WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {join})"
             ).fetchone()[0]
             verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-            cols = ", ".join(f'"{c}"' for c in rows.column_names)
             self.conn.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _incoming")
         finally:
             self.conn.unregister("_incoming")

@@ -237,8 +237,8 @@ def write_artifacts(job: BuildJob) -> dict[int, Any]:
     return infos
 
 
-def finish_build(store: MemoryStore, job: BuildJob, infos: dict[int, Any], result: StageResult) -> None:
-    """Point the manifest at the written version and delete the older ones."""
+def manifest_rows(store: MemoryStore, job: BuildJob, infos: dict[int, Any], result: StageResult) -> pa.Table:
+    """The manifest rows of the written version (committed by the caller); sets `result`."""
     rel = artifacts.version_dir(job.index_dir, job.version).relative_to(store.home)
     files = {"columns": "rows.arrow", "dense": "dense.faiss", "lexical": "lexical"}
     new_rows = [
@@ -257,14 +257,13 @@ def finish_build(store: MemoryStore, job: BuildJob, infos: dict[int, Any], resul
         for lvl in sorted(job.levels)
         for kind in KINDS
     ]
-    artifacts.commit_manifest(store, job.namespace, pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST))
-    remove_stale_artifacts(store, job.namespace)
     result.changed = len(job.levels)
     result.figures = {
         "levels_rebuilt": sorted(job.levels),
         "memories_indexed": job.memories,
         "version": job.version,
     }
+    return pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST)
 
 
 def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> StageResult:
@@ -292,9 +291,15 @@ def build_many(
         if pool
         else map(write_artifacts, (j for _, j in jobs))
     )
+    manifests = {}
     for (result, job), infos in zip(jobs, written, strict=True):
-        with timed(result):
-            finish_build(store, job, infos, result)
+        manifests[job.namespace] = manifest_rows(store, job, infos, result)
+    # one transaction for every namespace's manifest; then the older versions' files go (the
+    # manifest now points at the new ones only)
+    artifacts.commit_manifests(store, manifests)
+    for (result, job), rows in zip(jobs, manifests.values(), strict=True):
+        keep = {store.home / p for p in rows.column("path").to_pylist()}
+        artifacts.remove_stale(job.index_dir, keep)
         result.duration_s += (time.perf_counter() - start) / len(jobs)  # the writes ran together
     return results
 

@@ -139,8 +139,8 @@ def insert_level0(store: MemoryStore, rows: pa.Table, ops: pa.Table) -> dict[str
         if stored:
             keep = pa.array([i not in stored for i in rows.column("id").to_pylist()], pa.bool_())
             rows, ops = rows.filter(keep), ops.filter(keep)  # ops are in the rows' order
-        w.insert("memories", rows)
-        w.insert("ops", ops)
+        w.insert("memories", rows, absent=True)
+        w.insert("ops", ops, absent=True)  # op ids hash the run's time: never stored before
     counts = pc.value_counts(rows.column("namespace")).to_pylist()
     return {c["values"]: c["counts"] for c in counts}
 
