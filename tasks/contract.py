@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring  # a JSON string with its quotes (ensure_ascii=False)
 from typing import Any
 
 import numpy as np
@@ -58,12 +59,27 @@ def timed(result: StageResult) -> Iterator[StageResult]:
 
 
 def content_hash(*parts: Any, length: int = 24) -> str:
-    """Stable id from content: the same parts always give the same id (re-ingest is a no-op)."""
+    """Stable id from content: the same parts always give the same id (re-ingest is a no-op).
+    Each part is hashed as its `json.dumps(default=str, sort_keys=True, ensure_ascii=False)`; strings,
+    None, ints and datetimes (most parts, one per event field) are spelled out without the encoder."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(json.dumps(p, default=str, sort_keys=True, ensure_ascii=False).encode())
+        h.update(_part_json(p).encode())
         h.update(b"\x1f")
     return h.hexdigest()[:length]
+
+
+def _part_json(p: Any) -> str:
+    """json.dumps(p, default=str, sort_keys=True, ensure_ascii=False), byte for byte (tested)."""
+    if isinstance(p, str):
+        return encode_basestring(p)
+    if p is None:
+        return "null"
+    if type(p) is int:  # not bool (true/false), not an int subclass with its own repr
+        return int.__repr__(p)
+    if isinstance(p, datetime):  # not JSON: `default=str` makes it a string
+        return encode_basestring(str(p))
+    return json.dumps(p, default=str, sort_keys=True, ensure_ascii=False)
 
 
 def row_json(row: dict[str, Any] | None) -> str | None:

@@ -160,3 +160,26 @@ def test_index_builds_on_the_pool_write_the_same_files(tmp_path, monkeypatch, en
         for word in (w for w in pair[0].vocab if w):  # bm25s keeps "" in the vocabulary, with no column
             a, b = (lex.sparse_scores([word]) for lex in pair)
             assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist(), word
+
+
+def test_content_hash_spells_parts_as_json_dumps_did():
+    import hashlib
+    from decimal import Decimal
+
+    from memstage.tasks.contract import content_hash
+
+    def old(*parts, length=24):
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(json.dumps(p, default=str, sort_keys=True, ensure_ascii=False).encode())
+            h.update(b"\x1f")
+        return h.hexdigest()[:length]
+
+    cases = [
+        ("ns", "s1", "Zoë", 'a "quoted" \\ line\n\x00\x1f\u2028 🎉', AT, None),
+        ("ns", "id", 12345678901234567890, -3, 0, True, False, 1.5, float("1e300")),
+        ({"b": [1, "x"], "a": None}, ["l", 2], Decimal("1.10"), datetime(2023, 5, 8, tzinfo=UTC)),
+    ]
+    for parts in cases:
+        assert content_hash(*parts) == old(*parts)
+        assert content_hash(*parts, length=16) == old(*parts, length=16)
