@@ -16,11 +16,13 @@ _pool: ProcessPoolExecutor | None = None
 
 
 def pool_size() -> int:
-    """MEMSTAGE_SCAN_WORKERS, else half the CPUs this process may use (the encoders want the rest)."""
+    """MEMSTAGE_SCAN_WORKERS, else all but two of the CPUs this process may use, at most 16 (1: no
+    pool, the work runs in the flow's process). The injection scan is the driver's biggest per-turn
+    cost (about 0.4 ms of regexes a turn here), and on a GPU host the encoder needs few cores."""
     from memstage.settings import get_settings
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return get_settings().scan_workers or max(1, cpus // 2)
+    return get_settings().scan_workers or max(1, min(16, cpus - 2))
 
 
 def get_pool() -> ProcessPoolExecutor:
