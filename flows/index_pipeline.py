@@ -63,23 +63,14 @@ def read_plan(home: Path, namespaces: list[str], label: str) -> IndexPlan:
 @stage_task(name="level0-memories", task_run_name="level-0 memories of {label}")
 def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str, tuple[pa.Table, pa.Table]]:
     """namespace -> (rows, ops rows) of the new level-0 memories, not stored yet (they are stored
-    with their embeddings). Flags and token counts of every namespace's texts in one batch, on a
-    process pool when they are many (tasks.level0)."""
-    texts = [t for _, ns_texts in plan.level0.values() for t in ns_texts]
-    if not texts:
-        return {}
-    flags, tokens = level0.text_features(
-        texts, lambda t: services(config, use_ray=False).count_tokens(t), models_dir(config.home)
+    with their embeddings). Made on the process pool when they are many (tasks.level0)."""
+    return level0.many_tables(
+        plan.level0,
+        lambda t: services(config, use_ray=False).count_tokens(t),
+        models_dir(config.home),
+        flow_run_id=flow_run_id(),
+        at=now_utc(),
     )
-    out, k, at = {}, 0, now_utc()
-    for ns, (new, ns_texts) in plan.level0.items():
-        n = len(ns_texts)
-        if n:
-            out[ns] = level0.level0_tables(
-                ns, new, ns_texts, tokens[k : k + n], flags[k : k + n], flow_run_id=flow_run_id(), at=at
-            )
-        k += n
-    return out
 
 
 @stage_task(name="build-indexes", task_run_name="indexes of {label}")

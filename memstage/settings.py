@@ -43,7 +43,7 @@ class Settings:
     # and answers (default 0: ids, counts and scores only, so a hard forget has nothing to chase there)
     artifact_text: bool = False
     # MEMSTAGE_SCAN_WORKERS: processes that compute injection flags and token counts of a big ingest
-    # and index files of a big ingest (tasks/workers.py; default all CPUs but two; 1 = in the flow's process)
+    # and writes index files (tasks/workers.py; default all CPUs but two; 1 = in the flow's process)
     scan_workers: int | None = None
 
     @classmethod

@@ -3,9 +3,9 @@
 The same rows and ops as `tasks.index.level0_rows` (tested equal, byte for byte: the op's `after`
 JSON and so its op id), without a dict per row and a `json.dumps` per field: the `after` JSON of a
 level-0 row is a fixed template whose only free fields are strings, each JSON-escaped once. The
-injection flags and token counts, the per-text cost of a level-0 row (regexes and a tokenizer, one
-core each), are computed on a pool of processes (`text_features`) when there are many texts, so a
-GPU host's cores share the driver's per-turn work; results are the same as computed inline.
+injection flags and token counts, the per-text cost of a level-0 row (regexes and a tokenizer), and
+the rows themselves are computed on a pool of processes (`many_tables`) when there are many texts,
+so a GPU host's cores share the driver's per-turn work; results are the same as computed inline.
 """
 
 from __future__ import annotations
@@ -145,30 +145,64 @@ def insert_level0(store: MemoryStore, rows: pa.Table, ops: pa.Table) -> dict[str
     return {c["values"]: c["counts"] for c in counts}
 
 
-# ---- flags and token counts, on a process pool for many texts ----------------------------------
+# ---- many namespaces at once, on the process pool ------------------------------------------------
 
 _counter: Any = None
+Part = tuple[str, list[dict[str, Any]], list[str]]  # (namespace, new events, their texts)
 
 
-def _worker_features(models_root: str, texts: list[str]) -> tuple[list[str], list[int]]:
+def _count(models_root: str, texts: list[str]) -> list[int]:
     global _counter
     if _counter is None:
         from memstage.gpu.tokenizer import TokenCounter
 
         _counter = TokenCounter(Path(models_root))
-    return [flag_text(t) for t in texts], _counter.count_many(texts)
+    return _counter.count_many(texts)
 
 
-def text_features(texts: Sequence[str], count_tokens: Any, models_root: Path | None) -> tuple[list, list]:
-    """(injection flags, token counts) of `texts`: inline when few (or no `models_root` to count
-    with), else in chunks on the process pool, kept for later calls."""
-    texts = list(texts)
-    if len(texts) < POOL_MIN_TEXTS or models_root is None or workers.pool_size() < 2:
-        return [flag_text(t) for t in texts], list(count_tokens(texts))
-    parts = [texts[i : i + POOL_CHUNK] for i in range(0, len(texts), POOL_CHUNK)]
-    flags: list[str] = []
-    counts: list[int] = []
-    for f, c in workers.get_pool().map(_worker_features, [str(models_root)] * len(parts), parts):
-        flags += f
-        counts += c
-    return flags, counts
+def _part_tables(
+    models_root: str, part: Part, flow_run_id: str | None, at: datetime
+) -> tuple[pa.Table, pa.Table]:
+    """`level0_tables` of one part, its flags and token counts computed here (in a pool process)."""
+    namespace, new, texts = part
+    flags = [flag_text(t) for t in texts]
+    return level0_tables(
+        namespace, new, texts, _count(models_root, texts), flags, flow_run_id=flow_run_id, at=at
+    )
+
+
+def many_tables(
+    parts: dict[str, tuple[list[dict[str, Any]], list[str]]],
+    count_tokens: Any,
+    models_root: Path | None,
+    *,
+    flow_run_id: str | None,
+    at: datetime,
+) -> dict[str, tuple[pa.Table, pa.Table]]:
+    """namespace -> `level0_tables` of its (new events, texts), flags and token counts included:
+    inline when they are few (or no `models_root` to count with), else in pieces of POOL_CHUNK on
+    the process pool (tasks/workers.py), which does every per-text step; the same tables either way."""
+    total = sum(len(texts) for _, texts in parts.values())
+    if total < POOL_MIN_TEXTS or models_root is None or workers.pool_size() < 2:
+        out = {}
+        for ns, (new, texts) in parts.items():
+            if texts:
+                flags = [flag_text(t) for t in texts]
+                out[ns] = level0_tables(
+                    ns, new, texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
+                )
+        return out
+    pieces = [
+        (ns, new[i : i + POOL_CHUNK], texts[i : i + POOL_CHUNK])
+        for ns, (new, texts) in parts.items()
+        for i in range(0, len(texts), POOL_CHUNK)
+    ]
+    n = len(pieces)
+    done = workers.get_pool().map(_part_tables, [str(models_root)] * n, pieces, [flow_run_id] * n, [at] * n)
+    tables: dict[str, list[tuple[pa.Table, pa.Table]]] = {}
+    for (ns, _, _), pair in zip(pieces, done, strict=True):
+        tables.setdefault(ns, []).append(pair)
+    return {
+        ns: (pa.concat_tables([r for r, _ in pairs]), pa.concat_tables([o for _, o in pairs]))
+        for ns, pairs in tables.items()
+    }

@@ -56,18 +56,25 @@ def test_columnar_rows_and_ops_equal_the_per_row_ones(monkeypatch, token_counter
     assert any(op["after"] and '"flag": "' in op["after"] and '"flag": ""' not in op["after"] for op in ops)
 
 
-def test_pool_features_equal_inline(monkeypatch, token_counter):
+def test_pool_tables_equal_inline(monkeypatch, token_counter):
     import os
 
-    texts = [f"{HOSTILE[k % 4]} #{k}" for k in range(300)]
+    parts = {"ns-a": (events(300), []), "ns-b": (events(70), [])}
+    for new, texts in parts.values():
+        texts += [f"{e['speaker']}: {e['text']} #{k}" for k, e in enumerate(new)]
+    args = (token_counter.count_many, os.environ["MEMSTAGE_MODELS"])
+    inline = level0.many_tables(parts, *args, flow_run_id="r", at=AT)
     monkeypatch.setenv("MEMSTAGE_SCAN_WORKERS", "2")
     monkeypatch.setattr(level0, "POOL_MIN_TEXTS", 10)
     monkeypatch.setattr(level0, "POOL_CHUNK", 64)
-    flags, counts = level0.text_features(texts, token_counter.count_many, os.environ["MEMSTAGE_MODELS"])
-    assert workers.pool_started()  # the pool ran it
-    assert flags == [flag_text(t) for t in texts]
-    assert counts == token_counter.count_many(texts)
-    assert sum(1 for f in flags if f) >= 150
+    pooled = level0.many_tables(parts, *args, flow_run_id="r", at=AT)
+    assert workers.pool_started()  # the pool made them
+    assert pooled.keys() == inline.keys() == {"ns-a", "ns-b"}
+    for ns in inline:
+        assert pooled[ns][0].equals(inline[ns][0]) and pooled[ns][1].equals(inline[ns][1])
+    flags = inline["ns-a"][0].column("flag").to_pylist()
+    assert flags == [flag_text(t) for t in parts["ns-a"][1]] and sum(1 for f in flags if f) >= 150
+    assert inline["ns-a"][0].column("tokens").to_pylist() == token_counter.count_many(parts["ns-a"][1])
 
 
 def test_insert_level0_skips_rows_stored_already(store, token_counter):
