@@ -126,7 +126,10 @@ def main() -> int:
             raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
         runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
         runs[name]["memstage"] = subprocess.run(
-            [python, "-c", "import memstage; print(memstage.__file__)"], capture_output=True, text=True
+            [python, "-c", "import memstage; print(memstage.__file__)"],
+            capture_output=True,
+            text=True,
+            cwd="/tmp",
         ).stdout.strip()
         print(f"{name}: {json.dumps(runs[name])}", file=sys.stderr, flush=True)
     result = {
