@@ -20,7 +20,9 @@ driver: parsing, the store, the indexes, Prefect's and Ray's clients), from psut
     python bench/ingest_throughput.py --data ../shared/data/locomo/locomo-dev.json [--rounds 2] [--json]
 
 On a GPU host the flow encodes in the services actor on the card (`embedding_slots`: "actor"), and
-the bare encoder is the same `Encoder` on the card in this process. --replicate N ingests N copies of
+the bare encoder is the same `Encoder` on the card in this process, called with the flow's chunk
+size. The flow's per-turn CPU work runs on its worker pool (MEMSTAGE_SCAN_WORKERS processes,
+default all CPUs but two); its CPU is reported as "worker_pool". --replicate N ingests N copies of
 each conversation (each its own namespace) so that the run is not dominated by start-up:
     python bench/ingest_throughput.py --replicate 100 --out bench/results/ingest_gpu_h200.json
 """
@@ -84,7 +86,9 @@ ROLES = (  # (role, substring of the process's command line), first match wins
     ("ray_system", "raylet"), ("ray_system", "gcs_server"), ("ray_system", "ray/dashboard"),
     ("ray_system", "ray/autoscaler"), ("ray_system", "log_monitor"), ("ray_system", "Agent"),
     ("encoder_workers", "ray::"),
-    ("bench_pool", "multiprocessing"),
+    # the flow's worker pool (tasks/workers.py: flags, token counts, level-0 rows, index files) and,
+    # on a CPU host, this bench's data-parallel pool: both are multiprocessing children
+    ("worker_pool", "multiprocessing"),
 )  # fmt: skip
 
 
