@@ -192,6 +192,7 @@ def many_tables(
                     ns, new, texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
                 )
         return out
+    count_tokens(["x"])  # the tokenizer's files made here once, not by every pool process at once
     pieces = [
         (ns, new[i : i + POOL_CHUNK], texts[i : i + POOL_CHUNK])
         for ns, (new, texts) in parts.items()
