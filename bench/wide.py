@@ -7,7 +7,7 @@ clients (latency, errors, access counts sent against recorded).
 Input (bench/wide_data.py): N namespaces of `--turns` LoCoMo dev turns each, recombined, stored once
 as ingest leaves them (real parser and event commit, real level-0 rows made by a process pool,
 embeddings as in the scale bench), in this process; `ingest` reports that. Then per worker count W,
-smallest first: a copy of that store, and a fresh process that starts a local Ray of W CPUs (no GPU
+largest first: a copy of that store, and a fresh process that starts a local Ray of W CPUs (no GPU
 unless --gpu: the scaling measured is the CPU workers') and the Prefect API (`setup_s`, not timed),
 then runs the real maintain flow (compress, consolidate, update, index, forget: batches of
 namespaces on the W workers over Arrow snapshots, commits in the flow's process) over the first
@@ -15,9 +15,10 @@ namespaces: all N for the largest W, `--small-namespaces` K per worker (K*W) for
 (default N*W/max W; `--same-size`: all N). namespaces/s and turns/s are over that maintain run,
 the workers' model loads included. `lost` per run: turns sent to its namespaces minus turns stored,
 plus namespaces left without a current index; the largest over runs. `--max-seconds` caps the
-whole run: the largest W maintains only as many namespaces as the rate measured at the W before
-says fit what is left (reported as its `namespaces`); a run that still overruns is killed with its
-Ray and reported as timed out. Progress goes to stderr, the JSON to stdout (and --json). Imports:
+whole run: the smaller worker counts share what the largest left, each maintaining only as many
+namespaces as the rate measured so far (scaled linearly to its workers) says fit (reported as its
+`namespaces`; at least one per worker); a run that still overruns is killed with its Ray and
+reported as timed out. Progress goes to stderr, the JSON to stdout (and --json). Imports:
 the standard library, numpy, pyarrow, ray, prefect and memstage (no psutil, no httpx).
 """
 
@@ -160,15 +161,17 @@ def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, 
     log(f"ingest: {ingested}")
     runs: dict[int, dict[str, Any]] = {}
     top = max(args.workers)
-    serve_reserve = 90 if args.clients else 0
-    for w in sorted(set(args.workers)):  # smallest first: the largest (all N) fits what time is left
+    serve_reserve = 60 if args.clients else 0
+    order = sorted(set(args.workers), reverse=True)  # largest first: all N namespaces, the headline
+    for i, w in enumerate(order):
         count = planned(args, w, top, runs)
         left = deadline - time.monotonic() - serve_reserve
         if left < 10:
             runs[w] = {"skipped": "time cap"}
             log(f"W={w}: skipped (time cap)")
             continue
-        count = fitted(count, w, runs, left)
+        if i:  # the smaller ones share what is left, sized by the rate measured so far
+            count = fitted(count, w, runs, left / (len(order) - i))
         home = work / f"home-{w}"
         shutil.copytree(template, home)
         log(f"W={w}: maintaining {count} namespaces (at most {left:.0f} s)")
@@ -196,10 +199,10 @@ def fitted(count: int, w: int, runs: dict, left: float) -> int:
         return count
     v, r = max(done, key=lambda d: d[0])
     rate = r["namespaces_per_s"] * w / v
-    fits = int(max(0.0, left - r["setup_s"] - 15) * rate * 0.8)
+    fits = int(max(0.0, left - r["setup_s"] - 10) * rate * 0.8)
     if fits < count:
         log(f"W={w}: {count} namespaces would take about {count / rate:.0f} s; {fits} fit the time cap")
-    return max(1, min(count, fits))
+    return max(w, min(count, fits))
 
 
 def serve_over(args: argparse.Namespace, work: Path, runs: dict, deadline: float) -> dict[str, Any]:
