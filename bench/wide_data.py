@@ -61,9 +61,14 @@ def synthesise(
                 if t["caption"]:
                     row["metadata"] = {"blip_caption": t["caption"]}
                 f.write(json.dumps(row) + "\n")
-                source[(ns, text)] = i
+                source[(ns, _key(text))] = i
                 written += 1
     return written, source, per_namespace
+
+
+def _key(text: str) -> str:
+    """A text as the parser stores it, give or take whitespace (it trims and collapses it)."""
+    return " ".join(text.split())
 
 
 def embeddings(data: Path, cache: Path) -> np.ndarray:
@@ -122,7 +127,7 @@ def ingest(path: Path, home: Path, source: dict[tuple[str, str], int], emb: np.n
     with ProcessPoolExecutor(cpus) as pool:
         made_rows = pool.map(_level0, chunks, [models] * len(chunks))
         for done, (chunk, (rows, ops)) in enumerate(zip(chunks, made_rows, strict=True)):
-            found = [source.get((ns, e["text"])) for ns, new in chunk for e in new]  # parser keeps texts
+            found = [source.get((ns, _key(e["text"]))) for ns, new in chunk for e in new]
             unmatched += sum(i is None for i in found)
             v = np.asarray([emb[i if i is not None else 0] for i in found], np.float32)
             v += rng.normal(0, NOISE, v.shape).astype(np.float32)
