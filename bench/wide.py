@@ -8,7 +8,8 @@ Input (bench/wide_data.py): N namespaces of `--turns` LoCoMo dev turns each, rec
 as ingest leaves them (real parser and event commit, real level-0 rows made by a process pool,
 embeddings as in the scale bench), in this process; `ingest` reports that. Then per worker count W,
 largest first: a copy of that store, and a fresh process that starts a local Ray of W CPUs (no GPU
-unless --gpu: the scaling measured is the CPU workers') and the Prefect API (`setup_s`, not timed),
+unless --gpu: the scaling measured is the CPU workers'), the Prefect API and the W worker
+processes with their encoder loaded (`setup_s`, not timed),
 then runs the real maintain flow (compress, consolidate, update, index, forget: batches of
 namespaces on the W workers over Arrow snapshots, commits in the flow's process) over the first
 namespaces: all N for the largest W, `--small-namespaces` K per worker (K*W) for the others
@@ -51,6 +52,25 @@ def log(msg: str) -> None:
     print(f"[wide {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def warm_workers(workers: int) -> None:
+    """Start the `workers` Ray worker processes and load their encoder before the timer starts (Ray
+    reuses them for the stage tasks): otherwise each run pays their start-up once per worker, a
+    larger share of a short run than of a long one, and the speed-up over the smallest run would
+    come out too high."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def warm() -> int:
+        import memstage.flows.fanout  # noqa: F401 - what a stage task imports
+        from memstage.runtime.services import worker_encoder
+
+        worker_encoder().encode(["warm"])
+        time.sleep(1.0)  # held until the others have started: one per worker process
+        return os.getpid()
+
+    ray.get([warm.remote() for _ in range(workers)])
+
+
 def maintain_child(workers: int, home: Path, count: int, gpu: bool) -> dict[str, Any]:
     """Maintain the first `count` namespaces of `home` on a local Ray of `workers` CPUs (own process)."""
     import functools
@@ -70,6 +90,7 @@ def maintain_child(workers: int, home: Path, count: int, gpu: bool) -> dict[str,
     start = time.perf_counter()
     with prefect_settings(config, use_ray=True):
         ensure_ray(config)
+        warm_workers(workers)
         setup_s = time.perf_counter() - start
         start = time.perf_counter()
         report = maintain_flow(names, config, True)
@@ -115,9 +136,11 @@ def run_child(w: int, home: Path, count: int, gpu: bool, limit_s: float) -> dict
     try:
         out, _ = proc.communicate(timeout=max(1.0, limit_s))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         return {"timed_out": True, "limit_s": round(limit_s, 1)}
+    finally:
+        if proc.poll() is None:  # timed out, or this process is stopping: its Ray goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     relayer.join(5)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}", "namespaces": count}
@@ -248,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(maintain_child(args.child, args.home, args.count, args.gpu)))
         return 0
     deadline = time.monotonic() + args.max_seconds
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a stopped bench stops its runs too
     work = args.work or Path(tempfile.mkdtemp(prefix="memstage-wide-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
