@@ -159,6 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--queries", type=int, default=96)
     ap.add_argument("--serve-namespaces", type=int, default=16, help="namespaces the serve load asks")
     ap.add_argument("--max-seconds", type=float, default=3600, help="cap on the whole run's wall time")
+    ap.add_argument("--data", type=Path, default=DATA, help="the LoCoMo dev split (locomo-dev.json)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one, removed)")
     ap.add_argument("--json", type=Path, help="write the result here too")
@@ -172,9 +173,9 @@ def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, 
     from wide_data import embeddings, ingest, synthesise
 
     data = work / "wide.jsonl"
-    turns, source, per_namespace = synthesise(DATA, args.namespaces, args.turns, data)
+    turns, source, per_namespace = synthesise(args.data, args.namespaces, args.turns, data)
     log(f"{args.namespaces} namespaces, {turns} turns synthesised")
-    emb = embeddings(DATA, args.cache)
+    emb = embeddings(args.data, args.cache)
     start = time.perf_counter()
     template = work / "template"
     stored = ingest(data, template, source, emb, log)
