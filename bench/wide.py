@@ -7,7 +7,7 @@ clients (latency, errors, access counts sent against recorded).
 Input (bench/wide_data.py): N namespaces of `--turns` LoCoMo dev turns each, recombined, stored once
 as ingest leaves them (real parser and event commit, real level-0 rows made by a process pool,
 embeddings as in the scale bench), in this process; `ingest` reports that. Then per worker count W,
-largest first: a copy of that store, and a fresh process that starts a local Ray of W CPUs (no GPU
+smallest first: a copy of that store, and a fresh process that starts a local Ray of W CPUs (no GPU
 unless --gpu: the scaling measured is the CPU workers'), the Prefect API and the W worker
 processes with their encoder loaded (`setup_s`, not timed),
 then runs the real maintain flow (compress, consolidate, update, index, forget: batches of
@@ -16,10 +16,11 @@ namespaces: all N for the largest W, `--small-namespaces` K per worker (K*W) for
 (default N*W/max W; `--same-size`: all N). namespaces/s and turns/s are over that maintain run,
 the workers' model loads included. `lost` per run: turns sent to its namespaces minus turns stored,
 plus namespaces left without a current index; the largest over runs. `--max-seconds` caps the
-whole run: the smaller worker counts share what the largest left, each maintaining only as many
-namespaces as the rate measured so far (scaled linearly to its workers) says fit (reported as its
-`namespaces`; at least one per worker); a run that still overruns is killed with its Ray and
-reported as timed out. Progress goes to stderr, the JSON to stdout (and --json). Imports:
+whole run: after the first (smallest) run, each maintains only as many namespaces as the rate
+measured so far (scaled linearly to its workers) says fit its share of the time left (the largest:
+all of it), reported as its `namespaces` (at least one per worker); a run that still overruns is
+killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
+so that the largest maintains all N. Progress goes to stderr, the JSON to stdout (and --json). Imports:
 the standard library, numpy, pyarrow, ray, prefect and memstage (no psutil, no httpx).
 """
 
@@ -186,7 +187,7 @@ def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, 
     runs: dict[int, dict[str, Any]] = {}
     top = max(args.workers)
     serve_reserve = 60 if args.clients else 0
-    order = sorted(set(args.workers), reverse=True)  # largest first: all N namespaces, the headline
+    order = sorted(set(args.workers))  # smallest first: each measured rate sizes the runs after it
     for i, w in enumerate(order):
         count = planned(args, w, top, runs)
         left = deadline - time.monotonic() - serve_reserve
@@ -194,8 +195,8 @@ def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, 
             runs[w] = {"skipped": "time cap"}
             log(f"W={w}: skipped (time cap)")
             continue
-        if i:  # the smaller ones share what is left, sized by the rate measured so far
-            count = fitted(count, w, runs, left / (len(order) - i))
+        if i:  # the largest gets what is left; the others a share of it
+            count = fitted(count, w, runs, left if w == top else left / (len(order) - i))
         home = work / f"home-{w}"
         shutil.copytree(template, home)
         log(f"W={w}: maintaining {count} namespaces (at most {left:.0f} s)")
