@@ -18,8 +18,8 @@ the workers' model loads included. `lost` per run: turns sent to its namespaces 
 plus namespaces left without a current index; the largest over runs. `--max-seconds` caps the
 whole run: after the first (smallest) run, each maintains only as many namespaces as the rate
 measured so far (scaled linearly to its workers) says fit its share of the time left (the largest:
-all of it), reported as its `namespaces` (at least one per worker); a run that still overruns is
-killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
+all of it), reported as its `namespaces` (skipped if fewer than its workers); a run that still
+overruns is killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
 so that the largest maintains all N. Progress goes to stderr, the JSON to stdout (and --json). Imports:
 the standard library, numpy, pyarrow, ray, prefect and memstage (no psutil, no httpx).
 """
@@ -197,6 +197,10 @@ def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, 
             continue
         if i:  # the largest gets what is left; the others a share of it
             count = fitted(count, w, runs, left if w == top else left / (len(order) - i))
+        if count < w:
+            runs[w] = {"skipped": "time cap (fewer namespaces than workers would fit)"}
+            log(f"W={w}: skipped (time cap)")
+            continue
         home = work / f"home-{w}"
         shutil.copytree(template, home)
         log(f"W={w}: maintaining {count} namespaces (at most {left:.0f} s)")
@@ -218,16 +222,17 @@ def planned(args: argparse.Namespace, w: int, top: int, runs: dict) -> int:
 
 def fitted(count: int, w: int, runs: dict, left: float) -> int:
     """`count`, or fewer if the rate of the largest worker count run so far, scaled linearly to `w`
-    workers, says `count` would not be done in `left` seconds (with a margin for set-up)."""
+    workers, says `count` would not be done in `left` seconds (less its set-up and about 15 s of
+    fixed cost: five stage flows); 0 if nothing would."""
     done = [(v, r) for v, r in runs.items() if "namespaces_per_s" in r]
     if not done:
         return count
     v, r = max(done, key=lambda d: d[0])
     rate = r["namespaces_per_s"] * w / v
-    fits = int(max(0.0, left - r["setup_s"] - 10) * rate * 0.8)
+    fits = int(max(0.0, left - 2 * r["setup_s"] - 15) * rate * 0.8)  # more workers start slower
     if fits < count:
         log(f"W={w}: {count} namespaces would take about {count / rate:.0f} s; {fits} fit the time cap")
-    return max(w, min(count, fits))
+    return min(count, fits)
 
 
 def serve_over(args: argparse.Namespace, work: Path, runs: dict, deadline: float) -> dict[str, Any]:
