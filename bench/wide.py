@@ -16,10 +16,9 @@ namespaces: all N for the largest W, `--small-namespaces` K per worker (K*W) for
 (default N*W/max W; `--same-size`: all N). namespaces/s and turns/s are over that maintain run,
 the workers' model loads included. `lost` per run: turns sent to its namespaces minus turns stored,
 plus namespaces left without a current index; the largest over runs. `--max-seconds` caps the
-whole run: after the first (smallest) run, each maintains only as many namespaces as the rate
-measured so far (scaled linearly to its workers) says fit its share of the time left (the largest:
-all of it), reported as its `namespaces` (skipped if fewer than its workers); a run that still
-overruns is killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
+whole run: the largest W maintains only as many namespaces as the rate measured at the W before it
+(scaled linearly to its workers) says fit the time left, reported as its `namespaces` (skipped if
+fewer than its workers); a run that overruns is killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
 so that the largest maintains all N. Progress goes to stderr, the JSON to stdout (and --json). Imports:
 the standard library, numpy, pyarrow, ray, prefect and memstage (no psutil, no httpx).
 """
@@ -195,8 +194,8 @@ def measure(args: argparse.Namespace, work: Path, deadline: float) -> dict[str, 
             runs[w] = {"skipped": "time cap"}
             log(f"W={w}: skipped (time cap)")
             continue
-        if i:  # the largest gets what is left; the others a share of it
-            count = fitted(count, w, runs, left if w == top else left / (len(order) - i))
+        if w == top and i:  # the largest maintains what fits the time left (the others are small)
+            count = fitted(count, w, runs, left)
         if count < w:
             runs[w] = {"skipped": "time cap (fewer namespaces than workers would fit)"}
             log(f"W={w}: skipped (time cap)")
