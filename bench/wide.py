@@ -219,16 +219,19 @@ def planned(args: argparse.Namespace, w: int, top: int, runs: dict) -> int:
     return max(1, round(args.namespaces * w / top))
 
 
+FIXED_S = 10.0  # a maintain run's cost whatever its size: five stage flows, about 2 s each (measured here)
+
+
 def fitted(count: int, w: int, runs: dict, left: float) -> int:
-    """`count`, or fewer if the rate of the largest worker count run so far, scaled linearly to `w`
-    workers, says `count` would not be done in `left` seconds (less its set-up and about 15 s of
-    fixed cost: five stage flows); 0 if nothing would."""
+    """`count`, or fewer if the rate of the largest worker count run so far (its fixed cost taken
+    out), scaled linearly to `w` workers, says `count` would not be done in `left` seconds less the
+    set-up and the fixed cost; 0 if nothing would."""
     done = [(v, r) for v, r in runs.items() if "namespaces_per_s" in r]
     if not done:
         return count
     v, r = max(done, key=lambda d: d[0])
-    rate = r["namespaces_per_s"] * w / v
-    fits = int(max(0.0, left - 2 * r["setup_s"] - 15) * rate * 0.8)  # more workers start slower
+    rate = r["namespaces"] / max(1.0, r["maintain_s"] - FIXED_S) * w / v
+    fits = int(max(0.0, left - 1.5 * r["setup_s"] - FIXED_S) * rate * 0.9)
     if fits < count:
         log(f"W={w}: {count} namespaces would take about {count / rate:.0f} s; {fits} fit the time cap")
     return min(count, fits)
