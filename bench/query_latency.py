@@ -7,9 +7,14 @@ process, question to answer with the configured (embedded) generator: cold, with
 (`first` also converts and caches the generator; `cold` = `second`), and warm, while a `memstage
 serve` of the store holds the models (`warm_p50`/`warm_p95` over different questions, and
 `warm_retrieve_p50` for `memstage retrieve`, no generator). No PREFECT_API_URL in the environment:
-the queries are recorded in the store's `runs` table, not in a Prefect server.
+the queries are recorded in the store's `runs` table, not in a Prefect server. With `--prefect`, the
+warm queries are asked again of a `memstage serve` that reports to a `prefect server start` of its
+own (`warm_p50_prefect`; the service records each query as a flow run after answering, and
+`prefect_query_flow_runs` counts the completed `query` runs the server holds at the end).
+The generator reads MEMSTAGE_ANSWER_BUDGET tokens of the evidence (`answer_budget` in the JSON).
+The machine's load averages (1, 5, 15 min) are read at the start and at the end.
 
-    python bench/query_latency.py --data ../shared/data/locomo/locomo-dev.json [--json]
+    python bench/query_latency.py --data ../shared/data/locomo/locomo-dev.json [--json] [--prefect]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,25 +45,25 @@ def cli(*argv: str) -> list[str]:
 
 
 def timed_query(
-    args: argparse.Namespace, home: Path, question: str, command: str = "query"
+    args: argparse.Namespace, home: Path, question: str, command: str = "query", env: dict | None = None
 ) -> tuple[float, dict]:
     """Wall seconds of one `memstage query` in a new process, and its JSON (or {"error": stderr})."""
     cmd = cli(command, question, "--namespace", args.conversation, "--home", str(home), "--json")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return wall, {"error": proc.stderr[-2000:]}
     return wall, json.loads(proc.stdout)
 
 
-def start_service(home: Path, port: int) -> subprocess.Popen:
+def start_service(home: Path, port: int, env: dict | None = None) -> subprocess.Popen:
     """`memstage serve` of the bench's store, in its own session; returns once HOME/serve.json says it
     is warm (models loaded)."""
     log = open(home / "serve.log", "w")  # noqa: SIM115 - kept open for the server's life
     proc = subprocess.Popen(
         cli("serve", "--home", str(home), "--port", str(port)),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 600
     while not (home / "serve.json").exists():
@@ -65,6 +71,81 @@ def start_service(home: Path, port: int) -> subprocess.Popen:
             raise RuntimeError(f"memstage serve did not come up: {(home / 'serve.log').read_text()[-2000:]}")
         time.sleep(0.2)
     return proc
+
+
+def start_prefect(folder: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A `prefect server start` on a free loopback port with its own PREFECT_HOME; the environment of a
+    process that reports to it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(
+        PREFECT_HOME=str(folder / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_BLOCKS_REGISTER_ON_START="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+    )
+    log = open(folder / "prefect.log", "w")  # noqa: SIM115 - kept open for the server's life
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, {**env, "PREFECT_API_URL": url}
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise RuntimeError(f"prefect server did not come up: {(folder / 'prefect.log').read_text()[-2000:]}")
+
+
+def query_flow_runs(api: str) -> int:
+    """Completed flow runs of the `query` flow on the Prefect server at `api`."""
+    body = json.dumps(
+        {"flows": {"name": {"any_": ["query"]}}, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    )
+    request = urllib.request.Request(
+        f"{api}/flow_runs/count",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return int(json.loads(response.read()))
+
+
+def warm_queries(
+    args: argparse.Namespace, home: Path, questions: list[str], env: dict | None = None
+) -> tuple[list, list, list]:
+    """New-process `memstage query` walls while a `memstage serve` (with `env`) holds the models, their
+    usages, and `memstage retrieve` walls of the same questions."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = start_service(home, port, env)
+    warm, usages = [], []
+    try:
+        timed_query(
+            args, home, questions[0], env=env
+        )  # the service's first answer builds its caches: not timed
+        for q in questions[1 : 1 + args.warm_questions]:
+            wall, out = timed_query(args, home, q, env=env)
+            if "error" in out:
+                raise RuntimeError(out["error"])
+            warm.append(wall)
+            usages.append(out.get("usage") or {})
+        asked = questions[1 : 1 + args.warm_questions]
+        retrieve = [timed_query(args, home, q, "retrieve", env=env)[0] for q in asked]
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        service.wait(60)
+    return warm, usages, retrieve
 
 
 def new_process_queries(args: argparse.Namespace, home: Path, questions: list[str]) -> tuple[dict, dict]:
@@ -79,24 +160,7 @@ def new_process_queries(args: argparse.Namespace, home: Path, questions: list[st
             return {**{k: round(v, 2) for k, v in walls.items()}}, extra
         extra[key] = out.get("usage")
     walls["cold"] = walls["second"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    service = start_service(home, port)
-    try:
-        timed_query(args, home, questions[0])  # the service's first answer builds its caches: not timed
-        warm, usages = [], []
-        for q in questions[1 : 1 + args.warm_questions]:
-            wall, out = timed_query(args, home, q)
-            if "error" in out:
-                extra["warm_error"] = out["error"]
-                break
-            warm.append(wall)
-            usages.append(out.get("usage") or {})
-        retrieve = [timed_query(args, home, q, "retrieve")[0] for q in questions[1 : 1 + args.warm_questions]]
-    finally:
-        os.killpg(service.pid, signal.SIGTERM)
-        service.wait(60)
+    warm, usages, retrieve = warm_queries(args, home, questions)
     if warm:
         walls.update(warm_p50=float(np.percentile(warm, 50)), warm_p95=float(np.percentile(warm, 95)))
         walls["warm_retrieve_p50"] = float(np.percentile(retrieve, 50))
@@ -105,6 +169,16 @@ def new_process_queries(args: argparse.Namespace, home: Path, questions: list[st
             for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "total_ms")
         }
         extra["warm_questions"] = len(warm)
+    if args.prefect:
+        prefect, env = start_prefect(home.parent)
+        try:
+            warm, _, _ = warm_queries(args, home, questions, env)
+            walls["warm_p50_prefect"] = float(np.percentile(warm, 50))
+            time.sleep(5)  # the service records each run after answering; the last one may still be going
+            extra["prefect_query_flow_runs"] = query_flow_runs(env["PREFECT_API_URL"])
+        finally:
+            os.killpg(prefect.pid, signal.SIGTERM)
+            prefect.wait(60)
     return {k: round(v, 2) for k, v in walls.items()}, extra
 
 
@@ -116,6 +190,7 @@ def main() -> int:
     ap.add_argument("--questions", type=int, default=100)
     ap.add_argument("--warm-questions", type=int, default=10, help="new-process queries through the service")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prefect", action="store_true", help="also warm queries reporting to a Prefect server")
     args = ap.parse_args()
     if not args.data.exists():
         print(json.dumps({"skipped": f"no data at {args.data}"}))
@@ -129,6 +204,11 @@ def main() -> int:
     questions = [q["question"] for q in sample["qa"] if q.get("category") in (1, 2, 3, 4)][: args.questions]
     result: dict = {"conversation": args.conversation, "questions": len(questions), "budget": args.budget}
     result["load_average_1m_at_start"] = round(os.getloadavg()[0], 2)  # the machine's other work
+    result["load_averages_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    from memstage.settings import get_settings
+
+    result["answer_budget"] = get_settings().answer_budget
+    result["threads"] = get_settings().threads
     with tempfile.TemporaryDirectory() as tmp:
         conv = Path(tmp) / "conv.json"
         conv.write_text(json.dumps([sample]))
@@ -150,6 +230,7 @@ def main() -> int:
         if usage:
             result["second_query_usage"] = usage.pop("second", None)
             result.update(usage)
+    result["load_averages_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
     if not args.json:
         a, b = result["retrieve_ms_actor"], result["retrieve_ms_in_process"]

@@ -190,7 +190,13 @@ def _say_warm(service: dict[str, Any], result: dict[str, Any]) -> None:
     import sys
 
     served = result.get("served") or {}
-    where = f"the Prefect run {served['flow_run_id']}" if served.get("flow_run_id") else "the store's runs"
+    where = (
+        f"the Prefect run {served['flow_run_id']}"
+        if served.get("flow_run_id")
+        else f"a Prefect flow run at {served.get('prefect_api_url')}, written after the answer"
+        if served.get("flow_run")
+        else "the store's runs"
+    )
     print(f"memstage: answered by the warm service at {service['url']} (pid {service['pid']}); "
           f"recorded in {where}", file=sys.stderr)  # fmt: skip
     api = os.environ.get("PREFECT_API_URL")

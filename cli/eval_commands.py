@@ -91,9 +91,11 @@ def evaluate_locomo(
     answers: bool = False,
     answer_limit: int | None = None,
     engine: str | None = None,
+    answer_budgets: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """The whole evaluation; returns the report (memstage's figures at the top, baselines under `baselines`,
     answer F1 under `answers` when asked)."""
+    from memstage.cli.eval_answers import eval_answers
     from memstage.stores.store import MemoryStore
     from memstage.tasks.retrieve import Retriever
 
@@ -143,7 +145,9 @@ def evaluate_locomo(
                 for method in RawTurnBaselines.METHODS
             }
         if answers:
-            report["answers"] = _answers(store, retriever, counter, questions.items, answer_limit, engine)
+            report["answers"] = eval_answers(
+                store, retriever, counter, questions.items, answer_limit, engine, answer_budgets
+            )
         if plot is not None:
             report["plot"] = str(write_plot(report, plot))
         return report
@@ -166,40 +170,6 @@ def exhaustive_reference(
         "index_minus_exhaustive": {b: round(report["recall"][b] - r, 4) for b, r in ref["recall"].items()},
         "latency_ms": ref["latency_ms"],
     }
-
-
-def _answers(
-    store: Any, retriever: Any, counter: Any, questions: list, limit: int | None, engine: str | None
-) -> dict[str, Any]:
-    """LoCoMo answer F1 of the configured generator and of the extractive baseline, at the default budget."""
-    from memstage.gpu.generator import make_generator
-    from memstage.tasks.answer_eval import evaluate_answers, spread
-    from memstage.tasks.forget import load_policy
-    from memstage.tasks.generate import STANDING_BUDGET, answer_question, standing_block
-    from memstage.tasks.retrieve import DEFAULT_BUDGET
-
-    generator = make_generator(engine, get_settings().models or store.models_dir(), get_settings().device)
-    chosen = spread(questions, limit)
-    policy = {ns: load_policy(store, ns)["flagged"] for ns in {q.namespace for q in chosen}}
-    standing = {
-        ns: standing_block(store.memories(ns), STANDING_BUDGET, counter.count, flagged=policy[ns])
-        for ns in policy
-    }
-    start = time.perf_counter()
-
-    def answer(retrieval: dict[str, Any]) -> dict[str, Any]:
-        ns = retrieval["namespace"]
-        return answer_question(generator, retrieval, standing=standing[ns], flagged=policy[ns], max_tokens=48)
-
-    out = evaluate_answers(chosen, retriever.retrieve, answer, DEFAULT_BUDGET)
-    out.update(
-        {
-            "engine": getattr(generator, "name", ""),
-            "of_questions": len(questions),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-    )
-    return out
 
 
 def write_plot(report: dict[str, Any], path: Path) -> Path:
@@ -297,6 +267,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--engine", default=None, choices=("transformers", "openai", "vllm"), help="--answers' generator"
     )
+    q.add_argument(
+        "--answer-budget",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="TOKENS",
+        help="--answers: tokens of the best memories the generator reads, one run per value in this run "
+        "(default: $MEMSTAGE_ANSWER_BUDGET, else the built-in default)",
+    )
     add_common(q)
     q.set_defaults(run=cmd_eval_locomo, render=render_eval)
 
@@ -306,6 +285,8 @@ def cmd_eval_locomo(args: argparse.Namespace) -> dict[str, Any]:
 
     if any(b <= 0 for b in args.budget):
         raise UserError("every --budget must be a positive number of tokens")
+    if any(b <= 0 for b in args.answer_budget or ()):
+        raise UserError("every --answer-budget must be a positive number of tokens")
     from memstage.cli.eval_variants import evaluate_variants, resolve_variants
 
     try:
@@ -322,6 +303,7 @@ def cmd_eval_locomo(args: argparse.Namespace) -> dict[str, Any]:
         "answers": args.answers,
         "answer_limit": args.limit,
         "engine": args.engine,
+        "answer_budgets": tuple(args.answer_budget or ()),
     }
     if variants:
         return evaluate_variants(args.path, variants, evaluate_locomo, seed=args.seed, **options)
@@ -329,6 +311,7 @@ def cmd_eval_locomo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render_eval(r: dict[str, Any]) -> str:
+    from memstage.cli.eval_answers import answer_table
     from memstage.cli.eval_variants import render_variants
 
     lines = [
@@ -373,20 +356,4 @@ def recall_table(r: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"  {c}".ljust(22) + "".join(f"{base['by_category'][b][c]:8.3f}" for b in budgets)
                 )
-    return lines
-
-
-def answer_table(r: dict[str, Any]) -> list[str]:
-    """The answer F1 table of `--answers`: the generator beside the extractive baseline, by category."""
-    a = r.get("answers")
-    if not a:
-        return []
-    lines = [
-        "",
-        f"answer F1 at budget {a['budget']} ({a['questions']} of {a['of_questions']} questions, {a['engine']}):",
-        f"{'':22s}{'generator':>10s}{'extractive':>11s}",
-        "all".ljust(22) + f"{a['f1']:10.3f}{a['extractive_f1']:11.3f}",
-    ]
-    for c, v in a["by_category"].items():
-        lines.append(f"  {c} ({v['questions']})".ljust(22) + f"{v['f1']:10.3f}{v['extractive_f1']:11.3f}")
     return lines

@@ -10,6 +10,7 @@ steps without Prefect: `query_steps.run_plain`).
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from typing import Any
@@ -67,7 +68,14 @@ def answer_in_run(
     result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
     record(config.home, namespace, result, answer, served_by)
     result["flow_run_id"] = flow_run_id()
+    publish_query(question, namespace, budget, result, answer)
+    return result
+
+
+def publish_query(question: str, namespace: str, budget: int, result: dict[str, Any], answer: bool) -> None:
+    """The query's evidence and answer as the artifact `query-<namespace>` of the current flow run."""
     usage = result.get("usage") or {}
+    served = f" (answered by the warm service in {result['total_ms']:.0f} ms)" if result.get("served") else ""
     publish(
         f"query-{namespace}",
         [
@@ -80,10 +88,10 @@ def answer_in_run(
             f" ({usage.get('prompt_tokens')} prompt tokens, {usage.get('cached_tokens')} from the KV cache)"
             if answer
             else ""
-        ),
+        )
+        + served,
         text_summary=f"**Q:** {question}\n\n**A:** {result.get('answer', '(retrieval only)')}",
     )
-    return result
 
 
 @flow(name="query", flow_run_name="query {namespace}")
@@ -128,3 +136,76 @@ def run_query(
     with prefect_settings(config, use_ray=use_ray), tags(f"namespace:{namespace}"):
         runnable = query_flow.with_options(task_runner=task_runner(config, batch=False))
         return runnable(SecretStr(question), namespace, budget, config, engine, answer, served_by, as_of)
+
+
+# ---- a query the warm service answered, recorded as a flow run after the answer --------------------
+
+_answered: dict[str, tuple[str, dict[str, Any], bool]] = {}  # ticket -> (question, result, answer)
+
+
+@flow(name="query", flow_run_name="query {namespace}")
+def answered_query_flow(
+    ticket: str, namespace: str, budget: int, home: str, served_by: str = "serve"
+) -> str | None:
+    """A query `memstage serve` has already answered (retrieve and generate ran in its warm process, with
+    no Prefect call on the way): its `runs` row, carrying this flow run's id, and its `query-<namespace>`
+    artifact. The question, evidence and answer reach the run through `ticket`, never as parameters,
+    so Prefect's parameter record holds no text."""
+    question, result, answer = _answered.pop(ticket)
+    record(home, namespace, result, answer, served_by)
+    result["flow_run_id"] = flow_run_id()
+    publish_query(question, namespace, budget, result, answer)
+    return result["flow_run_id"]
+
+
+class QueryRecorder:
+    """Records answered queries as Prefect flow runs on one background thread, in order, after each
+    answer has gone back (a flow run's API calls cost 1-4 s on the busy 2-core machine, measured: the
+    warm path no longer waits for them). When Prefect fails, or the process exits with records still
+    queued, the query is recorded in the store without a flow run: no query goes unrecorded."""
+
+    def __init__(self, home: Any) -> None:
+        import queue
+
+        self.home = str(home)
+        self.queue: queue.Queue[tuple[str, str, int, str] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._work, name="memstage-query-runs", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def submit(
+        self, question: str, namespace: str, budget: int, result: dict[str, Any], answer: bool
+    ) -> None:
+        import uuid
+
+        ticket = uuid.uuid4().hex
+        _answered[ticket] = (question, dict(result), answer)
+        self.queue.put((ticket, namespace, budget, str(result.get("served_by") or "serve")))
+
+    def _work(self) -> None:
+        import logging
+
+        while (item := self.queue.get()) is not None:
+            ticket, namespace, budget, served_by = item
+            try:
+                with prefect_settings(), tags(f"namespace:{namespace}", "served"):
+                    answered_query_flow(ticket, namespace, budget, self.home, served_by)
+            except Exception as exc:  # noqa: BLE001 - the Prefect server is away: keep the store's record
+                logging.getLogger("memstage").warning("recording the query as a Prefect run failed: %s", exc)
+                self._plain(ticket, namespace, served_by)
+
+    def _plain(self, ticket: str, namespace: str, served_by: str) -> None:
+        pending = _answered.pop(ticket, None)
+        if pending is not None:
+            steps.record_step(
+                self.home, namespace, pending[1], answer=pending[2], served_by=served_by, flow_run_id=None
+            )
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Let queued runs finish for up to `timeout_s`; record what is left without Prefect."""
+        self.queue.put(None)
+        self.thread.join(timeout_s)
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is not None:
+                self._plain(item[0], item[1], item[3])

@@ -123,13 +123,16 @@ def run_plain(
     answer: bool = True,
     served_by: str = "cli",
     as_of: str | None = None,
+    record: bool = True,
 ) -> dict[str, Any]:
-    """The query without Prefect (in-process models): the same steps and record as the flow."""
+    """The query without Prefect (in-process models): the same steps and record as the flow
+    (`record=False`: the caller records it, `flows.query.QueryRecorder`)."""
     use_ray = False
     start = time.perf_counter()
     result = retrieve_step(config, namespace, question, budget, use_ray, as_of)
     if answer:
         result.update(answer_step(config, result, engine, use_ray))
     result["total_ms"] = round((time.perf_counter() - start) * 1000, 1)
-    record_step(config.home, namespace, result, answer=answer, served_by=served_by, flow_run_id=None)
+    if record:
+        record_step(config.home, namespace, result, answer=answer, served_by=served_by, flow_run_id=None)
     return result

@@ -28,6 +28,29 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16), which torch's CPU kernels use."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def generator_dtype(device: str) -> str:
+    """The generator's torch dtype name: MEMSTAGE_GENERATOR_DTYPE, or on `auto` bfloat16 on CUDA and on
+    CPUs with bfloat16 instructions (a 300-token prefill of SmolLM2-135M: 0.5-1.0 s against 2.6 s in
+    float32 on one core here), else float32."""
+    chosen = get_settings().generator_dtype
+    if chosen != "auto":
+        return chosen
+    return "bfloat16" if device.startswith("cuda") or cpu_has_bf16() else "float32"
+
+
 def model_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memstage.gpu.encoder import pick_device
+from memstage.gpu.encoder import generator_dtype, pick_device
 from memstage.gpu.sampling import GenerationOptions
 from memstage.settings import get_settings
 
@@ -138,7 +138,7 @@ class TransformersGenerator(Generator):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
-        dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        dtype = getattr(torch, generator_dtype(dev))
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev)
         return cls(model, tok, cache_bytes=cache_bytes)

@@ -20,6 +20,11 @@ RUNNERS = ("auto", "ray", "local")
 GENERATORS = ("transformers", "vllm", "openai")
 DEVICES = ("auto", "cpu", "cuda")
 VECTOR_BACKENDS = ("auto", "faiss", "torch", "numpy")
+DTYPES = ("auto", "float32", "bfloat16")
+# Tokens of memories the generator reads (the best-scored of the evidence), apart from the retrieval
+# budget (which stays large, for recall). Chosen on LoCoMo dev by answer F1 and latency together:
+# bench/results/answer_f1_cpu.json and query_latency_cpu.json.
+DEFAULT_ANSWER_BUDGET = 250
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class Settings:
     # MEMSTAGE_SCAN_WORKERS: processes that compute injection flags and token counts of a big ingest
     # and writes index files (tasks/workers.py; default all CPUs but two; 1 = in the flow's process)
     scan_workers: int | None = None
+    # MEMSTAGE_ANSWER_BUDGET: tokens of the best-scored retrieved memories put in the generator's prompt
+    answer_budget: int = DEFAULT_ANSWER_BUDGET
+    # MEMSTAGE_GENERATOR_DTYPE: auto (bfloat16 on CUDA and on CPUs with bfloat16 instructions, where it
+    # prefilled 3-5x faster than float32 here; else float32) | float32 | bfloat16
+    generator_dtype: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -53,10 +63,12 @@ class Settings:
         generator = env.get("MEMSTAGE_GENERATOR") or "transformers"
         backend = env.get("MEMSTAGE_VECTOR_BACKEND") or "auto"
         device = env.get("MEMSTAGE_DEVICE") or "auto"
+        dtype = env.get("MEMSTAGE_GENERATOR_DTYPE") or "auto"
         _check("MEMSTAGE_RUNNER", runner, RUNNERS)
         _check("MEMSTAGE_GENERATOR", generator, GENERATORS)
         _check("MEMSTAGE_VECTOR_BACKEND", backend, VECTOR_BACKENDS)
         _check("MEMSTAGE_DEVICE", device.split(":")[0], DEVICES)
+        _check("MEMSTAGE_GENERATOR_DTYPE", dtype, DTYPES)
         return cls(
             home=Path(env.get("MEMSTAGE_HOME") or "~/.memstage").expanduser(),
             runner=runner,
@@ -73,6 +85,8 @@ class Settings:
             api_key=env.get("MEMSTAGE_API_KEY") or None,
             artifact_text=env.get("MEMSTAGE_ARTIFACT_TEXT", "0") not in ("", "0", "false", "no"),
             scan_workers=_int(env, "MEMSTAGE_SCAN_WORKERS", None),
+            answer_budget=_positive(env, "MEMSTAGE_ANSWER_BUDGET", DEFAULT_ANSWER_BUDGET),
+            generator_dtype=dtype,
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -102,6 +116,13 @@ def _int(env: Mapping[str, str], var: str, default: int | None) -> int | None:
         return int(raw)
     except ValueError:
         raise ValueError(f"{var}={raw!r} is not an integer") from None
+
+
+def _positive(env: Mapping[str, str], var: str, default: int) -> int:
+    value = _int(env, var, default)
+    if value is None or value < 1:
+        raise ValueError(f"{var}={env.get(var)!r} must be a positive integer")
+    return value
 
 
 @functools.lru_cache(maxsize=1)

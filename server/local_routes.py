@@ -1,9 +1,10 @@
 """`memstage serve`'s routes for its own command line and its operator: a warm query, and the report.
 
 POST /memstage/query answers `memstage query` / `memstage retrieve` from the models and indexes the
-server keeps loaded. With PREFECT_API_URL set in the server's environment it runs the query flow
-(a flow run in that server's UI, tagged `namespace:NS`, with its `query-NS` artifact); without, it
-runs the same steps without Prefect. Either way the query is recorded in the store's `runs` table.
+server keeps loaded, without Prefect on the way. With PREFECT_API_URL set in the server's environment
+the query is then recorded as a `query` flow run in that server's UI (tagged `namespace:NS` and
+`served`, with its `query-NS` artifact), on a background thread after the answer has gone back.
+Either way the query is recorded in the store's `runs` table.
 GET /report draws `memstage report` (all namespaces, or `?namespace=NS`) and serves the page, so the
 Prefect UI can link an http:// URL instead of a file on the worker. Both sit behind whatever
 authentication the app applies to its other routes.
@@ -12,6 +13,7 @@ authentication the app applies to its other routes.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from fastapi import FastAPI, Query
@@ -40,39 +42,38 @@ class QueryRequest(BaseModel):
 
 
 def run_served_query(services: Any, body: QueryRequest) -> dict[str, Any]:
-    """One query in this warm process: the query flow when a Prefect server is configured, else its steps."""
+    """One query in this warm process: retrieve and answer with no Prefect call on the way, then, when a
+    Prefect server is configured, its flow run is recorded after the answer has gone back
+    (`flows.query.QueryRecorder`: one background thread; a run's API calls cost 1-4 s here); without
+    one, the store's `runs` row is written at once."""
+    from memstage.flows.query_steps import run_plain
     from memstage.runtime.backends import RuntimeConfig
 
     config = RuntimeConfig(home=services.store.home, runner="local")
     api = os.environ.get("PREFECT_API_URL")
+    result = run_plain(
+        body.question, body.namespace, body.budget, config,
+        engine=body.engine, answer=body.answer, served_by="serve", as_of=body.as_of, record=not api,
+    )  # fmt: skip
+    result["served"] = {"pid": os.getpid(), "prefect_api_url": api, "flow_run_id": None}
     if api:
-        from prefect import tags
-
-        from memstage.flows.query import query_flow
-        from memstage.runtime.backends import prefect_settings
-
-        with prefect_settings(config), tags(f"namespace:{body.namespace}", "served"):
-            from pydantic import SecretStr
-
-            result = query_flow(
-                SecretStr(body.question),  # shown as ********** in Prefect's flow-run parameters
-                body.namespace,
-                body.budget,
-                config,
-                body.engine,
-                body.answer,
-                "serve",
-                body.as_of,
-            )
-    else:
-        from memstage.flows.query_steps import run_plain
-
-        result = run_plain(
-            body.question, body.namespace, body.budget, config,
-            engine=body.engine, answer=body.answer, served_by="serve", as_of=body.as_of,
-        )  # fmt: skip
-    result["served"] = {"pid": os.getpid(), "prefect_api_url": api, "flow_run_id": result.get("flow_run_id")}
+        recorder(config.home).submit(body.question, body.namespace, body.budget, result, body.answer)
+        result["served"]["flow_run"] = "recorded after the answer"
     return result
+
+
+_recorders: dict[str, Any] = {}
+_recorders_lock = threading.Lock()
+
+
+def recorder(home: Any) -> Any:
+    """This process's `QueryRecorder` for `home` (started on the first query with a Prefect server)."""
+    from memstage.flows.query import QueryRecorder
+
+    with _recorders_lock:
+        if str(home) not in _recorders or not _recorders[str(home)].thread.is_alive():
+            _recorders[str(home)] = QueryRecorder(home)
+        return _recorders[str(home)]
 
 
 def mount_local_routes(

@@ -20,6 +20,7 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from memstage.tasks.injection import defang
@@ -44,7 +45,12 @@ REPETITION_PENALTY = 1.2  # CTRL's value; with NO_REPEAT_NGRAM it stops SmolLM2-
 NO_REPEAT_NGRAM = 3
 # The generator reads the best-scored memories of the evidence, not all of it: SmolLM2-135M named the
 # wrong person from 19 memories of the demo and the right one from 6 (measured on the demo questions).
+# At most ANSWER_TOP of them, within the answer budget (MEMSTAGE_ANSWER_BUDGET tokens): every prompt
+# token is prefilled, ~5 ms each on one busy CPU core, while retrieval keeps its own, larger budget.
 ANSWER_TOP = 6
+# A short answer: one sentence ends well within this, and the decode loop (~12 tokens/s on one busy
+# core) is the other half of a CPU answer's time. Stop strings end it at the first line break.
+ANSWER_MAX_TOKENS = 32
 CountText = Callable[[str], int]  # one text -> its token count
 _PROCESS_KEY = secrets.token_bytes(16)
 
@@ -68,16 +74,21 @@ _INERT = str.maketrans({"<": "\u2039", ">": "\u203a", "`": "'", '"': "'", "[": "
 
 
 def _date(value: Any) -> str:
+    """A memory's day as people (and LoCoMo's gold answers) write it: `7 May 2023`."""
     if value is None:
         return ""
     text = value.isoformat() if hasattr(value, "isoformat") else str(value)
-    return text[:10]
+    try:
+        day = date.fromisoformat(text[:10])
+    except ValueError:
+        return text[:10]
+    return f"{day.day} {day:%B %Y}"
 
 
 def memory_line(
     memory: dict[str, Any], ref: str = "", *, flagged: str = "quote", other: str | None = None
 ) -> str | None:
-    """One memory as a data line, who said it kept: `[m3] Maya (2025-08-20): Maya lives in Kreuzberg now.`
+    """One memory as a data line, who said it kept: `[m3] Maya (20 August 2025): Maya lives in Kreuzberg now.`
 
     A raw turn's first person is resolved to its speaker (and "you" to `other`, the one other speaker
     of its session) with the compress stage's `resolve_pronouns`, so a small model does not hand one
@@ -251,8 +262,36 @@ def build_messages(
 
 
 def stop_strings(retrieval: dict[str, Any]) -> tuple[str, ...]:
-    """Where an answer ends: a new line that opens another speaker's turn, question or memory block."""
-    return ("\nQuestion:", "\nMemories:", "<memories", "</memories", "\n\n", "\n[m", "\n- ")
+    """Where an answer ends: its first sentence's end, or the first line break (a next line opens another
+    speaker's turn, a question, a memory line or a list), or a memory block's tag. The answer is asked
+    for in one short sentence; a second one is the 135M model going on (and LoCoMo's F1 counts it)."""
+    return (". ", "\n", "<memories", "</memories")
+
+
+def answer_evidence(
+    memories: Sequence[dict[str, Any]], budget: int | None, top: int | None = ANSWER_TOP
+) -> list[dict[str, Any]]:
+    """The memories the generator reads: the best-scored first, at most `top`, while their tokens fit
+    `budget` (a memory that does not fit is skipped for a shorter one after it). When even the best
+    one is over the budget, it is shown cut to the budget's share of its text, so a long document
+    chunk never leaves the prompt empty."""
+    ranked = sorted(memories, key=lambda m: -(m.get("score") or 0.0))
+    if top:
+        ranked = ranked[:top]
+    if not budget:
+        return ranked
+    chosen, used = [], 0
+    for m in ranked:
+        n = int(m.get("tokens") or 0)
+        if used + n <= budget:
+            chosen.append(m)
+            used += n
+    if not chosen and ranked:
+        best = ranked[0]
+        text = str(best.get("text") or "")
+        keep = max(1, len(text) * budget // max(1, int(best.get("tokens") or 1)))
+        chosen = [{**best, "text": text[:keep].rstrip() + "\u2026", "tokens": budget}]
+    return chosen
 
 
 def clean_answer(text: str) -> str:
@@ -293,22 +332,26 @@ def answer_question(
     standing: str = "",
     system: str = SYSTEM_TEXT,
     window: EvidenceWindow | None = None,
-    max_tokens: int = 64,
+    max_tokens: int = ANSWER_MAX_TOKENS,
     temperature: float = 0.0,
     on_text: Callable[[str], None] | None = None,
     flagged: str = "quote",
     top: int | None = ANSWER_TOP,
+    answer_budget: int | None = None,
 ) -> dict[str, Any]:
     """The generate stage: `{"answer", "citations", "usage": {prompt_tokens, cached_tokens, ttft_ms, ...}}`.
 
     With no memory to show, the answer is UNKNOWN without asking the model. Engines that take
-    `GenerationOptions` stop at the next speaker tag and avoid repeating themselves; every engine's
-    text then goes through `clean_answer`. The prompt shows the `top` best-scored memories (all when None),
-    in the stable order."""
+    `GenerationOptions` stop at the first line break and avoid repeating themselves; every engine's
+    text then goes through `clean_answer`. The prompt shows the best-scored memories that `answer_evidence`
+    picks (at most `top`, within `answer_budget` tokens, default MEMSTAGE_ANSWER_BUDGET; 0 = no token
+    limit), in the stable order."""
+    if answer_budget is None:
+        from memstage.settings import get_settings
+
+        answer_budget = get_settings().answer_budget
     memories = list(retrieval.get("memories") or [])
-    if top and len(memories) > top:
-        best = sorted(memories, key=lambda m: -(m.get("score") or 0.0))[:top]
-        retrieval = {**retrieval, "memories": best}
+    retrieval = {**retrieval, "memories": answer_evidence(memories, answer_budget, top)}
     prompt = layout(retrieval, standing=standing, system=system, window=window, flagged=flagged)
     engine = getattr(generator, "name", "")
     if not prompt.refs and not standing:
@@ -329,6 +372,7 @@ def answer_question(
     return {
         "answer": answer,
         "citations": cited(answer, prompt.refs),
+        "read": list(prompt.refs.values()),  # the memories the generator was shown
         "usage": result.usage(),
         "engine": engine,
         "held": prompt.held,

@@ -16,7 +16,7 @@ from conftest import run_json, serve_in_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from memstage.settings import Settings, get_settings
+from memstage.settings import DEFAULT_ANSWER_BUDGET, Settings, get_settings, reload_settings
 
 
 def test_settings_read_every_variable_with_defaults_and_checks(tmp_path: Path) -> None:
@@ -37,6 +37,32 @@ def test_settings_read_every_variable_with_defaults_and_checks(tmp_path: Path) -
         Settings.from_env({"MEMSTAGE_GENERATOR": "llama.cpp"})
     with pytest.raises(ValueError, match="MEMSTAGE_THREADS='many' is not an integer"):
         Settings.from_env({"MEMSTAGE_THREADS": "many"})
+    assert Settings.from_env({}).answer_budget == DEFAULT_ANSWER_BUDGET
+    assert (
+        Settings.from_env({"MEMSTAGE_ANSWER_BUDGET": "120"}).worker_env()["MEMSTAGE_ANSWER_BUDGET"] == "120"
+    )
+    with pytest.raises(ValueError, match="MEMSTAGE_ANSWER_BUDGET='0' must be a positive integer"):
+        Settings.from_env({"MEMSTAGE_ANSWER_BUDGET": "0"})
+    with pytest.raises(ValueError, match="MEMSTAGE_GENERATOR_DTYPE='fp8' is not one of"):
+        Settings.from_env({"MEMSTAGE_GENERATOR_DTYPE": "fp8"})
+
+
+def test_generator_dtype_follows_the_setting_and_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    from memstage.gpu.encoder import cpu_has_bf16, generator_dtype
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor : 0\nflags : fpu sse2 avx512f avx512_bf16\n")
+    assert cpu_has_bf16(str(flags)) and not cpu_has_bf16(str(tmp_path / "none"))
+    flags.write_text("flags : fpu sse2 avx2\n")
+    assert not cpu_has_bf16(str(flags))
+    assert generator_dtype("cuda:0") == "bfloat16"
+    monkeypatch.setenv("MEMSTAGE_GENERATOR_DTYPE", "float32")
+    reload_settings()
+    try:
+        assert generator_dtype("cuda:0") == generator_dtype("cpu") == "float32"
+    finally:
+        monkeypatch.delenv("MEMSTAGE_GENERATOR_DTYPE")
+        reload_settings()
 
 
 def test_importing_memstage_changes_no_environment() -> None:

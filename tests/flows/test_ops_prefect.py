@@ -336,3 +336,44 @@ def test_prefect_yaml_covers_every_flow_with_importable_entrypoints():
     assert all(
         d["work_pool"]["job_variables"]["env"] == {"MEMSTAGE_HOME": "/data"} for d in spec["deployments"]
     )
+
+
+def test_served_query_answers_first_then_shows_as_a_query_flow_run(
+    prefect_env, indexed_sample, encoder, token_counter, monkeypatch
+):
+    """`memstage serve`'s query route with a Prefect server: the answer comes back without waiting for
+    Prefect, then the query is a `query` flow run (tags, artifact) and its `runs` row names that run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from memstage.runtime import services as services_mod
+    from memstage.runtime.backends import RuntimeConfig
+    from memstage.server.local_routes import QueryRequest, recorder, run_served_query
+    from memstage.stores import access_log, queries
+    from memstage.stores.store import MemoryStore
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_env["PREFECT_API_URL"])
+    home = indexed_sample.home
+    svc = services_mod.services(RuntimeConfig(home=home, runner="local"), use_ray=False)
+    svc._encoder, svc._counter = encoder, token_counter  # the session's models: no second load
+    body = QueryRequest(question="What is the name of Sam's dog?", namespace="demo", budget=400, answer=False)
+    result = run_served_query(svc, body)
+    assert result["served"]["flow_run_id"] is None and result["served"]["flow_run"]  # answered first
+    assert any("Pepper" in m["text"] for m in result["memories"])
+    recorder(home).close(timeout_s=120)  # the background thread records the run
+    access_log.flush_now(home)
+    [row] = [r for r in queries.runs(MemoryStore(home), "demo") if r["stage"] == "query"]
+    assert row["flow_run_id"] and row["figures"]["served_by"] == "serve"
+    with client_settings(prefect_env), get_client(sync_client=True) as client:
+        run = client.read_flow_run(row["flow_run_id"])
+        mine = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])),
+            limit=50,
+            offset=0,
+            sort=ArtifactSort.CREATED_DESC,
+        )
+    assert run.state.is_completed() and run.name.startswith("query demo")
+    assert {"namespace:demo", "served"} <= set(run.tags) and "query-demo" in {a.key for a in mine}
+    assert "Sam's dog" not in json.dumps(run.parameters)  # the question never reaches Prefect's record
+    services_mod._local.pop(str(home), None)

@@ -258,3 +258,37 @@ def test_clean_answer_cuts_tags_and_loops() -> None:
     assert clean_answer("In Berlin [m3].\nMaya: bye") == "In Berlin [m3]."
     assert clean_answer("Answer: Pepper") == "Pepper"
     assert repeats("in Berlin, in Berlin, in Berlin") and not repeats("Maya lives in Berlin now.")
+
+
+def test_generator_reads_the_best_memories_within_the_answer_budget() -> None:
+    from memstage.tasks.generate import answer_evidence, answer_question
+
+    ms = [mem("a", "2023-01-01", 0.9, 60), mem("b", "2023-01-02", 0.8, 50), mem("c", "2023-01-03", 0.7, 30),
+          mem("d", "2023-01-04", 0.1, 5)]  # fmt: skip
+    assert [m["memory_id"] for m in answer_evidence(ms, 100)] == ["a", "c", "d"]  # b does not fit: skipped
+    assert [m["memory_id"] for m in answer_evidence(ms, 100, top=2)] == ["a"]  # top first, then the budget
+    assert len(answer_evidence(ms, None)) == 4
+    [cut] = answer_evidence([mem("x", "2023-01-01", 0.5, 100, text="w " * 200)], 25)
+    assert cut["tokens"] == 25 and len(cut["text"]) < 120 and cut["text"].endswith("\u2026")  # never empty
+
+    class Seen:
+        name = "seen"
+
+        def generate(self, messages, *, max_tokens, temperature, on_text=None):
+            self.prompt, self.max_tokens = messages[1]["content"], max_tokens
+            return GenerationResult("In Berlin [m1].", 50, 40, 4, 0.01, 0.02)
+
+    engine = Seen()
+    out = answer_question(engine, {"question": "Q?", "memories": ms}, answer_budget=60)
+    assert "memory a" in engine.prompt and "memory b" not in engine.prompt and out["read"] == ["a"]
+    assert "[m1] 1 January 2023: memory a" in engine.prompt  # a day as LoCoMo's gold answers write it
+    assert engine.max_tokens <= 32  # a short answer: decoding is half of a CPU answer's time
+
+
+def test_answer_ends_at_its_first_sentence(generator) -> None:
+    from memstage.gpu.generator import GenerationOptions
+    from memstage.tasks.generate import stop_strings
+
+    msgs = [{"role": "user", "content": "Tell me three facts about Paris, one sentence each."}]
+    out = generator.generate(msgs, max_tokens=48, options=GenerationOptions(stop=stop_strings({})))
+    assert out.finish_reason == "stop" and ". " not in out.text and "\n" not in out.text

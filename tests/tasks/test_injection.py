@@ -88,7 +88,7 @@ def test_memory_cannot_close_the_fence():
     )
     user = msgs[1]["content"]
     assert user.count(f"</{tag}>") == 1 and "</memories>" not in user  # only the block's own close
-    assert "[m1] Sam (2025-01-01): " in user and "quoted records" in msgs[0]["content"]
+    assert "[m1] Sam (1 January 2025): " in user and "quoted records" in msgs[0]["content"]
     assert fence_tag("demo") == tag != fence_tag("other")  # stable per namespace: the prefix cache holds
 
 
@@ -101,7 +101,10 @@ def test_flagged_memories_are_quoted_with_a_warning_or_held_out():
     quoted = layout(retrieval)
     user = quoted.messages[1]["content"]
     assert (
-        "BANANA" not in user and "flagged" in user and "Maya (2025-01-01): Maya" in user and quoted.held == 0
+        "BANANA" not in user
+        and "flagged" in user
+        and "Maya (1 January 2025): Maya" in user
+        and quoted.held == 0
     )
     held = layout(retrieval, flagged="hold")
     assert "[m2]" not in held.messages[1]["content"] and held.held == 1 and held.refs == {"m1": "a"}
