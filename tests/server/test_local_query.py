@@ -100,21 +100,23 @@ def test_stale_service_file_is_ignored(tmp_path):
     assert not (tmp_path / SERVICE_FILE).exists()
 
 
-def test_cold_retrieve_without_prefect_server_imports_no_prefect(indexed_sample):
+def test_cold_retrieve_imports_neither_prefect_nor_sentence_transformers(indexed_sample):
     """No service, no PREFECT_API_URL: the steps run in-process without Prefect, and are recorded."""
     from memstage.stores import queries
 
     code = (
         "import sys, json; from memstage.cli.main import main; "
         f"rc = main(['retrieve', {QUESTION!r}, '--namespace', 'demo', '--home', {str(indexed_sample.home)!r},"
-        " '--json']); print(json.dumps({'rc': rc, 'prefect': 'prefect' in sys.modules}), file=sys.stderr)"
+        " '--json']); print(json.dumps({'rc': rc, 'prefect': 'prefect' in sys.modules,"
+        " 'sentence_transformers': 'sentence_transformers' in sys.modules}), file=sys.stderr)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO.parent, timeout=300
     )
     status = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert status == {"rc": 0, "prefect": False}, proc.stderr[-2000:]
+    # nor sentence-transformers (seconds of imports): the query encoder loads with transformers alone
+    assert status == {"rc": 0, "prefect": False, "sentence_transformers": False}, proc.stderr[-2000:]
     assert "cold query" in proc.stderr and "no PREFECT_API_URL" in proc.stderr
     assert json.loads(proc.stdout)["memories"]
     runs = [r for r in queries.runs(indexed_sample, "demo") if r["stage"] == "query"]
