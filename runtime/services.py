@@ -8,6 +8,7 @@ query in the same worker never reloads a model or an index.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -29,6 +30,7 @@ class MemoryServices:
         self._store: MemoryStore | None = None
         self._threads = threads
         self._lock = threading.Lock()
+        self._gen_lock = threading.Lock()  # the generator loads beside the encoder, not after it
         self._encode_lock = threading.Lock()
         self._encoder = None
         self._counter = None
@@ -83,12 +85,25 @@ class MemoryServices:
     def generator(self, engine: str | None = None) -> Any:
         """The generator of `engine` (default: MEMSTAGE_GENERATOR), loaded once and kept."""
         engine = engine or get_settings().generator
-        with self._lock:
+        with self._gen_lock:
             if engine not in self._generators:
                 from memstage.gpu.generator import make_generator
 
                 self._generators[engine] = make_generator(engine, self.store.models_dir())
             return self._generators[engine]
+
+    def preload_generator(self, engine: str | None = None) -> threading.Thread:
+        """Load the generator on a thread of its own (a cold query loads the encoder and indexes
+        meanwhile); a failure is left for the caller's own `generator()` call to raise."""
+
+        def load() -> None:
+            # a failure is raised again, with its message, where the answer needs the generator
+            with contextlib.suppress(Exception):
+                self.generator(engine)
+
+        thread = threading.Thread(target=load, name="memstage-load-generator", daemon=True)
+        thread.start()
+        return thread
 
     def warm(self, *, generator: str | None = None) -> None:
         """Load what a query needs (overlaps with Prefect's start-up when called from a thread)."""
@@ -117,7 +132,9 @@ class MemoryServices:
         if "flagged" not in options:  # instruction-like memories: quoted with a warning, or held out
             options["flagged"] = load_policy(self.store, retrieval["namespace"])["flagged"]
         if "standing" not in options:  # the namespace's stable block goes first, so its KV cache is reused
-            memories = self.store.memories(retrieval["namespace"])
+            from memstage.stores.queries import summary_memories
+
+            memories = summary_memories(self.store, retrieval["namespace"])
             options["standing"] = standing_block(
                 memories, STANDING_BUDGET, self.counter.count, flagged=options["flagged"]
             )
