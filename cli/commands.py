@@ -135,13 +135,16 @@ def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
     import sys
 
     from memstage.server.local import ServiceError, ask, find_service
-    from memstage.tasks.as_of import parse_as_of
 
-    try:
-        as_of = parse_as_of(args.as_of)
-    except ValueError as exc:
-        raise UserError(f"--as-of: {exc}") from None
-    as_of = as_of.isoformat() if as_of else None
+    as_of = None
+    if args.as_of is not None:  # its module imports numpy: only when asked (the warm path's start-up)
+        from memstage.tasks.as_of import parse_as_of
+
+        try:
+            as_of = parse_as_of(args.as_of)
+        except ValueError as exc:
+            raise UserError(f"--as-of: {exc}") from None
+        as_of = as_of.isoformat() if as_of else None
     config = config_from(args)
     engine = getattr(args, "engine", None)
     service = None if args.no_service else find_service(config.home)

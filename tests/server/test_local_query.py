@@ -142,7 +142,7 @@ def test_query_command_line_imports_nothing_heavy_before_it_knows_where_to_ask()
     code = (
         "import sys; from memstage.cli.main import build_parser, LIGHT_COMMANDS; "
         "build_parser([LIGHT_COMMANDS['query']]).parse_args(['query', 'q', '--namespace', 'demo']); "
-        "import memstage.server.local; "
+        "import memstage.server.local, memstage.cli.commands; "
         "print(sorted(m for m in ('numpy', 'duckdb', 'pyarrow', 'prefect', 'torch', 'fastapi') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO.parent)
