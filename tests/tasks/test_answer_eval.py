@@ -46,3 +46,34 @@ def test_summary_by_category_and_spread():
     qs = [Question(f"ns{i // 10}", f"q{i}", 4, ["D1:1"]) for i in range(50)]
     picked = spread(qs, 5)
     assert [q.question for q in picked] == ["q0", "q10", "q20", "q30", "q40"] and spread(qs, None) == qs
+
+
+def test_answer_budget_run_reports_what_the_generator_read():
+    """`eval locomo --answers`' run at one answer budget: F1 beside the extractive baseline, with the
+    prompt sizes and looping answers (a generator that echoes how many memory lines it was shown)."""
+    from memstage.cli.eval_answers import _answers_at
+    from memstage.gpu.generator import GenerationResult
+
+    class Counting:
+        name = "counting"
+
+        def generate(self, messages, *, max_tokens, temperature, on_text=None):
+            lines = messages[1]["content"].count("\n[m")
+            return GenerationResult(f"Kreuzberg {lines}", 10 * lines, 0, 2, 0.01, 0.02)
+
+    class Retriever:
+        def retrieve(self, namespace, question, budget):
+            mems = [
+                {"memory_id": f"m{i}", "text": f"Maya: I live in Kreuzberg {i}.", "score": 1.0 - i / 10,
+                 "tokens": 40, "event_time": None, "level": 0}
+                for i in range(6)
+            ]  # fmt: skip
+            return {"namespace": namespace, "question": question, "memories": mems, "budget": budget}
+
+    qs = [Question("ns", "Where does Maya live?", 4, ["D1:1"], "Kreuzberg")]
+    small = _answers_at(Counting(), Retriever(), qs, {"ns": ""}, {"ns": "quote"}, 100)
+    large = _answers_at(Counting(), Retriever(), qs, {"ns": ""}, {"ns": "quote"}, 250)
+    assert small["examples"][0]["answer"] == "Kreuzberg 2" and large["examples"][0]["answer"] == "Kreuzberg 6"
+    assert small["answer_budget"] == 100 and small["generation"]["prompt_tokens_p50"] == 20
+    assert small["generation"]["answers_repeating_a_phrase_3_times"] == 0
+    assert small["extractive_f1"] == large["extractive_f1"] > 0  # the baseline reads no answer budget
