@@ -164,6 +164,7 @@ def mount_chat(
     app: FastAPI, services: Any, caller: Callable[..., Any], config: ChatConfig, metrics: Any
 ) -> None:
     """Add POST /v1/chat/completions; `caller` is the dependency that authorises the request's key."""
+    from memstage.stores.queries import summary_memories
     from memstage.tasks.generate import standing_block
 
     def prepare(
@@ -176,7 +177,8 @@ def mount_chat(
         if not question:
             raise ApiError(400, "the last user message is empty", "message_missing")
         retrieval = services.retrieve(ns, question, config.budget)
-        standing = standing_block(services.store.memories(ns), config.standing_budget, services.counter.count)
+        summaries = summary_memories(services.store, ns)  # the standing block's candidates, no embeddings
+        standing = standing_block(summaries, config.standing_budget, services.counter.count)
         return ns, retrieval, _messages(body, retrieval, standing)
 
     ok = {
