@@ -11,7 +11,9 @@ the queries are recorded in the store's `runs` table, not in a Prefect server. W
 warm queries are asked again of a `memstage serve` that reports to a `prefect server start` of its
 own (`warm_p50_prefect`; the service records each query as a flow run after answering, and
 `prefect_query_flow_runs` counts the completed `query` runs the server holds at the end).
-The generator reads MEMSTAGE_ANSWER_BUDGET tokens of the evidence (`answer_budget` in the JSON).
+The generator reads MEMSTAGE_ANSWER_BUDGET tokens of the evidence (`answer_budget` in the JSON);
+`--compare-answer-budgets 100 400` asks the warm questions again of a service at each of these
+(`warm_by_answer_budget`).
 The machine's load averages (1, 5, 15 min) are read at the start and at the end.
 
     python bench/query_latency.py --data ../shared/data/locomo/locomo-dev.json [--json] [--prefect]
@@ -169,6 +171,18 @@ def new_process_queries(args: argparse.Namespace, home: Path, questions: list[st
             for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "total_ms")
         }
         extra["warm_questions"] = len(warm)
+    for budget in args.compare_answer_budgets or ():
+        env = {**os.environ, "MEMSTAGE_ANSWER_BUDGET": str(budget)}
+        other, other_usages, _ = warm_queries(args, home, questions, env)
+        extra.setdefault("warm_by_answer_budget", {})[str(budget)] = {
+            "warm_p50": round(float(np.percentile(other, 50)), 2),
+            "prompt_tokens_p50": float(
+                np.percentile([u.get("prompt_tokens") or 0 for u in other_usages], 50)
+            ),
+            "cached_tokens_p50": float(
+                np.percentile([u.get("cached_tokens") or 0 for u in other_usages], 50)
+            ),
+        }
     if args.prefect:
         prefect, env = start_prefect(home.parent)
         try:
@@ -191,6 +205,10 @@ def main() -> int:
     ap.add_argument("--warm-questions", type=int, default=10, help="new-process queries through the service")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--prefect", action="store_true", help="also warm queries reporting to a Prefect server")
+    ap.add_argument(
+        "--compare-answer-budgets", type=int, nargs="*", default=None, metavar="TOKENS",
+        help="also warm queries with these MEMSTAGE_ANSWER_BUDGET values (a `memstage serve` each)",
+    )  # fmt: skip
     args = ap.parse_args()
     if not args.data.exists():
         print(json.dumps({"skipped": f"no data at {args.data}"}))
