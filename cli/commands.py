@@ -180,13 +180,9 @@ def _query(args: argparse.Namespace, *, answer: bool) -> dict[str, Any]:
             args.question, args.namespace, args.budget, config, engine=engine, answer=answer, as_of=as_of
         )
     from memstage.flows.query_steps import run_plain
-    from memstage.runtime.services import services
-    from memstage.settings import get_settings
     from memstage.stores.store import MemoryStore
 
     MemoryStore(config.home).require_namespace(args.namespace)
-    if answer:  # the generator loads on a second core while this thread loads the encoder and indexes
-        services(config, use_ray=False).preload_generator(engine or get_settings().generator)
     return run_plain(
         args.question, args.namespace, args.budget, config, engine=engine, answer=answer, as_of=as_of
     )

@@ -8,7 +8,6 @@ query in the same worker never reloads a model or an index.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
@@ -30,7 +29,7 @@ class MemoryServices:
         self._store: MemoryStore | None = None
         self._threads = threads
         self._lock = threading.Lock()
-        self._gen_lock = threading.Lock()  # the generator loads beside the encoder, not after it
+        self._gen_lock = threading.Lock()  # a generator load does not hold up the encoder or counter
         self._encode_lock = threading.Lock()
         self._encoder = None
         self._counter = None
@@ -91,19 +90,6 @@ class MemoryServices:
 
                 self._generators[engine] = make_generator(engine, self.store.models_dir())
             return self._generators[engine]
-
-    def preload_generator(self, engine: str | None = None) -> threading.Thread:
-        """Load the generator on a thread of its own (a cold query loads the encoder and indexes
-        meanwhile); a failure is left for the caller's own `generator()` call to raise."""
-
-        def load() -> None:
-            # a failure is raised again, with its message, where the answer needs the generator
-            with contextlib.suppress(Exception):
-                self.generator(engine)
-
-        thread = threading.Thread(target=load, name="memstage-load-generator", daemon=True)
-        thread.start()
-        return thread
 
     def warm(self, *, generator: str | None = None) -> None:
         """Load what a query needs (overlaps with Prefect's start-up when called from a thread)."""
