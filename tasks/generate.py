@@ -46,10 +46,10 @@ NO_REPEAT_NGRAM = 3
 # The generator reads the best-scored memories of the evidence, not all of it: SmolLM2-135M named the
 # wrong person from 19 memories of the demo and the right one from 6 (measured on the demo questions).
 # At most ANSWER_TOP of them, within the answer budget (MEMSTAGE_ANSWER_BUDGET tokens): every prompt
-# token is prefilled, ~5 ms each on one busy CPU core, while retrieval keeps its own, larger budget.
+# token is prefilled, 2-8 ms each on one busy CPU core, while retrieval keeps its own, larger budget.
 ANSWER_TOP = 6
 # A short answer: one sentence ends well within this, and the decode loop (~12 tokens/s on one busy
-# core) is the other half of a CPU answer's time. Stop strings end it at the first line break.
+# core) is the other half of a CPU answer's time. Stop strings end it at its first sentence's end.
 ANSWER_MAX_TOKENS = 32
 CountText = Callable[[str], int]  # one text -> its token count
 _PROCESS_KEY = secrets.token_bytes(16)
