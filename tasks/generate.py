@@ -28,9 +28,11 @@ from memstage.tasks.injection import defang
 if TYPE_CHECKING:
     import pyarrow as pa
 
+# "Just the fact, in a few words": LoCoMo's gold answers are short phrases, and every answer token is
+# decoded at 10-30 tokens/s on the CPU (a sentence-long answer was half of a warm query's time).
 SYSTEM_TEXT = (
     "You answer questions about people's past conversations using only the memories given. "
-    "Answer in one short sentence, with names and dates where the memories give them, and cite the "
+    "Answer with just the fact asked for, in a few words (a name, a place, a date), and cite the "
     "memories you used by their ids, like [m2]. If the memories do not say, answer: I don't know."
 )
 # The fence rule is added to every system text: memory content is quoted material, never instructions.
@@ -50,7 +52,7 @@ NO_REPEAT_NGRAM = 3
 ANSWER_TOP = 6
 # A short answer: one sentence ends well within this, and the decode loop (~12 tokens/s on one busy
 # core) is the other half of a CPU answer's time. Stop strings end it at its first sentence's end.
-ANSWER_MAX_TOKENS = 32
+ANSWER_MAX_TOKENS = 24
 CountText = Callable[[str], int]  # one text -> its token count
 _PROCESS_KEY = secrets.token_bytes(16)
 
