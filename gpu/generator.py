@@ -132,13 +132,21 @@ class TransformersGenerator(Generator):
 
     @classmethod
     def load(
-        cls, model_dir: Path | str, device: str | None = None, *, cache_bytes: int = DEFAULT_CACHE_BYTES
+        cls,
+        model_dir: Path | str,
+        device: str | None = None,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        dtype_name: str | None = None,
     ) -> TransformersGenerator:
+        """`dtype_name` (float32, bfloat16) overrides `generator_dtype`. In bfloat16 a prefill that starts
+        from cached keys and values rounds differently from a full one, so a greedy answer may differ
+        from the uncached one by a token; in float32 they are identical (tests/gpu/test_kv_cache.py)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
-        dtype = getattr(torch, generator_dtype(dev))
+        dtype = getattr(torch, dtype_name or generator_dtype(dev))
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev)
         return cls(model, tok, cache_bytes=cache_bytes)

@@ -28,7 +28,28 @@ def generator(tmp_path_factory: pytest.TempPathFactory):
 
     # One conversion per test session: every test module asks for the same folder.
     models = Path(tmp_path_factory.getbasetemp()) / "models"
-    return TransformersGenerator.load(ensure_converted(models), "cpu", cache_bytes=1 << 30)
+    # float32: token identity is the cache's contract there; bfloat16 (the default on CPUs with bf16
+    # instructions) rounds a prefill from cached states differently from a full one (test below)
+    return TransformersGenerator.load(
+        ensure_converted(models), "cpu", cache_bytes=1 << 30, dtype_name="float32"
+    )
+
+
+def test_bfloat16_reuse_gives_the_same_first_token(tmp_path_factory) -> None:
+    """In bfloat16 a reused prefix changes the logits by rounding only: the greedy first token stays."""
+    from memstage.gpu.generator import TransformersGenerator
+    from memstage.gpu.tokenizer import ensure_converted
+
+    models = Path(tmp_path_factory.getbasetemp()) / "models"
+    gen = TransformersGenerator.load(
+        ensure_converted(models), "cpu", cache_bytes=1 << 28, dtype_name="bfloat16"
+    )
+    first = gen.prompt_ids([{"role": "system", "content": FACTS}, {"role": "user", "content": "Item 5?"}])
+    gen.generate_ids(first, max_new_tokens=1)  # stores the shared prefix
+    ids = gen.prompt_ids([{"role": "system", "content": FACTS}, {"role": "user", "content": "Item 6?"}])
+    cold, _ = gen.generate_ids(ids, max_new_tokens=1, use_cache=False)
+    warm, r_warm = gen.generate_ids(ids, max_new_tokens=1, use_cache=True)
+    assert r_warm.cached_tokens > 200 and cold[0] == warm[0]
 
 
 FACTS = " ".join(f"Fact {i}: item {i} is {['red', 'blue', 'green', 'black'][i % 4]}." for i in range(25))
