@@ -24,7 +24,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 # Tokens of memories the generator reads (the best-scored of the evidence), apart from the retrieval
 # budget (which stays large, for recall). Chosen on LoCoMo dev by answer F1 and latency together:
 # bench/results/answer_f1_cpu.json and query_latency_cpu.json.
-DEFAULT_ANSWER_BUDGET = 250
+DEFAULT_ANSWER_BUDGET = 100
 
 
 @dataclass(frozen=True)
