@@ -34,6 +34,8 @@ COMMAND_MODULES = [
 # Commands a person waits on: parsed with only their own module, so that a query answered by a warm
 # `memstage serve` imports no other command's dependencies (0.9 s of imports for the full parser).
 LIGHT_COMMANDS = {"query": "memstage.cli.commands", "retrieve": "memstage.cli.commands"}
+# Commands that answer a person: they get settings.SERVING_DEFAULTS (OpenMP threads that do not spin).
+SERVING_COMMANDS = ("query", "retrieve", "serve")
 
 
 class UserError(Exception):
@@ -105,9 +107,10 @@ def quiet_logs(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    apply_process_defaults()  # before any command module imports Prefect, Ray or transformers
     argv = sys.argv[1:] if argv is None else argv
     first = next((a for a in argv if not a.startswith("-")), None)
+    # before any command module imports Prefect, Ray or transformers
+    apply_process_defaults(serving=first in SERVING_COMMANDS)
     parser = build_parser([LIGHT_COMMANDS[first]] if first in LIGHT_COMMANDS else None)
     args = parser.parse_args(argv)
     quiet_logs(args.verbose)

@@ -152,7 +152,16 @@ PROCESS_DEFAULTS = {
 }
 
 
-def apply_process_defaults() -> None:
-    """Set PROCESS_DEFAULTS where unset. Called by entry points, never at import time."""
-    for name, value in PROCESS_DEFAULTS.items():
+# Defaults of the processes a person waits on (`memstage serve`, `query`, `retrieve`): torch's OpenMP
+# threads sleep between operations instead of spinning. `memstage serve` answers on a pool of request
+# threads, each with its own OpenMP team, and idle teams that spin starve the one computing: with the
+# default 2 threads on the shared 2-core machine, a warm query's p50 was 19.2 s spinning, 1.09 s passive
+# (bench/results/query_latency_cpu.json). Read when torch starts, so set before it is imported.
+SERVING_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_process_defaults(*, serving: bool = False) -> None:
+    """Set PROCESS_DEFAULTS (and with `serving`, SERVING_DEFAULTS) where unset. Called by entry points,
+    never at import time."""
+    for name, value in {**PROCESS_DEFAULTS, **(SERVING_DEFAULTS if serving else {})}.items():
         os.environ.setdefault(name, value)

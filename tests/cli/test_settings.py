@@ -8,6 +8,7 @@ for it (a real HTTP server that records what it was sent), and `memstage query` 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +77,33 @@ def test_importing_memstage_changes_no_environment() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_serving_commands_get_passive_openmp_threads_unless_set() -> None:
+    """`memstage serve/query/retrieve` set OMP_WAIT_POLICY=PASSIVE before torch starts (spinning idle
+    OpenMP teams of the server's request threads made a warm query 18x slower); other commands do not,
+    and a value already set wins."""
+    import subprocess
+    import sys
+
+    from memstage.cli.main import SERVING_COMMANDS
+
+    code = (
+        "import os; from memstage.settings import apply_process_defaults as a; "
+        "a(); plain = os.environ.get('OMP_WAIT_POLICY'); a(serving=True); print(plain, os.environ['OMP_WAIT_POLICY'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["None", "PASSIVE"]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+    )
+    assert out.stdout.split() == ["ACTIVE", "ACTIVE"]
+    assert {"query", "retrieve", "serve"} <= set(SERVING_COMMANDS) and "ingest" not in SERVING_COMMANDS
 
 
 def _remote_llm(seen: list[dict]):
