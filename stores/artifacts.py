@@ -41,7 +41,7 @@ ROWS = pa.schema(
 
 _NAMESPACE_ROWS = """
 WITH m AS (
-    SELECT id, level, text, tokens, embedding, parent, event_ids, session, speaker, event_time, flag
+    SELECT id, level, text, tokens, embedding, parent, event_ids, session, speaker, event_time, flag, metadata
     FROM memories WHERE namespace = ? AND status = 'active' AND valid_to IS NULL),
 x AS (SELECT id, unnest(event_ids) AS event_id FROM m WHERE level = 0),
 ev AS (

@@ -255,9 +255,9 @@ def events_without_level0(store: MemoryStore, namespace: str) -> list[dict[str, 
 
 
 def unembedded(store: MemoryStore, namespace: str) -> pa.Table:
-    """(id, text) of the active memories whose embedding is null: new, or text changed by a stage."""
+    """(id, text, metadata) of the active memories whose embedding is null: new, or text changed by a stage."""
     return store.query(
-        "SELECT id, text FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
+        "SELECT id, text, metadata FROM memories WHERE namespace = ? AND embedding IS NULL AND status = 'active' ORDER BY id",
         [validate_namespace(namespace)],
     )
 

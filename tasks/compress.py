@@ -4,7 +4,9 @@ The default is rule-based and needs no model: drop filler sentences and pleasant
 interjections and intensifiers, resolve "I"/"my"/"you" to the speaker's / the other speaker's name,
 and pin relative times ("yesterday") to the date of the event. A memory is never made longer;
 the original stays in `events` and in the `before` of the ops row; compressed memories are marked
-in their metadata so a rerun leaves them alone.
+in their metadata so a rerun leaves them alone. A long turn (`tasks.passages`: more than
+SPLIT_WORDS words) becomes passages of whole sentences, each compressed: its memory keeps the
+first, the others are new level-0 memories of the same turn.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
-from memstage.tasks.contract import CountTokens, StageResult, make_op, memories_table, ops_table, timed
+from memstage.tasks.contract import CountTokens, StageResult, memories_table, ops_table, timed
 from memstage.tasks.injection import flag_text
+from memstage.tasks.passages import choose, passage_op, units_of
 
 COMPRESS_VERSION = 1
 
@@ -347,40 +350,31 @@ def run_compress(
     count_tokens: CountTokens,
     flow_run_id: str | None = None,
 ) -> StageResult:
-    """Compress every active level-0 memory not compressed yet; one transaction for all rows and ops."""
+    """Compress every active level-0 memory not compressed yet (a long turn's as passages, each
+    compressed); one transaction for all rows and ops."""
     result = StageResult("compress", namespace)
     with timed(result):
         mem = store.memories(namespace, level=0, status="active", current=False).to_pylist()
         todo = [m for m in mem if "compressed" not in json.loads(m["metadata"] or "{}")]
-        candidates = candidate_texts(todo, queries.session_speakers(store, namespace))
+        units = units_of(todo)
+        candidates = [[*c, u["text"]] for c, u in zip(candidate_texts(units, queries.session_speakers(store, namespace)), units, strict=True)]  # fmt: skip
         counts = iter(count_tokens([c for cands in candidates for c in cands]))
         at = now_utc()
         rows, ops = [], []
         tokens_before = tokens_after = 0
-        for m, cands in zip(todo, candidates, strict=True):
+        for unit, cands in zip(units, candidates, strict=True):
             sized = [(c, next(counts)) for c in cands]
-            before_tokens = m["tokens"] if m["tokens"] is not None else count_tokens([m["text"]])[0]
-            best = next(((c, n) for c, n in sized if n < before_tokens and c != m["text"]), None)
-            if best is None:  # nothing shorter: leave it as it is (a rerun recomputes the same answer)
+            turn = unit.get("_turn", unit)
+            whole = turn["tokens"] if turn["tokens"] is not None else count_tokens([turn["text"]])[0]
+            chosen = choose(unit, sized, whole)
+            if chosen is None:  # nothing shorter: leave it as it is (a rerun recomputes the same answer)
                 continue
-            new = _compressed_row(m, *best, before_tokens, at)
+            base = {k: v for k, v in unit.items() if not k.startswith("_")}
+            new = _compressed_row(base, chosen[0], chosen[1], chosen[2], at)
             rows.append(new)
-            reason = f"compressed {before_tokens} -> {best[1]} tokens"
-            ops.append(
-                make_op(
-                    namespace=namespace,
-                    memory_id=m["id"],
-                    stage="compress",
-                    action="update",
-                    before=m,
-                    after=new,
-                    reason=reason,
-                    flow_run_id=flow_run_id,
-                    at=at,
-                )
-            )
-            tokens_before += before_tokens
-            tokens_after += best[1]
+            ops.append(passage_op(namespace, turn, new, unit, chosen, whole, flow_run_id, at))
+            tokens_before += chosen[2]
+            tokens_after += chosen[1]
         if rows:
             with store.writer() as w:
                 w.insert("memories", memories_table(rows), replace=True)
@@ -388,6 +382,7 @@ def run_compress(
         result.changed = len(rows)
         result.figures = {
             "memories_seen": len(mem),
+            "turns_split": len({u["_turn"]["id"] for u in units if u["_split"] > 1}),
             "tokens_before": tokens_before,
             "tokens_after": tokens_after,
             "ratio": round(tokens_after / tokens_before, 4) if tokens_before else 1.0,

@@ -31,6 +31,7 @@ from memstage.tasks.contract import (
 )
 from memstage.tasks.index_build import build_indexes, embedding_matrix, remove_stale_artifacts
 from memstage.tasks.injection import flag_text
+from memstage.tasks.passages import passage_source
 
 __all__ = ["build_indexes", "embedding_matrix", "remove_stale_artifacts", "run_index"]
 
@@ -61,19 +62,33 @@ def index_text(memory: dict[str, Any], events: Sequence[dict[str, Any]]) -> str:
     A level-0 memory is found by what its turn(s) said in full (`level0_text` of its source events),
     so a stage that shortens its text for the prompt (compress) does not make it harder to find:
     on the LoCoMo dev split, indexing compressed texts lost 0.03 recall@1000 against indexing the
-    originals and packing the compressed texts. Other levels are found by their own text.
+    originals and packing the compressed texts. A passage of a long turn (`tasks.passages`) is found
+    by its own original words. Other levels are found by their own text.
     """
     if memory.get("level") != 0 or not events:
         return memory["text"]
+    passage = passage_source(memory.get("metadata"))
+    if passage is not None:  # a passage of a long turn is found by its own words (tasks.passages)
+        first = events[0]
+        meta = json.loads(first["metadata"] or "{}") if passage.get("k") == 1 else {}
+        return level0_text(memory.get("speaker") or first["speaker"], passage["source"], meta)
     return "\n".join(level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in events)
 
 
-def index_texts(store: MemoryStore, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> list[str]:
-    """`index_text` of each memory id (whose stored text is in `texts`), reading source events in one query."""
+def index_texts(
+    store: MemoryStore,
+    namespace: str,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    metadata: Sequence[str | None] | None = None,
+) -> list[str]:
+    """`index_text` of each memory id (whose stored text is in `texts`, metadata JSON in `metadata`),
+    reading source events in one query."""
     events = queries.source_events(store, namespace, ids)
+    metas = metadata if metadata is not None else [None] * len(ids)
     return [
-        index_text({"level": 0, "text": t}, events[i]) if i in events else t
-        for i, t in zip(ids, texts, strict=True)
+        index_text({"level": 0, "text": t, "metadata": m}, events[i]) if i in events else t
+        for i, t, m in zip(ids, texts, metas, strict=True)
     ]
 
 
@@ -201,7 +216,8 @@ def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], l
     ids = todo.column("id").to_pylist()
     if not ids:  # the usual case on ingest: no index_texts query
         return [], []
-    return ids, index_texts(store, namespace, ids, todo.column("text").to_pylist())
+    texts, metadata = todo.column("text").to_pylist(), todo.column("metadata").to_pylist()
+    return ids, index_texts(store, namespace, ids, texts, metadata)
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:

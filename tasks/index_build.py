@@ -32,25 +32,26 @@ from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks import workers
 from memstage.tasks.contract import StageResult, timed
+from memstage.tasks.passages import turn_of
 
 KINDS = ("columns", "dense", "lexical")
+TURN_LINKS = True  # passages of a turn share the turn's neighbours (`neighbour_links`)
 
 
 def found_by_texts(part: pa.Table) -> list[str]:
-    """`index_text` of each row: a level-0 memory is found by its source turns' full words."""
-    from memstage.tasks.index import level0_text
+    """`index_text` of each row: a level-0 memory is found by its source turns' full words (a passage
+    of a long turn by its own words)."""
+    from memstage.tasks.index import index_text
 
     texts = part.column("text").to_pylist()
     if part.num_rows == 0 or int(part.column("level")[0].as_py()) != 0:
         return texts
-    out = []
-    for text, events in zip(texts, part.column("events").to_pylist(), strict=True):
-        if events:
-            text = "\n".join(
-                level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in events
-            )
-        out.append(text)
-    return out
+    columns = ("metadata", "speaker", "events")
+    values = [part.column(c).to_pylist() if c in part.column_names else [None] * len(texts) for c in columns]
+    return [
+        index_text({"level": 0, "text": text, "metadata": meta, "speaker": speaker}, events or [])
+        for text, meta, speaker, events in zip(texts, *values, strict=True)
+    ]
 
 
 def fingerprint(rows: pa.Table, found_by: dict[int, list[str]]) -> str:
@@ -108,14 +109,32 @@ def moments(emb: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray
     return mean, outer / n - np.outer(mean, mean)
 
 
+def neighbour_links(ids: list[str], change: np.ndarray) -> dict[str, np.ndarray]:
+    """Per level-0 row, the row of the previous and of the next turn of its session (-1 for none).
+    With TURN_LINKS the passages of one turn (`tasks.passages`, adjacent rows) share their turn's
+    neighbours, so each passage of an answer sits next to the question before it, as the whole turn
+    did; without, adjacent rows are neighbours."""
+    n = len(ids)
+    if n == 0:
+        return {"prev": np.zeros(0, np.int32), "next": np.zeros(0, np.int32)}
+    turn = np.asarray([turn_of(i) if TURN_LINKS else i for i in ids], dtype=object)
+    new_turn = change | np.r_[True, turn[1:] != turn[:-1]]
+    starts = np.flatnonzero(new_turn)
+    group = np.cumsum(new_turn) - 1
+    first, last = starts[group], (np.r_[starts[1:], n] - 1)[group]
+    session_ends_after = np.r_[change[1:], True]  # the row after this one starts a session (or none)
+    return {
+        "prev": np.where(change[first], -1, first - 1).astype(np.int32),
+        "next": np.where(session_ends_after[last], -1, last + 1).astype(np.int32),
+    }
+
+
 def level0_columns(part: pa.Table) -> dict[str, np.ndarray]:
     """Session codes and their start rows, neighbour links, speaker codes, event days of level 0."""
     n = part.num_rows
     session = np.asarray(part.column("session").fill_null("").to_pylist(), dtype=object)
     change = np.r_[True, session[1:] != session[:-1]] if n else np.zeros(0, bool)
     codes = (np.cumsum(change) - 1).astype(np.int32)
-    idx = np.arange(n, dtype=np.int32)
-    same_prev = ~change
     speakers = part.column("speaker").fill_null("")
     names = sorted({s for s in pc.unique(speakers).to_pylist() if s})
     speaker = pc.index_in(speakers, value_set=pa.array(names, pa.string())).fill_null(-1)
@@ -125,8 +144,7 @@ def level0_columns(part: pa.Table) -> dict[str, np.ndarray]:
     return {
         "session": codes,
         "session_start": np.flatnonzero(change).astype(np.int32),
-        "prev": np.where(same_prev, idx - 1, -1).astype(np.int32),
-        "next": np.where(np.r_[same_prev[1:], False] if n else same_prev, idx + 1, -1).astype(np.int32),
+        **neighbour_links(part.column("id").to_pylist(), change),
         "speaker": speaker.to_numpy(zero_copy_only=False).astype(np.int32),
         "days": days.to_numpy(zero_copy_only=False).astype(np.int32),
         "_names": names,
