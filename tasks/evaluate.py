@@ -3,7 +3,10 @@
 Recall of one question at one budget = the share of its evidence turns (`dia_id`s) whose own level-0
 memory (the memory whose `event_ids` hold that turn's event, original or compressed) is among the
 memories the retriever packed. Summaries and topic nodes may be packed, and their tokens count, but
-they earn no credit. Malformed evidence ids are normalised ("D8:6; D9:17" -> two ids, "D:11:26" ->
+they earn no credit. A long turn's passages (`tasks.passages`) are level-0 memories of that turn, so
+packing any one of them credits the turn: credit is per turn, as the evidence is marked (bench/
+robustness.py reports a stricter count on its `long` variant, where the passage must hold the
+evidence's words). Malformed evidence ids are normalised ("D8:6; D9:17" -> two ids, "D:11:26" ->
 "D11:26", "D30:05" -> "D30:5"); ids that name no turn of the conversation are dropped and counted.
 A QA entry's optional `question_date` (when it is asked: `tasks.as_of.parse_as_of`'s forms) is
 passed to the retriever as `as_of`; one that cannot be read is counted and left out.
