@@ -10,8 +10,10 @@
    "yes, last week!" lives next to the question it answers; a turn without one, at a session's
    edge, reads NO_NEIGHBOUR), and every turn of a session gets part of its session's score (mean of
    its SESSION_TOP best turns), so the budget goes to the right sessions;
-3. question cues: a boost for turns by the participant the question names and a smaller one for
-   the other turns of the sessions they took part in, and one for turns whose event time falls in
+3. question cues: a boost for turns by the participant the question names (only a speaker of the
+   namespace: a name that is no speaker's fires nothing; a first-person question names the speaker
+   called FIRST_PERSON, the user of a user/assistant history, when there is one) and a smaller one
+   for the other turns of the sessions they took part in, and one for turns whose event time falls in
    a period the question names ("in October 2023", "on 3 June, 2023"), or, when the question's
    date is known (`as_of`), a period relative to it ("last month", "two weeks ago").
 A row's score depends only on its session's rows, so scoring the candidates' whole sessions gives
@@ -40,6 +42,10 @@ SPEAKER = 0.4  # boost for turns by the one participant the question names
 # boost for every turn of a session that participant took part in: in a namespace of many people's
 # conversations it keeps the question on theirs; within one conversation it shifts every turn alike
 SPEAKER_SESSION = 0.5
+# The speaker a first-person question ("what did I ...", "my") asks about, when the namespace has a
+# speaker of this name and the question names none: the user of a user/assistant history.
+FIRST_PERSON = "user"
+_FIRST_PERSON = re.compile(r"\b(?:i|me|my|mine|myself|i'm|i've|i'd|i'll)\b")
 PERIOD = 1.0  # boost for turns whose event time falls in a period the question names
 PERIOD_SLACK = (timedelta(days=14), timedelta(days=40))  # an event is talked about soon after it
 NO_DAY = np.iinfo(np.int32).min  # event day of a memory without an event time
@@ -242,6 +248,8 @@ def score_rows(
     scores = scores + SESSION * session_scores(np.asarray(ns.session[rows]), scores)
     lowered = question.lower()
     named = {code for name, code in ns.speakers.items() if re.search(rf"\b{re.escape(name)}\b", lowered)}
+    if not named and FIRST_PERSON in ns.speakers and _FIRST_PERSON.search(lowered):
+        named = {ns.speakers[FIRST_PERSON]}
     if len(named) == 1:
         by_named = np.asarray(ns.speaker[rows]) == next(iter(named))
         _, inverse = np.unique(np.asarray(ns.session[rows]), return_inverse=True)
