@@ -76,9 +76,11 @@ class MemoryServices:
     @property
     def retriever(self) -> Any:
         if self._retriever is None:
+            from memstage.gpu.coalesce import CoalescingEncoder
             from memstage.tasks.retrieve import Retriever
 
-            self._retriever = Retriever(self.store, self.encoder, self.counter)
+            # questions of concurrent requests (serve's threads) share forward passes (gpu/coalesce.py)
+            self._retriever = Retriever(self.store, CoalescingEncoder(self.encoder), self.counter)
         return self._retriever
 
     def generator(self, engine: str | None = None) -> Any:

@@ -28,6 +28,7 @@ from memstage.server.guard import (
     Limits,
     authorize,
     error_json,
+    known_namespaces,
 )
 
 
@@ -40,7 +41,7 @@ def require_namespace(ns: str, store: Any) -> str:
     except NamespaceError as exc:
         raise ApiError(400, str(exc), "namespace_invalid") from exc
     try:
-        store.require_namespace(ns)
+        known_namespaces.require(store, ns)
     except NamespaceError as exc:  # say only that it is unknown: the list of other tenants stays private
         raise ApiError(404, f"namespace {ns!r} not found", "namespace_not_found") from exc
     return ns

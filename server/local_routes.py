@@ -89,13 +89,13 @@ def mount_local_routes(
 
     @app.post("/memstage/query", dependencies=dependencies, responses=responses)
     async def query(body: QueryRequest) -> dict[str, Any]:
-        check_namespace(body.namespace)
+        await run_in_threadpool(check_namespace, body.namespace)  # never a store read on the event loop
         return await run_in_threadpool(run_served_query, services, body)
 
     @app.get("/report", response_class=HTMLResponse, dependencies=dependencies, responses=responses)
     async def report(namespace: str | None = Query(default=None, max_length=128)) -> HTMLResponse:
         if namespace is not None:
-            check_namespace(namespace)
+            await run_in_threadpool(check_namespace, namespace)
 
         def draw() -> str:
             from memstage.dashboards.report import render_report
