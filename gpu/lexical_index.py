@@ -41,7 +41,10 @@ class LexicalIndex:
         self, n: int, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, vocab: dict
     ) -> None:
         self.n = n
-        self.data, self.indices, self.indptr, self.vocab = data, indices, indptr, vocab
+        # plain ndarray views of memory-mapped artifacts: np.memmap's per-index __array_finalize__ was
+        # a quarter of a served query's scoring time under load (py-spy); the pages stay mapped
+        self.data, self.indices, self.indptr = np.asarray(data), np.asarray(indices), np.asarray(indptr)
+        self.vocab = vocab
 
     def __len__(self) -> int:
         return self.n
