@@ -370,6 +370,8 @@ def run_compress(
             if chosen is None:  # nothing shorter: leave it as it is (a rerun recomputes the same answer)
                 continue
             base = {k: v for k, v in unit.items() if not k.startswith("_")}
+            if unit["_split"] > 1:  # a passage is found by its own words: the turn's vector is not its own
+                base["embedding"] = None
             new = _compressed_row(base, chosen[0], chosen[1], chosen[2], at)
             rows.append(new)
             ops.append(passage_op(namespace, turn, new, unit, chosen, whole, flow_run_id, at))

@@ -61,7 +61,9 @@ def test_long_turn_is_passages_found_and_packed_alone(store, encoder, token_coun
         ("s1", "user", "Nice, thanks!", "2023-05-01T10:02:00Z"),
     ]
     load(store, "p", turns, token_counter.count_many)
+    run_index(store, "p", embed=encoder.encode, count_tokens=token_counter.count_many)  # as ingest leaves it
     turn = next(m for m in store.memories("p", level=0).to_pylist() if m["speaker"] == "assistant")
+    assert turn["embedding"] is not None  # the whole turn's vector: no passage may inherit it
     first = run_compress(store, "p", count_tokens=token_counter.count_many, flow_run_id="run-1")
     assert first.figures["turns_split"] == 1
     mem = [m for m in store.memories("p", level=0).to_pylist() if turn_of(m["id"]) == turn["id"]]
