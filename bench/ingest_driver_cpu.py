@@ -24,14 +24,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def replicate(data: Path, copies: int, folder: Path) -> Path:
-    samples = json.loads(data.read_text())
-    out = [{**s, "sample_id": f"{s['sample_id']}-r{k}"} for k in range(copies) for s in samples]
-    path = folder / f"{data.stem}-x{copies}.json"
-    path.write_text(json.dumps(out))
-    return path
+sys.path.insert(0, str(REPO / "bench"))
+from ingest_throughput import replicate  # noqa: E402 - the throughput bench's copies of LoCoMo
 
 
 def stub_encoder() -> None:

@@ -10,13 +10,11 @@ never inside one, so the two locks are always taken in one order.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from memstage.stores.store import StoreLockedError
+from memstage.stores.writer_lock import acquire_file_lock, release_file_lock
 
 INDEXING_LOCK_FILE = ".indexing.lock"
 
@@ -24,22 +22,9 @@ INDEXING_LOCK_FILE = ".indexing.lock"
 @contextlib.contextmanager
 def indexing_lock(home: Path, wait_s: float = 6 * 3600.0) -> Iterator[None]:
     """Hold HOME's indexing lock for the block, waiting up to `wait_s` for another run to finish."""
-    fd = os.open(Path(home) / INDEXING_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_s
+    busy = f"another ingest or index run of {home} has not finished in {wait_s:.0f} s"
+    fd = acquire_file_lock(Path(home) / INDEXING_LOCK_FILE, wait_s, StoreLockedError, busy)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StoreLockedError(
-                        f"another ingest or index run of {home} has not finished in {wait_s:.0f} s"
-                    ) from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
+        release_file_lock(fd)

@@ -56,8 +56,11 @@ def gate(db_path: Path) -> threading.Lock:
         return _gates.setdefault(db_path, threading.Lock())
 
 
-def acquire_file_lock(lock_path: Path, timeout_s: float, error: type[Exception]) -> int:
-    """Take the exclusive flock (waiting up to `timeout_s`); returns its fd, with the holder written in."""
+def acquire_file_lock(
+    lock_path: Path, timeout_s: float, error: type[Exception], busy: str | None = None
+) -> int:
+    """Take the exclusive flock (waiting up to `timeout_s`); returns its fd, with the holder written in.
+    `busy`: the error's message when the wait runs out (default: the writer's, naming the holder)."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -69,7 +72,8 @@ def acquire_file_lock(lock_path: Path, timeout_s: float, error: type[Exception])
                 holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown process"
                 os.close(fd)
                 raise error(
-                    f"another writer holds {lock_path} ({holder}); wait for it to finish, "
+                    busy
+                    or f"another writer holds {lock_path} ({holder}); wait for it to finish, "
                     f"or point --home / MEMSTAGE_HOME at another data directory"
                 ) from None
             time.sleep(0.1)

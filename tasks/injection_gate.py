@@ -6,10 +6,12 @@ rot13 reading). Every memory passes through it on ingest and index, so at the GP
 it would need ~35 cores. Almost every text is clean, and a clean text usually contains none of the
 literal strings some alternative of a pattern requires.
 
-`required_literals(pattern)` walks the compiled pattern's parse tree and returns strings such that
-every match contains at least one of them (case-folded as the regex engine folds), or None when it cannot say (an alternative
-made only of character classes). `Gate.may_match(fold(text))` is then a cheap necessary condition:
-False proves the pattern cannot match, so the exact search is skipped. It never changes a result;
+`alternatives(pattern)` walks the compiled pattern's parse tree: for each top-level alternative, the
+sets of strings a match of it needs one of each (case-folded as the regex engine folds; neighbouring
+literal pieces joined, "(hi|hey) (ai|bot)" needs one of "hi ai", "hey bot", ...), or None when some
+alternative needs no literal at all. `Finder` finds every needed string in a text in one
+Aho-Corasick pass, and `Gate.may_match(found)` is then a necessary condition: False proves the
+pattern cannot match, so the exact search is skipped. It never changes a result;
 tests/tasks/test_injection_gate.py checks that on LoCoMo, the attack suite and generated texts.
 The parse tree comes from `re._parser`, the standard library's own parser (private, stable since
 Python 3.11); if it ever fails, the gate answers "may match" for everything.
@@ -25,10 +27,9 @@ from functools import cache
 import ahocorasick
 
 try:  # Python >= 3.11
-    from re import _constants as C
     from re import _parser as P
 except ImportError:  # pragma: no cover - older interpreters run without the gate
-    C = P = None
+    P = None
 
 _NEUTRAL = {"AT", "ASSERT", "ASSERT_NOT"}  # zero-width: add nothing, require nothing
 
