@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,17 +45,16 @@ class IndexPlan:
     """What one run embeds, per namespace: events that need a level-0 memory (with its text), and
     stored memories waiting for an embedding. `built`: indexes of namespaces with nothing to embed."""
 
-    level0: dict[str, tuple[list[dict[str, Any]], list[str]]]
+    level0: dict[str, tuple[pa.Table, list[str]]]
     stale: dict[str, Texts]
     built: dict[str, StageResult] = field(default_factory=dict)
 
 
 @stage_task(name="embedding-plan", task_run_name="what to embed in {label}")
 def read_plan(home: Path, namespaces: list[str], label: str) -> IndexPlan:
-    store = MemoryStore(home)
+    store = MemoryStore(home)  # one query each for all the namespaces
     return IndexPlan(
-        level0={ns: index.new_level0_events(store, ns) for ns in namespaces},
-        stale={ns: index.pending_embeddings(store, ns) for ns in namespaces},
+        level0=index.new_level0_many(store, namespaces), stale=index.pending_many(store, namespaces)
     )
 
 
@@ -99,14 +97,14 @@ def plan_indexing(config: RuntimeConfig, namespaces: list[str], pool: EncoderPoo
     plan = read_plan(config.home, namespaces, span(namespaces))
 
     def texts_of(ns: str) -> int:
-        return len(plan.level0.get(ns, ([], []))[1]) + len(plan.stale.get(ns, ([], []))[1])
+        return len(plan.level0[ns][1]) + len(plan.stale[ns][1])
 
     # Largest first: namespaces finish in this order, and the last one's commit and index build are
     # the flow's tail, with the encoders done; the smallest makes it shortest (LoCoMo dev: 0.2 s).
     for ns in sorted(namespaces, key=texts_of, reverse=True):
-        new, texts = plan.level0.get(ns, ([], []))
-        pool.submit(ns, [index.level0_id(e["id"]) for e in new], texts)
-        pool.submit(ns, *plan.stale.get(ns, ([], [])))
+        new, texts = plan.level0[ns]
+        pool.submit(ns, [index.level0_id(i) for i in new.column("id").to_pylist()], texts)
+        pool.submit(ns, *plan.stale[ns])
     pending = pool.pending_namespaces()
     plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
     return plan

@@ -254,6 +254,27 @@ def events_without_level0(store: MemoryStore, namespace: str) -> list[dict[str, 
     ).to_pylist()
 
 
+def events_without_level0_many(store: MemoryStore, namespaces: Sequence[str]) -> pa.Table:
+    """`events_without_level0` of several namespaces in one query, as columns (namespace, id, session,
+    speaker, text, event_time, metadata), ordered by namespace, session and seq."""
+    return store.query(
+        """SELECT e.namespace, e.id, e.session, e.speaker, e.text, e.event_time, e.metadata
+           FROM events e WHERE e.namespace IN (SELECT unnest(?))
+           AND NOT EXISTS (SELECT 1 FROM memories m WHERE m.namespace = e.namespace AND m.id = 'm0-' || e.id)
+           ORDER BY e.namespace, e.session, e.seq""",
+        [[validate_namespace(ns) for ns in namespaces]],
+    )
+
+
+def unembedded_many(store: MemoryStore, namespaces: Sequence[str]) -> pa.Table:
+    """`unembedded` of several namespaces in one query: (namespace, id, text, metadata) by namespace, id."""
+    return store.query(
+        "SELECT namespace, id, text, metadata FROM memories WHERE namespace IN (SELECT unnest(?)) "
+        "AND embedding IS NULL AND status = 'active' ORDER BY namespace, id",
+        [[validate_namespace(ns) for ns in namespaces]],
+    )
+
+
 def unembedded(store: MemoryStore, namespace: str) -> pa.Table:
     """(id, text, metadata) of the active memories whose embedding is null: new, or text changed by a stage."""
     return store.query(

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from memstage.stores import queries
+from memstage.stores.artifacts import split_by
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
     CountTokens,
@@ -96,7 +97,31 @@ def new_level0_events(store: MemoryStore, namespace: str) -> tuple[list[dict[str
     """The events of `namespace` that have no level-0 memory yet (never recreating one a stage
     archived), and the texts their memories will have (see `level0_rows`)."""
     new = queries.events_without_level0(store, namespace)
-    return new, [level0_text(e["speaker"], e["text"], json.loads(e["metadata"] or "{}")) for e in new]
+    texts = level0_texts([e["speaker"] for e in new], [e["text"] for e in new], [e["metadata"] for e in new])
+    return new, texts
+
+
+def new_level0_many(store: MemoryStore, namespaces: list[str]) -> dict[str, tuple[pa.Table, list[str]]]:
+    """`new_level0_events` of several namespaces, read in one query and kept as columns: namespace ->
+    (its new events: id, session, speaker, text, event_time, metadata; their level-0 texts)."""
+    table = queries.events_without_level0_many(store, namespaces)
+    out = {}
+    for ns, part in split_by(table, "namespace", namespaces).items():
+        columns = (part.column(c).to_pylist() for c in ("speaker", "text", "metadata"))
+        out[ns] = (part.drop_columns(["namespace"]), level0_texts(*columns))
+    return out
+
+
+def level0_texts(speakers: list[str], texts: list[str], metadata: list[str | None]) -> list[str]:
+    """`level0_text` of each event (metadata as its stored JSON), parsing only metadata that can hold
+    a caption: without the key's letters and without a \\u escape it has none."""
+    out = []
+    for speaker, text, meta in zip(speakers, texts, metadata, strict=True):
+        if meta and ("blip_caption" in meta or "\\u" in meta):
+            out.append(level0_text(speaker, text, json.loads(meta)))
+        else:
+            out.append(f"{speaker}: {text}")
+    return out
 
 
 def level0_rows(
@@ -218,6 +243,18 @@ def pending_embeddings(store: MemoryStore, namespace: str) -> tuple[list[str], l
         return [], []
     texts, metadata = todo.column("text").to_pylist(), todo.column("metadata").to_pylist()
     return ids, index_texts(store, namespace, ids, texts, metadata)
+
+
+def pending_many(store: MemoryStore, namespaces: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """`pending_embeddings` of several namespaces: one query for all; source events read only for
+    the namespaces that have any (none, on a plain ingest)."""
+    todo = queries.unembedded_many(store, namespaces)
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for ns, part in split_by(todo, "namespace", namespaces).items():
+        ids = part.column("id").to_pylist()
+        texts, metadata = part.column("text").to_pylist(), part.column("metadata").to_pylist()
+        out[ns] = (ids, index_texts(store, ns, ids, texts, metadata)) if ids else ([], [])
+    return out
 
 
 def embeddings_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:

@@ -31,7 +31,7 @@ from memstage.stores import artifacts
 from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks import workers
-from memstage.tasks.contract import StageResult, timed
+from memstage.tasks.contract import StageResult
 from memstage.tasks.passages import turn_of
 
 KINDS = ("columns", "dense", "lexical")
@@ -94,12 +94,22 @@ def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(codes, dtype=np.float32) * np.asarray(scale)[:, None]
 
 
+EXACT_ROWS = 20_000  # up to this many rows the covariance is summed by numpy's own loop (see moments)
+
+
 def moments(emb: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the rows (float64): q.mean and sqrt(q' cov q) are a question's dense
-    score mean and sd over the level, exactly."""
+    score mean and sd over the level, exactly. Up to EXACT_ROWS rows in float64 with einsum's loop
+    (14 ms for 550 rows): BLAS's sums depend on its thread count, and the worker pool runs one BLAS
+    thread (tasks/workers.py), so this keeps a namespace's files the same bits built in the pool or
+    inline. Above, BLAS in float32 chunks (a million rows would take einsum about 25 s)."""
     n = len(emb)
     if n == 0:
         return np.zeros(DIMS), np.zeros((DIMS, DIMS))
+    if n <= EXACT_ROWS:
+        x = np.asarray(emb, dtype=np.float64)
+        mean = x.sum(0) / n
+        return mean, np.einsum("ri,rj->ij", x, x, optimize=False) / n - np.outer(mean, mean)
     total, outer = np.zeros(DIMS), np.zeros((DIMS, DIMS))
     for lo in range(0, n, chunk):
         x = np.asarray(emb[lo : lo + chunk], dtype=np.float32)
@@ -216,16 +226,36 @@ class BuildJob:
     memories: int
 
 
+@dataclass
+class Written:
+    """What a build wrote (returned by a pool process: no tables): its manifest rows' content."""
+
+    namespace: str
+    index_dir: Path
+    version: int
+    fingerprint: str
+    memories: int
+    infos: dict[int, Any]
+
+
 def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> BuildJob | None:
     """Read the namespace's rows; None (with `result.figures` set) when its indexes are current."""
     rows = artifacts.namespace_rows(store, namespace)
+    current = store.current_indexes(namespace)
+    return plan_job(namespace, store.index_dir(namespace), rows, current, result)
+
+
+def plan_job(
+    namespace: str, index_dir: Path, rows: pa.Table, current_rows: pa.Table, result: StageResult
+) -> BuildJob | None:
+    """`plan_build` of rows already read (`artifacts.namespace_rows`, `current_manifests`)."""
     levels = {
         int(lvl): rows.filter(pc.equal(rows.column("level"), lvl))
         for lvl in pc.unique(rows.column("level")).to_pylist()
     }
     found_by = {lvl: found_by_texts(part) for lvl, part in levels.items()}
     fp = fingerprint(rows, found_by)
-    current = store.current_indexes(namespace).to_pylist()
+    current = current_rows.select(["level", "kind", "version", "fingerprint"]).to_pylist()
     have = {(r["level"], r["kind"]) for r in current}
     fresh = all((lvl, k) in have for lvl in levels for k in KINDS) and len(have) == len(levels) * len(KINDS)
     if (current and fresh and all(r["fingerprint"] == fp for r in current)) or (
@@ -236,7 +266,7 @@ def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> Build
     if rows.column("embedding").null_count:
         raise RuntimeError(f"{namespace}: memories without embeddings; run embed_missing first")
     version = max((r["version"] for r in current), default=0) + 1
-    return BuildJob(namespace, store.index_dir(namespace), version, fp, levels, found_by, rows.num_rows)
+    return BuildJob(namespace, index_dir, version, fp, levels, found_by, rows.num_rows)
 
 
 def write_artifacts(job: BuildJob) -> dict[int, Any]:
@@ -255,7 +285,22 @@ def write_artifacts(job: BuildJob) -> dict[int, Any]:
     return infos
 
 
-def manifest_rows(store: MemoryStore, job: BuildJob, infos: dict[int, Any], result: StageResult) -> pa.Table:
+def plan_and_write(
+    namespace: str, index_dir: Path, rows: pa.Table, current: pa.Table
+) -> tuple[Written | None, dict[str, Any], float]:
+    """`plan_job` then `write_artifacts` of one namespace (in a pool process, or here): what was
+    written (None when current), the figures of a namespace left as it was, and the seconds taken."""
+    start = time.perf_counter()
+    result = StageResult("index.build", namespace)
+    job = plan_job(namespace, index_dir, rows, current, result)
+    if job is None:
+        return None, result.figures, time.perf_counter() - start
+    infos = write_artifacts(job)
+    written = Written(namespace, index_dir, job.version, job.fingerprint, job.memories, infos)
+    return written, {}, time.perf_counter() - start
+
+
+def manifest_rows(store: MemoryStore, job: Written, result: StageResult) -> pa.Table:
     """The manifest rows of the written version (committed by the caller); sets `result`."""
     rel = artifacts.version_dir(job.index_dir, job.version).relative_to(store.home)
     files = {"columns": "rows.arrow", "dense": "dense.faiss", "lexical": "lexical"}
@@ -266,18 +311,18 @@ def manifest_rows(store: MemoryStore, job: BuildJob, infos: dict[int, Any], resu
             "kind": kind,
             "version": job.version,
             "path": str(rel / f"L{lvl}.{files[kind]}"),
-            "count": infos[lvl]["count"],
+            "count": job.infos[lvl]["count"],
             "model": MODEL_NAME,
             "fingerprint": job.fingerprint,
             "created_at": now_utc(),
             "current": True,
         }
-        for lvl in sorted(job.levels)
+        for lvl in sorted(job.infos)
         for kind in KINDS
     ]
-    result.changed = len(job.levels)
+    result.changed = len(job.infos)
     result.figures = {
-        "levels_rebuilt": sorted(job.levels),
+        "levels_rebuilt": sorted(job.infos),
         "memories_indexed": job.memories,
         "version": job.version,
     }
@@ -292,33 +337,33 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
 def build_many(
     store: MemoryStore, namespaces: list[str], *, flow_run_id: str | None = None, parallel: bool = False
 ) -> list[StageResult]:
-    """`build_indexes` of several namespaces: rows read here, the artifact files of the namespaces
-    that changed written on the process pool (tasks.workers) when `parallel` and more than one,
-    manifests committed here."""
+    """`build_indexes` of several namespaces: their rows and manifests read here in one query each,
+    each namespace's plan (found-by texts, fingerprint) and artifact files made on the process pool
+    (tasks.workers) when `parallel` and more than one, the manifests committed here in one transaction."""
     results = [StageResult("index.build", ns) for ns in namespaces]
-    jobs: list[tuple[StageResult, BuildJob]] = []
-    for result in results:
-        with timed(result):
-            job = plan_build(store, result.namespace, result)
-        if job is not None:
-            jobs.append((result, job))
-    pool = workers.get_pool() if parallel and len(jobs) > 1 and workers.pool_size() > 1 else None
     start = time.perf_counter()
-    written = (
-        pool.map(write_artifacts, [job for _, job in jobs])
-        if pool
-        else map(write_artifacts, (j for _, j in jobs))
-    )
+    rows = artifacts.namespaces_rows(store, namespaces)
+    current = artifacts.current_manifests(store, namespaces)
+    read_s = (time.perf_counter() - start) / max(1, len(namespaces))
+    args = [namespaces, [store.index_dir(ns) for ns in namespaces], [rows[ns] for ns in namespaces]]
+    args.append([current[ns] for ns in namespaces])
+    del rows
+    pool = workers.get_pool() if parallel and len(namespaces) > 1 and workers.pool_size() > 1 else None
+    done = list(pool.map(plan_and_write, *args) if pool else map(plan_and_write, *args))
     manifests = {}
-    for (result, job), infos in zip(jobs, written, strict=True):
-        manifests[job.namespace] = manifest_rows(store, job, infos, result)
+    for result, (written, figures, seconds) in zip(results, done, strict=True):
+        result.duration_s = read_s + seconds
+        if written is None:
+            result.figures = figures
+        else:
+            manifests[result.namespace] = manifest_rows(store, written, result)
     # one transaction for every namespace's manifest; then the older versions' files go (the
     # manifest now points at the new ones only)
     artifacts.commit_manifests(store, manifests)
-    for (result, job), rows in zip(jobs, manifests.values(), strict=True):
-        keep = {store.home / p for p in rows.column("path").to_pylist()}
-        artifacts.remove_stale(job.index_dir, keep)
-        result.duration_s += (time.perf_counter() - start) / len(jobs)  # the writes ran together
+    for ns, table in manifests.items():
+        artifacts.remove_stale(
+            store.index_dir(ns), {store.home / p for p in table.column("path").to_pylist()}
+        )
     return results
 
 

@@ -148,7 +148,19 @@ def insert_level0(store: MemoryStore, rows: pa.Table, ops: pa.Table) -> dict[str
 # ---- many namespaces at once, on the process pool ------------------------------------------------
 
 _counter: Any = None
-Part = tuple[str, list[dict[str, Any]], list[str]]  # (namespace, new events, their texts)
+Events = pa.Table | Sequence[dict[str, Any]]  # new events: columns (the flow) or rows
+Part = tuple[str, Events, list[str]]  # (namespace, new events, their texts)
+
+
+def _rows(new: Events) -> list[dict[str, Any]]:
+    return new.to_pylist() if isinstance(new, pa.Table) else list(new)
+
+
+def _piece(new: Events, start: int, stop: int) -> Events:
+    """Rows start..stop; of a table, a compact copy (a slice would carry its whole buffers to the pool)."""
+    return (
+        new.take(pa.array(range(start, stop), pa.int64())) if isinstance(new, pa.Table) else new[start:stop]
+    )
 
 
 def _count(models_root: str, texts: list[str]) -> list[int]:
@@ -167,19 +179,19 @@ def _part_tables(
     namespace, new, texts = part
     flags = [flag_text(t) for t in texts]
     return level0_tables(
-        namespace, new, texts, _count(models_root, texts), flags, flow_run_id=flow_run_id, at=at
+        namespace, _rows(new), texts, _count(models_root, texts), flags, flow_run_id=flow_run_id, at=at
     )
 
 
 def many_tables(
-    parts: dict[str, tuple[list[dict[str, Any]], list[str]]],
+    parts: dict[str, tuple[Events, list[str]]],
     count_tokens: Any,
     models_root: Path | None,
     *,
     flow_run_id: str | None,
     at: datetime,
 ) -> dict[str, tuple[pa.Table, pa.Table]]:
-    """namespace -> `level0_tables` of its (new events, texts), flags and token counts included:
+    """namespace -> `level0_tables` of its (new events as columns, texts), flags and token counts included:
     inline when they are few (or no `models_root` to count with), else in pieces of POOL_CHUNK on
     the process pool (tasks/workers.py), which does every per-text step; the same tables either way."""
     total = sum(len(texts) for _, texts in parts.values())
@@ -189,12 +201,12 @@ def many_tables(
             if texts:
                 flags = [flag_text(t) for t in texts]
                 out[ns] = level0_tables(
-                    ns, new, texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
+                    ns, _rows(new), texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
                 )
         return out
     count_tokens(["x"])  # the tokenizer's files made here once, not by every pool process at once
     pieces = [
-        (ns, new[i : i + POOL_CHUNK], texts[i : i + POOL_CHUNK])
+        (ns, _piece(new, i, min(i + POOL_CHUNK, len(texts))), texts[i : i + POOL_CHUNK])
         for ns, (new, texts) in parts.items()
         for i in range(0, len(texts), POOL_CHUNK)
     ]
