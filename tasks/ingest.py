@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from memstage.stores.schema import EVENTS, QUARANTINE
 from memstage.stores.store import MemoryStore, NamespaceError, now_utc, validate_namespace
+from memstage.tasks import workers
 from memstage.tasks.contract import StageResult, content_hash, timed
 from memstage.tasks.readers import (  # noqa: F401 - FORMATS, IngestError, detect_format: this module's API too
     FORMATS,
@@ -30,9 +31,11 @@ from memstage.tasks.readers import (  # noqa: F401 - FORMATS, IngestError, detec
     clean_text,
     describe,
     detect_format,
+    read_locomo,
     read_records,
 )
 
+PARALLEL_BYTES = 4_000_000  # a LoCoMo file this big (~10k turns) is read on the worker pool
 MAX_TEXT_CHARS = 100_000  # longer than any turn or page a person writes; bigger is a broken record
 DEFAULT_SESSION = "default"
 
@@ -161,9 +164,10 @@ def normalise(
     source: str,
     default_namespace: str | None,
     flow_run_id: str | None = None,
+    at: datetime | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Raw records -> (events, quarantine) tables; duplicates within the input collapse to one event."""
-    at = now_utc()
+    at = at or now_utc()
     events: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, Any]] = []
     next_seq: dict[tuple[str, str], int] = {}
@@ -220,11 +224,14 @@ def normalise(
 def parse_file(
     path: Path, fmt: str = "auto", namespace: str | None = None, flow_run_id: str | None = None
 ) -> tuple[pa.Table, pa.Table]:
-    """Read and validate a whole file: (events, quarantine). For LoCoMo, `namespace` is a prefix."""
+    """Read and validate a whole file: (events, quarantine). For LoCoMo, `namespace` is a prefix.
+    A big LoCoMo file is read on the worker pool, a block of samples per process (`parse_parallel`)."""
     path = Path(path)
     if namespace is not None:
         validate_namespace(namespace)
     fmt_used = check_input(path, fmt)
+    if fmt_used == "locomo" and path.stat().st_size >= PARALLEL_BYTES and workers.pool_size() > 1:
+        return parse_parallel(path, namespace, flow_run_id)
     default_ns = None if fmt_used == "locomo" else namespace
     return normalise(
         read_records(path, fmt_used, namespace),
@@ -232,6 +239,30 @@ def parse_file(
         default_namespace=default_ns,
         flow_run_id=flow_run_id,
     )
+
+
+def _parse_part(
+    path: Path, prefix: str | None, flow_run_id: str | None, at: datetime, part: tuple[int, int]
+) -> tuple[pa.Table, pa.Table]:
+    """`normalise` of one block of a LoCoMo file's samples (in a pool process)."""
+    records = read_locomo(path, prefix, part)
+    return normalise(records, source=str(path), default_namespace=None, flow_run_id=flow_run_id, at=at)
+
+
+def parse_parallel(path: Path, prefix: str | None, flow_run_id: str | None) -> tuple[pa.Table, pa.Table]:
+    """`parse_file` of a LoCoMo file on the worker pool: each process reads the file and validates one
+    contiguous block of its samples (records numbered as in the whole file, one `at` for all); the
+    blocks' tables joined in order, a turn repeated in two blocks kept once (the first, as read
+    serially). LoCoMo turns carry their position, so no block needs the one before it."""
+    parts = workers.pool_size()
+    args = [[x] * parts for x in (path, prefix, flow_run_id, now_utc())]
+    done = list(workers.get_pool().map(_parse_part, *args, [(k, parts) for k in range(parts)]))
+    events = pa.concat_tables([e for e, _ in done])
+    ids = events.column("id").to_pylist()
+    if len(set(ids)) < len(ids):
+        seen: set[str] = set()
+        events = events.filter(pa.array([not (i in seen or seen.add(i)) for i in ids], pa.bool_()))
+    return events, pa.concat_tables([q for _, q in done])
 
 
 def commit_events(store: MemoryStore, events: pa.Table, quarantine: pa.Table) -> StageResult:

@@ -35,9 +35,14 @@ class IngestError(Exception):
 @dataclass
 class RawRecord:
     record_no: int  # line number (jsonl), row number (parquet) or turn position (locomo), from 1
-    raw: str  # the record as read, for the quarantine row
+    raw_text: str | None  # the record as read, for the quarantine row (None: `source`, written on demand)
     value: dict[str, Any] | None  # parsed record, or None when it could not be parsed
     error: str | None = None
+    source: Any = None  # the parsed record whose JSON is `raw`: written only for a record quarantined
+
+    @property
+    def raw(self) -> str:
+        return self.raw_text if self.raw_text is not None else safe_json(self.source)
 
 
 def clean_text(text: str) -> str:
@@ -163,7 +168,7 @@ def read_parquet(path: Path) -> Iterator[RawRecord]:
             if isinstance(row, BaseException):
                 yield RawRecord(i, f"<parquet row {i}>", None, f"unreadable row: {describe(row)}")
             else:
-                yield RawRecord(i, safe_json(row), row)
+                yield RawRecord(i, None, row, source=row)
 
 
 def _parquet_row(part: Any, i: int) -> dict[str, Any] | BaseException:
@@ -213,15 +218,24 @@ def _loads_deep(text: str) -> Any:
     return out["value"]
 
 
-def read_locomo(path: Path, namespace_prefix: str | None) -> Iterator[RawRecord]:
+def read_locomo(
+    path: Path, namespace_prefix: str | None, part: tuple[int, int] | None = None
+) -> Iterator[RawRecord]:
+    """The turns of a LoCoMo file. `part` (k, parts): only the records of the k-th of `parts`
+    contiguous blocks of samples, numbered as in the whole file (a pool process reads one block)."""
     try:
         samples = _loads_deep(path.read_text(encoding="utf-8"))
     except RECORD_ERRORS as exc:
         raise IngestError(f"{path}: not a readable LoCoMo JSON file ({describe(exc)})") from None
     if not isinstance(samples, list):
         samples = [samples]
-    no = 0
-    for sample in samples:
+    lo, hi = (
+        (0, len(samples))
+        if part is None
+        else (len(samples) * part[0] // part[1], len(samples) * (part[0] + 1) // part[1])
+    )
+    no = sum(_record_count(sample) for sample in samples[:lo])
+    for sample in samples[lo:hi]:
         try:
             sample_id = str(sample.get("sample_id", "")) if isinstance(sample, dict) else ""
             conv = sample.get("conversation") if isinstance(sample, dict) else None
@@ -234,8 +248,7 @@ def read_locomo(path: Path, namespace_prefix: str | None) -> Iterator[RawRecord]
                 no, safe_json(sample), None, f"sample {sample_id[:100]!r} has no conversation object"
             )
             continue
-        sessions = sorted((int(m.group(1)), k) for k in conv if (m := _SESSION_KEY.match(k)))
-        for session_no, key in sessions:
+        for session_no, key in _sessions(conv):
             turns = conv[key] or []
             if not isinstance(turns, list):
                 no += 1
@@ -246,6 +259,18 @@ def read_locomo(path: Path, namespace_prefix: str | None) -> Iterator[RawRecord]
                 yield _locomo_turn(
                     no, turn, namespace, sample_id, key, seq, session_no, conv.get(f"{key}_date_time")
                 )
+
+
+def _sessions(conv: dict[str, Any]) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), k) for k in conv if (m := _SESSION_KEY.match(k)))
+
+
+def _record_count(sample: Any) -> int:
+    """How many records `read_locomo` yields for one sample (to number the records after it)."""
+    conv = sample.get("conversation") if isinstance(sample, dict) else None
+    if not isinstance(conv, dict):
+        return 1
+    return sum(len(t) if isinstance(t := conv[key] or [], list) else 1 for _, key in _sessions(conv))
 
 
 def _locomo_turn(
@@ -267,7 +292,7 @@ def _locomo_turn(
         "_time_format": "locomo",
         "_session_no": session_no,
     }
-    return RawRecord(no, safe_json(turn), value)
+    return RawRecord(no, None, value, source=turn)
 
 
 def read_records(path: Path, fmt: str, namespace: str | None) -> Iterator[RawRecord]:
