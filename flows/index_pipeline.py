@@ -101,10 +101,12 @@ def plan_indexing(config: RuntimeConfig, namespaces: list[str], pool: EncoderPoo
 
     # Largest first: namespaces finish in this order, and the last one's commit and index build are
     # the flow's tail, with the encoders done; the smallest makes it shortest (LoCoMo dev: 0.2 s).
+    parts = []
     for ns in sorted(namespaces, key=texts_of, reverse=True):
         new, texts = plan.level0[ns]
-        pool.submit(ns, [index.level0_id(i) for i in new.column("id").to_pylist()], texts)
-        pool.submit(ns, *plan.stale[ns])
+        parts.append((ns, [index.level0_id(i) for i in new.column("id").to_pylist()], texts))
+        parts.append((ns, *plan.stale[ns]))
+    pool.submit_many(parts)
     pending = pool.pending_namespaces()
     plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
     return plan
@@ -135,7 +137,7 @@ def _embed_and_index(
     created, embedded = dict.fromkeys(namespaces, 0), dict.fromkeys(namespaces, 0)
     ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet stored
 
-    with Progress("embedding", sum(n for _, n in pool.outstanding.values()), enabled=show_progress) as bar:
+    with Progress("embedding", pool.outstanding_rows(), enabled=show_progress) as bar:
         making = StageResult("index.level0", "")
         with timed(making):
             # quote: Prefect would otherwise walk every event of the plan looking for futures (2 s on LoCoMo).

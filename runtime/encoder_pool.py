@@ -66,33 +66,68 @@ class EncoderPool:
     futures: list[Any]
     chunk: int
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-    outstanding: dict[int, tuple[str, int]] = field(default_factory=dict)  # chunk id -> (namespace, rows)
+    outstanding: dict[int, list[tuple[str, int]]] = field(
+        default_factory=dict
+    )  # chunk id -> its (namespace, rows)
     _last_result: float = field(default_factory=time.monotonic)
 
     def submit(self, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> None:
         """Queue a namespace's texts as chunks, longest first (similar lengths pad little)."""
-        chunks = []
-        for part in chunked(ids, texts, self.chunk):
+        self.submit_many([(namespace, ids, texts)])
+
+    def submit_many(self, parts: Sequence[tuple[str, Sequence[str], Sequence[str]]]) -> None:
+        """Queue several namespaces' texts, in this order, each longest first: chunks are filled across
+        namespaces, so a chunk may hold the end of one and the start of the next (100 namespaces of
+        550 turns were 100 calls of 550 texts on the GPU, whose encoder wants calls of 4,096)."""
+        chunks: list[tuple[int, list[str], list[str]]] = []
+        ids_now: list[str] = []
+        texts_now: list[str] = []
+        segments: list[tuple[str, int]] = []
+
+        def flush() -> None:
             chunk_id = next(self._ids)
-            self.outstanding[chunk_id] = (namespace, len(part[0]))
-            chunks.append((chunk_id, *part))
+            self.outstanding[chunk_id] = list(segments)
+            chunks.append((chunk_id, list(ids_now), list(texts_now)))
+            ids_now.clear()
+            texts_now.clear()
+            segments.clear()
+
+        for namespace, ids, texts in parts:
+            order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+            at = 0
+            while at < len(order):
+                take = order[at : at + self.chunk - len(ids_now)]
+                ids_now.extend(ids[i] for i in take)
+                texts_now.extend(texts[i] for i in take)
+                segments.append((namespace, len(take)))
+                at += len(take)
+                if len(ids_now) == self.chunk:
+                    flush()
+        if ids_now:
+            flush()
         if chunks:
             self.broker.call("put_work", chunks)
 
     def pending_namespaces(self) -> set[str]:
         """Namespaces with a chunk still being encoded."""
-        return {namespace for namespace, _ in self.outstanding.values()}
+        return {namespace for segments in self.outstanding.values() for namespace, _ in segments}
+
+    def outstanding_rows(self) -> int:
+        return sum(n for segments in self.outstanding.values() for _, n in segments)
 
     def collect(self, timeout: float) -> list[tuple[str, pa.Table]]:
-        """(namespace, embeddings) of every chunk finished now, waiting up to `timeout` until GATHER
-        have finished (or all that are outstanding, so the last one comes back at once).
+        """(namespace, embeddings) of every chunk finished now (one pair per namespace a chunk holds),
+        waiting up to `timeout` until GATHER have finished (or all that are outstanding, so the last
+        one comes back at once).
 
         Raises when the encoders have stopped with chunks still outstanding (a crashed worker):
         what was committed stays, and rerunning the flow embeds the rest."""
         out = []
         for chunk_id, table in self.broker.call("take_results", timeout, min(GATHER, len(self.outstanding))):
-            namespace, _ = self.outstanding.pop(chunk_id)
-            out.append((namespace, table))
+            start = 0
+            for namespace, rows in self.outstanding.pop(chunk_id):
+                out.append((namespace, table.slice(start, rows)))
+                start += rows
         if out:
             self._last_result = time.monotonic()
         elif self.outstanding and time.monotonic() - self._last_result > ALIVE_CHECK_S:

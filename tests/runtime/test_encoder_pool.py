@@ -103,8 +103,10 @@ def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
     def run() -> dict[str, dict[str, np.ndarray]]:
         back: dict[str, dict[str, np.ndarray]] = {"ns-a": {}, "ns-b": {}}
         with start_encoders(config, use_ray=False) as pool:
-            for ns, ts in texts.items():
-                pool.submit(ns, [f"{ns}/{i}" for i in range(len(ts))], ts)
+            # chunks filled across namespaces: one chunk holds the end of ns-a and all of ns-b
+            pool.submit_many([(ns, [f"{ns}/{i}" for i in range(len(ts))], ts) for ns, ts in texts.items()])
+            assert any(len(segments) == 2 for segments in pool.outstanding.values())
+            assert pool.outstanding_rows() == 305
             while pool.outstanding:
                 for ns, table in pool.collect(timeout=0.5):
                     for memory_id, vec in zip(
