@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 FORMAT = 1
@@ -42,18 +41,17 @@ ROWS = pa.schema(
 
 _NAMESPACE_ROWS = """
 WITH m AS (
-    SELECT namespace, id, level, text, tokens, embedding, parent, event_ids, session, speaker, event_time,
-           flag, metadata
-    FROM memories WHERE namespace IN (SELECT unnest(?)) AND status = 'active' AND valid_to IS NULL),
-x AS (SELECT namespace, id, unnest(event_ids) AS event_id FROM m WHERE level = 0),
+    SELECT id, level, text, tokens, embedding, parent, event_ids, session, speaker, event_time, flag, metadata
+    FROM memories WHERE namespace = ? AND status = 'active' AND valid_to IS NULL),
+x AS (SELECT id, unnest(event_ids) AS event_id FROM m WHERE level = 0),
 ev AS (
-    SELECT x.namespace, x.id, min(e.seq) AS seq,
+    SELECT x.id, min(e.seq) AS seq,
            list(json_extract_string(e.metadata, '$.dia_id') ORDER BY e.seq) AS dia_ids,
            list({'speaker': e.speaker, 'text': e.text, 'metadata': e.metadata} ORDER BY e.seq) AS events
-    FROM x JOIN events e ON e.namespace = x.namespace AND e.id = x.event_id GROUP BY x.namespace, x.id)
+    FROM x JOIN events e ON e.namespace = ? AND e.id = x.event_id GROUP BY x.id)
 SELECT m.*, ev.seq, ev.dia_ids, ev.events
-FROM m LEFT JOIN ev ON ev.namespace = m.namespace AND ev.id = m.id
-ORDER BY m.namespace, m.level, coalesce(m.session, ''), coalesce(ev.seq, 1 << 30), m.id
+FROM m LEFT JOIN ev ON ev.id = m.id
+ORDER BY m.level, coalesce(m.session, ''), coalesce(ev.seq, 1 << 30), m.id
 """
 
 
@@ -61,36 +59,7 @@ def namespace_rows(store: Any, namespace: str) -> pa.Table:
     """The active, current memories of `namespace` with what their artifacts need, in artifact order:
     by level, then session and turn number (so a turn's neighbours are the adjacent rows).
     Source events are joined through unnested ids (a hash join, not a per-pair list_contains)."""
-    return namespaces_rows(store, [namespace])[namespace]
-
-
-def namespaces_rows(store: Any, namespaces: list[str]) -> dict[str, pa.Table]:
-    """`namespace_rows` of several namespaces, read in one query (one scan and join, not one per
-    namespace) and split: the same rows in the same order as read alone."""
-    rows = store.query(_NAMESPACE_ROWS, [list(namespaces)])
-    return {
-        ns: part.drop_columns(["namespace"]) for ns, part in split_by(rows, "namespace", namespaces).items()
-    }
-
-
-def split_by(rows: pa.Table, column: str, keys: list[str]) -> dict[str, pa.Table]:
-    """Rows sorted by `column` -> {key: its slice} for every key (empty for a key with no rows)."""
-    out = {k: rows.slice(0, 0) for k in keys}
-    start = 0
-    for item in pc.value_counts(rows.column(column)).to_pylist() if rows.num_rows else []:
-        out[item["values"]] = rows.slice(start, item["counts"])
-        start += item["counts"]
-    return out
-
-
-def current_manifests(store: Any, namespaces: list[str]) -> dict[str, pa.Table]:
-    """The current `index_manifest` rows of each namespace (as `store.current_indexes`), one query."""
-    rows = store.query(
-        "SELECT * FROM index_manifest WHERE namespace IN (SELECT unnest(?)) AND current "
-        "ORDER BY namespace, level, kind",
-        [list(namespaces)],
-    )
-    return split_by(rows, "namespace", namespaces)
+    return store.query(_NAMESPACE_ROWS, [namespace, namespace])
 
 
 def commit_manifest(store: Any, namespace: str, rows: pa.Table) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from memstage.stores import queries
-from memstage.stores.artifacts import split_by
+from memstage.stores.index_reads import split_by
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
     CountTokens,

@@ -1,6 +1,6 @@
 """Index build: a namespace's columnar artifacts, dense and lexical indexes, as one versioned folder.
 
-`build_indexes` reads the namespace's active memories once (`stores.artifacts.namespace_rows`, a
+`build_indexes` reads the namespace's active memories once (`stores.index_reads.namespaces_rows`, a
 hash join to their source events), and writes `indexes/<ns>/v<N>/` (layout: `stores.artifacts`):
 per level the rows retrieval returns (Arrow IPC), embeddings (int8 with a scale per row; their mean and covariance make a question's dense z-score over the
 whole level exact without scanning it), a FAISS index
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from memstage.gpu.encoder import DIMS, MODEL_NAME
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import DenseIndex, build_cpu_index
-from memstage.stores import artifacts
+from memstage.stores import artifacts, index_reads
 from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks import workers
@@ -240,7 +240,7 @@ class Written:
 
 def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> BuildJob | None:
     """Read the namespace's rows; None (with `result.figures` set) when its indexes are current."""
-    rows = artifacts.namespace_rows(store, namespace)
+    rows = index_reads.namespaces_rows(store, [namespace])[namespace]
     current = store.current_indexes(namespace)
     return plan_job(namespace, store.index_dir(namespace), rows, current, result)
 
@@ -248,7 +248,7 @@ def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> Build
 def plan_job(
     namespace: str, index_dir: Path, rows: pa.Table, current_rows: pa.Table, result: StageResult
 ) -> BuildJob | None:
-    """`plan_build` of rows already read (`artifacts.namespace_rows`, `current_manifests`)."""
+    """`plan_build` of rows already read (`index_reads.namespaces_rows`, `current_manifests`)."""
     levels = {
         int(lvl): rows.filter(pc.equal(rows.column("level"), lvl))
         for lvl in pc.unique(rows.column("level")).to_pylist()
@@ -342,8 +342,8 @@ def build_many(
     (tasks.workers) when `parallel` and more than one, the manifests committed here in one transaction."""
     results = [StageResult("index.build", ns) for ns in namespaces]
     start = time.perf_counter()
-    rows = artifacts.namespaces_rows(store, namespaces)
-    current = artifacts.current_manifests(store, namespaces)
+    rows = index_reads.namespaces_rows(store, namespaces)
+    current = index_reads.current_manifests(store, namespaces)
     read_s = (time.perf_counter() - start) / max(1, len(namespaces))
     args = [namespaces, [store.index_dir(ns) for ns in namespaces], [rows[ns] for ns in namespaces]]
     args.append([current[ns] for ns in namespaces])
