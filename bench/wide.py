@@ -158,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=32, help="concurrent serve clients (0: no serve load)")
     ap.add_argument("--queries", type=int, default=96)
     ap.add_argument("--serve-namespaces", type=int, default=16, help="namespaces the serve load asks")
+    ap.add_argument("--serve-workers", type=int, default=1, help="`memstage serve --workers` for the load")
     ap.add_argument("--max-seconds", type=float, default=3600, help="cap on the whole run's wall time")
     ap.add_argument("--data", type=Path, default=DATA, help="the LoCoMo dev split (locomo-dev.json)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
@@ -246,7 +247,7 @@ def serve_over(args: argparse.Namespace, work: Path, runs: dict, deadline: float
     w = min(done)
     namespaces = [f"w{k:05d}" for k in range(min(args.serve_namespaces, runs[w]["namespaces"]))]
     log(f"serve: {args.clients} clients over {len(namespaces)} namespaces of the W={w} store")
-    return serve_load(work / f"home-{w}", namespaces, args.clients, args.queries)
+    return serve_load(work / f"home-{w}", namespaces, args.clients, args.queries, args.serve_workers)
 
 
 def summarise(args: argparse.Namespace, got: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """`memstage serve` under concurrent clients, for bench/wide.py: latency, errors, access counts sent
 against recorded.
 
-`memstage serve --insecure-local` on loopback over a maintained store; each namespace is asked once
-(its indexes loaded), then one client asks `queries` retrieval-only questions in a row (the
+`memstage serve --insecure-local --workers W` on loopback over a maintained store; each namespace is
+asked once (its indexes loaded), then one client asks `queries` retrieval-only questions in a row (the
 single-client p95), then `clients` clients ask the same number at once; afterwards the server
-stops (its access journal is merged at shutdown) and the access counts recorded are compared with
-the memories the replies named. Standard library only on the client side (urllib).
+stops (its access journals are merged at shutdown) and the access counts recorded are compared with
+the memories the replies named. The server's CPU time per request (its processes, from /proc) is
+reported for both phases: under a closed loop of n clients on c cores, p95 can be no lower than
+about n x (CPU per request under load) / c, whatever one client's latency is. Standard library only
+on the client side (urllib).
 """
 
 from __future__ import annotations
@@ -48,7 +51,22 @@ def _pct(values: list[float], q: float) -> float:
     return round(s[min(len(s) - 1, int(q * len(s)))], 1) if s else 0.0
 
 
-def serve_load(home: Path, namespaces: list[str], clients: int, queries: int) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its children alive now (the supervisor's workers)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def serve_load(
+    home: Path, namespaces: list[str], clients: int, queries: int, workers: int = 1
+) -> dict[str, Any]:
     from memstage.stores.store import MemoryStore
 
     def recorded() -> int:
@@ -65,7 +83,7 @@ def serve_load(home: Path, namespaces: list[str], clients: int, queries: int) ->
     env.pop("PREFECT_API_URL", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "memstage.cli.main", "serve", "--insecure-local", "--host", "127.0.0.1",
-         "--port", str(port), "--home", str(home)],
+         "--port", str(port), "--home", str(home), "--workers", str(workers)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -77,9 +95,12 @@ def serve_load(home: Path, namespaces: list[str], clients: int, queries: int) ->
             time.sleep(0.5)
         work = [(namespaces[i % len(namespaces)], QUESTIONS[i % len(QUESTIONS)]) for i in range(queries)]
         warm = [_ask(base, ns, QUESTIONS[0]) for ns in namespaces]  # each namespace's indexes loaded once
+        cpu0 = _cpu_s(server.pid)
         single = [_ask(base, ns, q) for ns, q in work]
+        cpu1 = _cpu_s(server.pid)
         with ThreadPoolExecutor(clients) as pool:
             many = list(pool.map(lambda a: _ask(base, *a), work))
+        cpu2 = _cpu_s(server.pid)
     finally:
         server.send_signal(signal.SIGINT)  # uvicorn's shutdown: the lifespan merges the journal
         server.wait(120)
@@ -87,6 +108,10 @@ def serve_load(home: Path, namespaces: list[str], clients: int, queries: int) ->
     return {
         "clients": clients,
         "queries": queries,
+        "server_workers": workers,
+        "server_cpu_ms_per_request_single": round((cpu1 - cpu0) / len(work) * 1000, 2),
+        "server_cpu_ms_per_request_many": round((cpu2 - cpu1) / len(work) * 1000, 2),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "p50_ms": _pct([t for t, _, ok in many if ok], 0.5),
         "p95_ms": _pct([t for t, _, ok in many if ok], 0.95),
         "p50_single_ms": _pct([t for t, _, ok in single if ok], 0.5),

@@ -34,6 +34,7 @@ class MemoryServices:
         self._encoder = None
         self._counter = None
         self._retriever = None
+        self._retrievals: Any = None
         self._generators: dict[str, Any] = {}
 
     @property
@@ -111,7 +112,23 @@ class MemoryServices:
         return self.counter.count_many(texts)
 
     def retrieve(self, namespace: str, question: str, budget: int, **options: Any) -> dict[str, Any]:
-        return self.retriever.retrieve(namespace, question, budget, **options)
+        """One retrieval. Concurrent callers (serve's threads) are batched (gpu/coalesce.py): one forward
+        pass embeds the batch's questions, then one thread runs the retrievals one after another."""
+        with self._lock:
+            if self._retrievals is None:
+                from memstage.gpu.coalesce import Coalescer
+
+                self._retrievals = Coalescer(self._retrieve_batch, max_size=64)
+        return self._retrievals.submit((namespace, question, budget, options))
+
+    def _retrieve_batch(self, batch: list[tuple[str, str, int, dict[str, Any]]]) -> Any:
+        retriever = self.retriever
+        vectors = retriever.encoder.encode([question for _, question, _, _ in batch])
+        for (namespace, question, budget, options), qvec in zip(batch, vectors, strict=True):
+            try:
+                yield retriever.retrieve(namespace, question, budget, qvec=qvec, **options)
+            except Exception as exc:  # noqa: BLE001 - raised in that request's own caller
+                yield exc
 
     def answer(self, retrieval: dict[str, Any], engine: str | None = None, **options: Any) -> dict[str, Any]:
         from memstage.tasks.forget import load_policy

@@ -132,12 +132,15 @@ class Retriever:
         question: str,
         levels: tuple[int, ...] | None = None,
         as_of: datetime | None = None,
+        qvec: np.ndarray | None = None,
     ) -> list[tuple[int, int, float]]:
         """(level, row, score), best first: scored level-0 rows, and nodes of `levels` >= 1 when asked;
-        with `as_of`, only memories known then."""
+        with `as_of`, only memories known then. `qvec`: the question's embedding, when already made."""
         if ns.n == 0:
             return []
-        qvec = np.asarray(self.encoder.encode([question])[0], dtype=np.float32)
+        if qvec is None:
+            qvec = self.encoder.encode([question])[0]
+        qvec = np.asarray(qvec, dtype=np.float32)
         qwords = analyse([question])[0]
         wanted = set(levels or (0,)) | ({1} if self.hierarchy and not self.exhaustive else set())
         queries = {lvl: level_query(level, qvec, qwords) for lvl, level in ns.levels.items() if lvl in wanted}
@@ -190,9 +193,10 @@ class Retriever:
         *,
         levels: tuple[int, ...] | None = None,
         as_of: datetime | None = None,
+        qvec: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """The retrieval result: memories packed in score order while they fit the budget (of those
-        known at `as_of`, when given)."""
+        known at `as_of`, when given). `qvec`: the question's embedding, when the caller made it."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         if budget <= 0:
@@ -205,7 +209,7 @@ class Retriever:
             return " ".join((texts[item[0]][item[1]].as_py() or "").lower().split())
 
         chosen, used = pack_within_budget(
-            self.ranked(ns, question, levels, as_of),
+            self.ranked(ns, question, levels, as_of, qvec),
             lambda item: int(ns.levels[item[0]].tokens[item[1]]),
             budget,
             key=text_key,  # a copy of a packed memory adds nothing
@@ -215,14 +219,24 @@ class Retriever:
             "question": question,
             "budget": budget,
             "tokens": used,
-            "memories": [self._memory(ns, lvl, row, score) for lvl, row, score in chosen],
+            "memories": self._memories(ns, chosen),
             **({"as_of": as_of.isoformat()} if as_of is not None else {}),
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
 
     @staticmethod
-    def _memory(ns: LoadedNamespace, lvl: int, row: int, score: float) -> dict[str, Any]:
-        r = ns.levels[lvl].rows.slice(row, 1).to_pylist()[0]
+    def _memories(ns: LoadedNamespace, chosen: list[tuple[int, int, float]]) -> list[dict[str, Any]]:
+        """The packed memories as dicts, in packing order: one `take` per level, not a slice per row."""
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        for lvl in {lvl for lvl, _, _ in chosen}:
+            picked = [row for level, row, _ in chosen if level == lvl]
+            rows.update(
+                zip([(lvl, r) for r in picked], ns.levels[lvl].rows.take(picked).to_pylist(), strict=True)
+            )
+        return [Retriever._memory(rows[(lvl, row)], score) for lvl, row, score in chosen]
+
+    @staticmethod
+    def _memory(r: dict[str, Any], score: float) -> dict[str, Any]:
         return {
             "memory_id": r["id"],
             "text": r["text"],

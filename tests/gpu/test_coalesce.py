@@ -60,3 +60,40 @@ def test_one_caller_alone_is_one_pass_and_errors_reach_every_caller(encoder):
 
     with pytest.raises(RuntimeError, match="card gone"):
         CoalescingEncoder(Broken()).encode(["x"])
+
+
+def test_batches_of_whole_calls_deliver_each_result_or_its_own_error():
+    """The generic Coalescer (what `memstage serve` batches retrievals with): queued calls run as one
+    batch, each caller gets its own result, and an item's exception is raised in its caller only."""
+    from memstage.gpu.coalesce import Coalescer
+
+    gate, seen = threading.Event(), []
+
+    def run(items):
+        gate.wait(10)
+        seen.append(list(items))
+        for x in items:
+            yield ValueError(f"bad {x}") if x < 0 else x * 10
+
+    co = Coalescer(run, max_size=64)
+    out: dict[int, object] = {}
+
+    def call(x: int) -> None:
+        try:
+            out[x] = co.submit(x)
+        except ValueError as exc:
+            out[x] = str(exc)
+
+    threads = [threading.Thread(target=call, args=(x,)) for x in [1, 2, -3, 4, 5]]
+    threads[0].start()
+    while co.calls < 1:
+        threading.Event().wait(0.01)
+    for t in threads[1:]:
+        t.start()
+    while co.calls < 5:
+        threading.Event().wait(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert out == {1: 10, 2: 20, -3: "bad -3", 4: 40, 5: 50}
+    assert seen[0] == [1] and sorted(seen[1]) == [-3, 2, 4, 5] and co.batches == 2
