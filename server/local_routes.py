@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -88,9 +88,11 @@ def mount_local_routes(
     `dependencies` (the app's authentication) run before either route."""
 
     @app.post("/memstage/query", dependencies=dependencies, responses=responses)
-    async def query(body: QueryRequest) -> dict[str, Any]:
+    async def query(body: QueryRequest) -> JSONResponse:
         await run_in_threadpool(check_namespace, body.namespace)  # never a store read on the event loop
-        return await run_in_threadpool(run_served_query, services, body)
+        # JSON types only already: straight to json.dumps (FastAPI's jsonable_encoder walk of a 20-memory
+        # result cost 0.33 ms of a request's ~3.6 ms of server CPU under 32 clients)
+        return JSONResponse(await run_in_threadpool(run_served_query, services, body))
 
     @app.get("/report", response_class=HTMLResponse, dependencies=dependencies, responses=responses)
     async def report(namespace: str | None = Query(default=None, max_length=128)) -> HTMLResponse:
