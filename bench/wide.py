@@ -18,7 +18,8 @@ the workers' model loads included. `lost` per run: turns sent to its namespaces 
 plus namespaces left without a current index; the largest over runs. `--max-seconds` caps the
 whole run: the largest W maintains only as many namespaces as the rate measured at the W before it
 (scaled linearly to its workers) says fit the time left, reported as its `namespaces` (skipped if
-fewer than its workers); a run that overruns is killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
+fewer than its workers); `--serve-workers 1 2` runs the serve load once per `memstage serve --workers`
+count (each with its server CPU per request and closed-loop floor); a run that overruns is killed with its Ray and reported as timed out. Keep the smaller runs small (--small-namespaces)
 so that the largest maintains all N. Progress goes to stderr, the JSON to stdout (and --json). Imports:
 the standard library, numpy, pyarrow, ray, prefect and memstage (no psutil, no httpx).
 """
@@ -158,7 +159,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=32, help="concurrent serve clients (0: no serve load)")
     ap.add_argument("--queries", type=int, default=96)
     ap.add_argument("--serve-namespaces", type=int, default=16, help="namespaces the serve load asks")
-    ap.add_argument("--serve-workers", type=int, default=1, help="`memstage serve --workers` for the load")
+    ap.add_argument(
+        "--serve-workers", type=int, nargs="+", default=[1],
+        help="`memstage serve --workers` for the load; several: one load each, `serve` is the last",
+    )  # fmt: skip
     ap.add_argument("--max-seconds", type=float, default=3600, help="cap on the whole run's wall time")
     ap.add_argument("--data", type=Path, default=DATA, help="the LoCoMo dev split (locomo-dev.json)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
@@ -247,7 +251,11 @@ def serve_over(args: argparse.Namespace, work: Path, runs: dict, deadline: float
     w = min(done)
     namespaces = [f"w{k:05d}" for k in range(min(args.serve_namespaces, runs[w]["namespaces"]))]
     log(f"serve: {args.clients} clients over {len(namespaces)} namespaces of the W={w} store")
-    return serve_load(work / f"home-{w}", namespaces, args.clients, args.queries, args.serve_workers)
+    by_workers = {}
+    for n in args.serve_workers:
+        by_workers[str(n)] = serve_load(work / f"home-{w}", namespaces, args.clients, args.queries, n)
+        log(f"serve --workers {n}: {by_workers[str(n)]}")
+    return {**by_workers[str(args.serve_workers[-1])], "by_server_workers": by_workers}
 
 
 def summarise(args: argparse.Namespace, got: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
