@@ -27,6 +27,7 @@ from memstage.runtime.backends import RuntimeConfig, flow_run_id, stage_task
 from memstage.runtime.encoder_pool import WAIT_S, EncoderPool
 from memstage.runtime.progress import Progress
 from memstage.runtime.services import services
+from memstage.stores import queries
 from memstage.stores.store import MemoryStore, models_dir, now_utc
 from memstage.tasks import index, index_build, level0
 from memstage.tasks.contract import StageResult, record_runs, timed
@@ -91,25 +92,48 @@ def span(namespaces: list[str]) -> str:
     return namespaces[0] if len(namespaces) == 1 else f"{namespaces[0]} .. {namespaces[-1]}"
 
 
-def plan_indexing(config: RuntimeConfig, namespaces: list[str], pool: EncoderPool) -> IndexPlan:
+def plan_indexing(
+    config: RuntimeConfig, namespaces: list[str], pool: EncoderPool, plan: IndexPlan | None = None
+) -> IndexPlan:
     """Read what to embed, hand all of it to the encoders, and check the indexes of the namespaces
-    with nothing to embed. Call inside a store hold (three steps, one store open)."""
-    plan = read_plan(config.home, namespaces, span(namespaces))
+    with nothing to embed. Call inside a store hold (three steps, one store open). `plan`: from
+    `early_plan`, its texts with the encoders already."""
+    if plan is None:
+        plan = read_plan(config.home, namespaces, span(namespaces))
+        submit_plan(plan, namespaces, pool)
+    pending = pool.pending_namespaces()
+    plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
+    return plan
+
+
+def early_plan(config: RuntimeConfig, events: pa.Table, pool: EncoderPool) -> IndexPlan | None:
+    """When no event or memory of the input's namespaces is stored yet (a first ingest), what to
+    embed is every parsed event: their texts go to the encoders now, before the events are
+    committed and with no plan read. None otherwise (then `plan_indexing` reads the plan)."""
+    namespaces = sorted(set(events.column("namespace").to_pylist()))
+    if not namespaces or queries.any_stored(MemoryStore(config.home), namespaces):
+        return None
+    plan = IndexPlan(
+        level0=index.level0_of_events(events, namespaces), stale={ns: ([], []) for ns in namespaces}
+    )
+    submit_plan(plan, namespaces, pool)
+    return plan
+
+
+def submit_plan(plan: IndexPlan, namespaces: list[str], pool: EncoderPool) -> None:
+    """All of the plan's texts to the encoders, largest namespace first: namespaces finish in this
+    order, and the last one's commit and index build are the flow's tail, with the encoders done;
+    the smallest makes it shortest (LoCoMo dev: 0.2 s)."""
 
     def texts_of(ns: str) -> int:
         return len(plan.level0[ns][1]) + len(plan.stale[ns][1])
 
-    # Largest first: namespaces finish in this order, and the last one's commit and index build are
-    # the flow's tail, with the encoders done; the smallest makes it shortest (LoCoMo dev: 0.2 s).
     parts = []
     for ns in sorted(namespaces, key=texts_of, reverse=True):
         new, texts = plan.level0[ns]
         parts.append((ns, [index.level0_id(i) for i in new.column("id").to_pylist()], texts))
         parts.append((ns, *plan.stale[ns]))
     pool.submit_many(parts)
-    pending = pool.pending_namespaces()
-    plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
-    return plan
 
 
 def index_namespaces(

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 from prefect import flow, get_run_logger
 
-from memstage.flows.index_pipeline import index_namespaces, plan_indexing
+from memstage.flows.index_pipeline import early_plan, index_namespaces, plan_indexing
 from memstage.runtime.artifacts import publish
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
 from memstage.runtime.encoder_pool import start_encoders
@@ -70,10 +70,11 @@ def ingest_flow(
         # the memories made and embedded (no second embedding, no second set of ops rows)
         with indexing_lock(config.home):
             with store.hold():  # one store open: the events, then what to embed (the encoders start on it)
+                early = early_plan(config, events, encoders)  # a first ingest: the encoders start now
                 committed = commit_events(config.home, events, quarantine)
                 record_run(store, committed, flow_run_id=flow_run_id())
                 namespaces = committed.figures["namespaces"]
-                plan = plan_indexing(config, namespaces, encoders)
+                plan = plan_indexing(config, namespaces, encoders, plan=early)
             indexed = index_namespaces(config, namespaces, encoders, show_progress=show_progress, plan=plan)
     out = {
         **{k: v for k, v in committed.as_dict().items() if k not in ("stage", "namespace", "duration_s")},

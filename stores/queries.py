@@ -254,6 +254,20 @@ def events_without_level0(store: MemoryStore, namespace: str) -> list[dict[str, 
     ).to_pylist()
 
 
+def any_stored(store: MemoryStore, namespaces: Sequence[str]) -> bool:
+    """Whether any event or memory of these namespaces is stored."""
+    names = [validate_namespace(ns) for ns in namespaces]
+    return bool(
+        store.query(
+            "SELECT (EXISTS (SELECT 1 FROM events WHERE namespace IN (SELECT unnest(?))) OR "
+            "EXISTS (SELECT 1 FROM memories WHERE namespace IN (SELECT unnest(?)))) AS found",
+            [names, names],
+        )
+        .column("found")[0]
+        .as_py()
+    )
+
+
 def events_without_level0_many(store: MemoryStore, namespaces: Sequence[str]) -> pa.Table:
     """`events_without_level0` of several namespaces in one query, as columns (namespace, id, session,
     speaker, text, event_time, metadata), ordered by namespace, session and seq."""

@@ -112,6 +112,20 @@ def new_level0_many(store: MemoryStore, namespaces: list[str]) -> dict[str, tupl
     return out
 
 
+def level0_of_events(events: pa.Table, namespaces: list[str]) -> dict[str, tuple[pa.Table, list[str]]]:
+    """`new_level0_many` of events not stored yet (an `events` table as parsed), in the order that read
+    gives: by namespace, session and seq."""
+    order = [("namespace", "ascending"), ("session", "ascending"), ("seq", "ascending")]
+    table = events.sort_by(order).select(
+        ["namespace", "id", "session", "speaker", "text", "event_time", "metadata"]
+    )
+    out = {}
+    for ns, part in split_by(table, "namespace", namespaces).items():
+        columns = (part.column(c).to_pylist() for c in ("speaker", "text", "metadata"))
+        out[ns] = (part.drop_columns(["namespace"]), level0_texts(*columns))
+    return out
+
+
 def level0_texts(speakers: list[str], texts: list[str], metadata: list[str | None]) -> list[str]:
     """`level0_text` of each event (metadata as its stored JSON), parsing only metadata that can hold
     a caption: without the key's letters and without a \\u escape it has none."""

@@ -190,3 +190,27 @@ def test_content_hash_spells_parts_as_json_dumps_did():
     for parts in cases:
         assert content_hash(*parts) == old(*parts)
         assert content_hash(*parts, length=16) == old(*parts, length=16)
+
+
+def test_level0_of_parsed_events_equals_the_plan_read_after_commit(tmp_path):
+    """The first-ingest plan (flows.index_pipeline.early_plan: made from the parsed events, before they
+    are committed) holds what the plan read from the store after the commit holds, in its order."""
+    from memstage.stores import queries
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks.ingest import commit_events, parse_file
+
+    lines = SAMPLE.read_text().splitlines()
+    data = tmp_path / "two.jsonl"
+    data.write_text(
+        "\n".join(line.replace('"demo"', f'"{ns}"') for ns in ("beta", "alpha") for line in lines)
+    )
+    events, quarantine = parse_file(data, "jsonl")
+    store = MemoryStore(tmp_path / "home")
+    early = index.level0_of_events(events, ["alpha", "beta"])
+    assert not queries.any_stored(store, ["alpha", "beta"])
+    commit_events(store, events, quarantine)
+    assert queries.any_stored(store, ["alpha"])
+    read = index.new_level0_many(store, ["alpha", "beta"])
+    for ns in ("alpha", "beta"):
+        assert early[ns][1] == read[ns][1] and len(early[ns][1]) > 10
+        assert early[ns][0].to_pylist() == read[ns][0].to_pylist()
