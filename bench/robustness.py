@@ -4,8 +4,8 @@ raw-turn baselines (dense, BM25, RRF) measured in the same run, per budget and p
 The variants come from `tasks/robustness.py` (generated from the file, seed 0); each is evaluated like
 `memstage eval locomo FILE --baselines` (its own data directory, the maintenance chain; no exhaustive
 reference). Then, on the same store, memstage at 1000 tokens with each cue fitted on the dev split's
-surface switched off (ABLATIONS: the named-speaker boosts, the date-period boost, and the dense/BM25
-mix at 0.5 instead of 0.7), set by patching `tasks.scoring`'s module constants in this process only.
+surface switched off (ABLATIONS: the named-speaker boosts, the names learned for the speakers
+(`tasks.names`), the date-period boost, and the dense/BM25 mix at 0.5 instead of 0.7), set by patching `tasks.scoring`'s module constants in this process only.
 The JSON is rewritten after each file, so a run cut short keeps what it measured; a markdown table
 beside it (`--table`).
 
@@ -28,6 +28,7 @@ from typing import Any
 
 ABLATIONS = {
     "no_speaker_cue": {"SPEAKER": 0.0, "SPEAKER_SESSION": 0.0},
+    "no_speaker_names": {"SPEAKER_NAMES": False},
     "no_period_cue": {"PERIOD": 0.0},
     "mix_0.5": {"W_DENSE": 0.5},
 }

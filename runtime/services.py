@@ -126,7 +126,7 @@ class MemoryServices:
 
         retriever = self.retriever
         start = time.perf_counter()
-        vectors = retriever.encoder.encode([question for _, question, _, _ in batch])
+        vectors = retriever.encoder.encode([retriever.searched(ns, q) for ns, q, _, _ in batch])
         encode_ms = (time.perf_counter() - start) * 1000  # every question of the batch waited for it
         for (namespace, question, budget, options), qvec in zip(batch, vectors, strict=True):
             try:

@@ -69,6 +69,9 @@ class LoadedNamespace:
     next: np.ndarray | None = None
     speaker: np.ndarray | None = None  # speaker code, -1 for none
     speakers: dict[str, int] = field(default_factory=dict)  # lower-cased name -> code
+    # names the turns call a speaker by (`tasks.names`: "Hey Mel!" to Melanie, "I'm Sam" by user):
+    # lower-cased name -> the speaker's code; a speaker's own name is in `speakers` only
+    aliases: dict[str, int] = field(default_factory=dict)
     days: np.ndarray | None = None  # event day (days since 1970), scoring.NO_DAY for none
 
     @property
@@ -108,6 +111,12 @@ def load_namespace(folder: Path, stamp: tuple, backend: str | None = None) -> Lo
         ns.levels[int(key)] = load_level(folder, int(key), backend)
         if int(key) == 0:
             ns.speakers = {name.lower(): code for code, name in enumerate(info.get("speakers", []))}
+            codes = {name: code for code, name in enumerate(info.get("speakers", []))}
+            ns.aliases = {
+                alias: codes[who]
+                for alias, who in (info.get("aliases") or {}).items()
+                if who in codes and alias not in ns.speakers
+            }
     if 0 in ns.levels:
         for name in ("session", "session_start", "prev", "next", "speaker", "days"):
             setattr(ns, name, artifacts.load_array(folder / f"L0.{name}.npy"))

@@ -5,10 +5,11 @@ hash join to their source events), and writes `indexes/<ns>/v<N>/` (layout: `sto
 per level the rows retrieval returns (Arrow IPC), embeddings (int8 with a scale per row; their mean and covariance make a question's dense z-score over the
 whole level exact without scanning it), a FAISS index
 (flat or IVF, `gpu.vector_index`), a BM25 index over the text each memory is found by
-(`tasks.index.index_text`); for level 0 session codes, neighbour links, event days and speaker
-codes; for levels >= 1 the level-0 positions under each node (top-down search). Skipped when the
-namespace's fingerprint (ids, texts, found-by texts, parents, tokens, sessions, times) is unchanged,
-so a second run changes nothing; any change rebuilds every level as the next version.
+(`tasks.index.index_text`); for level 0 session codes, neighbour links, event days, speaker
+codes and the names the turns call each speaker by (`tasks.names`, in the manifest); for levels
+>= 1 the level-0 positions under each node (top-down search). Skipped when the namespace's
+fingerprint (ids, texts, found-by texts, speaker names, parents, tokens, sessions, times) is
+unchanged, so a second run changes nothing; any change rebuilds every level as the next version.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks import workers
 from memstage.tasks.contract import StageResult
+from memstage.tasks.names import learn_names
 from memstage.tasks.passages import turn_of
 
 KINDS = ("columns", "dense", "lexical")
@@ -54,9 +56,25 @@ def found_by_texts(part: pa.Table) -> list[str]:
     ]
 
 
-def fingerprint(rows: pa.Table, found_by: dict[int, list[str]]) -> str:
+def speaker_names(part: pa.Table | None) -> dict[str, str]:
+    """Names the level-0 turns call their speakers by (`tasks.names`): name -> speaker; each turn read
+    once (a long turn's passages share its events)."""
+    if part is None or part.num_rows == 0 or "events" not in part.column_names:
+        return {}
+    ids, sessions = part.column("id").to_pylist(), part.column("session").to_pylist()
+    events = part.column("events").to_pylist()
+    return learn_names(
+        (session, e.get("speaker"), e.get("text"))
+        for mid, session, evs in zip(ids, sessions, events, strict=True)
+        if turn_of(mid) == mid
+        for e in evs or []
+    )
+
+
+def fingerprint(rows: pa.Table, found_by: dict[int, list[str]], names: dict[str, str] | None = None) -> str:
     """Hash of everything the artifacts are made of (the embeddings follow the texts)."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(names or {}, sort_keys=True).encode())
     cols = (
         "id",
         "level",
@@ -183,7 +201,14 @@ def members(levels: dict[int, pa.Table]) -> dict[int, tuple[np.ndarray, np.ndarr
     return out
 
 
-def write_level(folder: Path, level: int, part: pa.Table, found_by: list[str], kids: Any) -> dict[str, Any]:
+def write_level(
+    folder: Path,
+    level: int,
+    part: pa.Table,
+    found_by: list[str],
+    kids: Any,
+    names: dict[str, str] | None = None,
+) -> dict[str, Any]:
     emb = embedding_matrix(part.column("embedding")) if part.num_rows else np.zeros((0, DIMS), np.float32)
     codes, scale = quantize(emb)
     rows = pa.table(
@@ -205,6 +230,7 @@ def write_level(folder: Path, level: int, part: pa.Table, found_by: list[str], k
     if level == 0:
         cols = level0_columns(part)
         info["speakers"] = cols.pop("_names")
+        info["aliases"] = dict(names or {})  # name -> speaker, learned from the turns (tasks.names)
         for name, array in cols.items():
             artifacts.save_array(folder / f"L0.{name}.npy", array)
     elif kids is not None:
@@ -224,6 +250,7 @@ class BuildJob:
     levels: dict[int, pa.Table]
     found_by: dict[int, list[str]]
     memories: int
+    names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -254,7 +281,8 @@ def plan_job(
         for lvl in pc.unique(rows.column("level")).to_pylist()
     }
     found_by = {lvl: found_by_texts(part) for lvl, part in levels.items()}
-    fp = fingerprint(rows, found_by)
+    names = speaker_names(levels.get(0))
+    fp = fingerprint(rows, found_by, names)
     current = current_rows.select(["level", "kind", "version", "fingerprint"]).to_pylist()
     have = {(r["level"], r["kind"]) for r in current}
     fresh = all((lvl, k) in have for lvl in levels for k in KINDS) and len(have) == len(levels) * len(KINDS)
@@ -266,7 +294,7 @@ def plan_job(
     if rows.column("embedding").null_count:
         raise RuntimeError(f"{namespace}: memories without embeddings; run embed_missing first")
     version = max((r["version"] for r in current), default=0) + 1
-    return BuildJob(namespace, index_dir, version, fp, levels, found_by, rows.num_rows)
+    return BuildJob(namespace, index_dir, version, fp, levels, found_by, rows.num_rows, names)
 
 
 def write_artifacts(job: BuildJob) -> dict[int, Any]:
@@ -276,7 +304,7 @@ def write_artifacts(job: BuildJob) -> dict[int, Any]:
 
     def write(folder: Path) -> None:
         for lvl, part in job.levels.items():
-            infos[lvl] = write_level(folder, lvl, part, job.found_by[lvl], kids.get(lvl))
+            infos[lvl] = write_level(folder, lvl, part, job.found_by[lvl], kids.get(lvl), job.names)
         artifacts.save_manifest(
             folder, {"version": job.version, "model": MODEL_NAME, "dims": DIMS, "levels": infos}
         )

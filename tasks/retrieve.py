@@ -2,7 +2,8 @@
 
 A `Retriever` keeps each namespace's artifacts memory-mapped (`tasks.candidates.load_namespace`)
 and reloads them only when the index stage has written a new version. Per question: the encoder
-embeds it; `tasks.candidates` picks the level-0 rows worth scoring from the dense, lexical and
+embeds it (a name the turns call a speaker by, "Caroline" for `user`, said as the speaker's label:
+`search_text`); `tasks.candidates` picks the level-0 rows worth scoring from the dense, lexical and
 hierarchy indexes and closes them under sessions; `tasks.scoring` scores them (hybrid relevance
 z-normalised over the whole namespace, neighbour and session passes, question cues). Memories are
 then packed in score order while they fit the budget (counted with the generator's tokenizer);
@@ -15,6 +16,7 @@ day reaches the scorer (relative periods: "last month", "two weeks ago").
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -25,6 +27,7 @@ import numpy as np
 from memstage.defaults import DEFAULT_BUDGET
 from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
+from memstage.tasks import scoring
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import hybrid, in_periods, level_query, question_periods, score_rows
@@ -43,6 +46,19 @@ K_LEVEL_NODES = 200  # nodes per level >= 1 that compete for the budget when `le
 
 
 T = TypeVar("T")
+
+
+def search_text(ns: LoadedNamespace, question: str) -> str:
+    """The question as the indexes are searched with: a name the turns call a speaker by
+    (`ns.aliases`: "Caroline" for `user`) is replaced by the speaker's label, since a turn is found by
+    `label: text` (`tasks.index.index_text`), as a question naming a speaker by the label would be."""
+    if not ns.aliases or not scoring.SPEAKER_NAMES:
+        return question
+    labels = {code: name for name, code in ns.speakers.items()}
+    pattern = re.compile(
+        r"\b(" + "|".join(re.escape(a) for a in sorted(ns.aliases, key=len, reverse=True)) + r")\b", re.I
+    )
+    return pattern.sub(lambda m: labels[ns.aliases[m.group(1).lower()]], question)
 
 
 def pack_within_budget(
@@ -126,6 +142,14 @@ class Retriever:
 
     # ---- ranking -------------------------------------------------------------------------------
 
+    def searched(self, namespace: str, question: str) -> str:
+        """The question as the namespace's indexes are searched with (`search_text`); the question
+        itself when the namespace cannot be loaded (its retrieval reports why)."""
+        try:
+            return search_text(self.load(namespace), question)
+        except (NamespaceError, ValueError, OSError):
+            return question
+
     def ranked(
         self,
         ns: LoadedNamespace,
@@ -138,10 +162,11 @@ class Retriever:
         with `as_of`, only memories known then. `qvec`: the question's embedding, when already made."""
         if ns.n == 0:
             return []
-        if qvec is None:
-            qvec = self.encoder.encode([question])[0]
+        searched = search_text(ns, question)
+        if qvec is None or searched != question:  # a caller's embedding is of the question as asked
+            qvec = self.encoder.encode([searched])[0]
         qvec = np.asarray(qvec, dtype=np.float32)
-        qwords = analyse([question])[0]
+        qwords = analyse([searched])[0]
         wanted = set(levels or (0,)) | ({1} if self.hierarchy and not self.exhaustive else set())
         queries = {lvl: level_query(level, qvec, qwords) for lvl, level in ns.levels.items() if lvl in wanted}
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []
