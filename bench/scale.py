@@ -3,9 +3,11 @@
     python bench/scale.py --sizes 10000 100000 1000000 --json
 
 Per size, a fresh data directory holds one namespace: a LoCoMo dev conversation planted among
-synthetic conversations (how they are made: bench/scale_data.py). The real index stage builds it,
-the real consolidate stage builds its hierarchy (clustering included), the index is rebuilt; then a
-new process (so its RSS is the query side's alone) loads the namespace and asks the planted
+synthetic conversations (how they are made, and the bench shortcuts taken: bench/scale_data.py).
+The planted turns become level-0 memories (the index stage's first steps), then the real
+consolidate stage builds the hierarchy (clustering included) and the real index stage builds the
+indexes, in `memstage maintain`'s order; each phase's seconds and peak RSS (`<phase>_s`,
+`<phase>_peak_mb`) are reported. Then a new process (so its RSS is the query side's alone) loads the namespace and asks the planted
 conversation's questions (categories 1-4 with evidence) at a 1000-token budget, warm, the
 question's encoding included, one thread (torch and FAISS); wall time (p50_ms/p95_ms) and the
 process's CPU time per question (cpu_p50_ms/cpu_p95_ms, which a busy shared machine inflates far
@@ -59,6 +61,29 @@ def timed(fn, *a, **kw) -> tuple[Any, float]:
     return out, round(time.perf_counter() - start, 2)
 
 
+class PeakRss:
+    """This process's peak RSS within a phase, sampled every 0.2 s on a thread (ru_maxrss never
+    goes back down, so it cannot tell phases apart)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = rss_mb()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.2)
+
+    def phase(self, figures: dict[str, float], name: str, fn, *a, **kw) -> Any:
+        """Run `fn`; record `{name}_s` and `{name}_peak_mb` in `figures`."""
+        self.peak = rss_mb()
+        out, figures[f"{name}_s"] = timed(fn, *a, **kw)
+        figures[f"{name}_peak_mb"] = round(max(self.peak, rss_mb()))
+        return out
+
+
 def planted_events(path: Path, conv: str, namespace: str):
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -73,21 +98,25 @@ def planted_events(path: Path, conv: str, namespace: str):
 
 
 def build(home: Path, args, size: int | None, encoder, counter, turns, emb) -> dict[str, float]:
-    """Write the namespace (synthetic part straight into the tables, planted part through ingest),
-    then run the index stage, the consolidate stage and the index build again."""
+    """Write the namespace (synthetic part straight into the tables, planted part as events), make
+    the planted level-0 memories, then run the consolidate stage and the index stage, in the order
+    `memstage maintain` runs them (each phase's seconds and peak RSS in the figures)."""
     from scale_data import node_embedder, synthetic_tables
 
     from memstage.stores.store import MemoryStore
     from memstage.tasks.consolidate import run_consolidate
-    from memstage.tasks.index import build_indexes, run_index
+    from memstage.tasks.index import run_index
 
     shutil.rmtree(home, ignore_errors=True)
     store = MemoryStore(home)
     figures: dict[str, float] = {}
+    peak = PeakRss()
     planted = planted_events(args.data, args.planted, NS)
     if size:
         n_syn = max(0, size - planted.num_rows)
-        (events, memories, means), figures["generate_s"] = timed(
+        events, memories, means = peak.phase(
+            figures,
+            "generate",
             synthetic_tables,
             turns,
             emb,
@@ -98,12 +127,7 @@ def build(home: Path, args, size: int | None, encoder, counter, turns, emb) -> d
             noise=args.noise,
             seed=args.seed,
         )
-        start = time.perf_counter()
-        for lo in range(0, events.num_rows, 100_000):
-            with store.writer() as w:
-                w.insert("events", events.slice(lo, 100_000))
-                w.insert("memories", memories.slice(lo, 100_000))
-        figures["write_s"] = round(time.perf_counter() - start, 2)
+        peak.phase(figures, "write", write_tables, store, events, memories)
         del events, memories
     else:
         means = {}
@@ -111,13 +135,29 @@ def build(home: Path, args, size: int | None, encoder, counter, turns, emb) -> d
         w.insert("events", planted)
     embed = node_embedder(encoder, means)
     kw = {"embed": embed, "count_tokens": counter.count_many}
-    _, figures["index_s"] = timed(run_index, store, NS, **kw)
-    result, figures["consolidate_s"] = timed(run_consolidate, store, NS, **kw)
+    peak.phase(figures, "level0", level0_stage, store, kw)
+    result = peak.phase(figures, "consolidate", run_consolidate, store, NS, **kw)
     figures["texts_encoded"], figures["node_texts_by_turn_mean"] = embed.real, embed.proxy
     figures["level1_nodes"] = result.figures["level1_nodes"]
     figures["level2_nodes"] = result.figures["level2_nodes"]
-    _, figures["reindex_s"] = timed(build_indexes, store, NS)
+    peak.phase(figures, "index", run_index, store, NS, **kw)
     return figures
+
+
+def level0_stage(store, kw) -> None:
+    """The index stage's first two steps (level-0 memories of the planted events, their embeddings):
+    what ingest leaves before maintenance runs consolidate and then the index stage."""
+    from memstage.tasks.index import embed_missing, materialise_level0
+
+    materialise_level0(store, NS, count_tokens=kw["count_tokens"])
+    embed_missing(store, NS, kw["embed"])
+
+
+def write_tables(store, events, memories, chunk: int = 100_000) -> None:
+    for lo in range(0, events.num_rows, chunk):
+        with store.writer() as w:
+            w.insert("events", events.slice(lo, chunk))
+            w.insert("memories", memories.slice(lo, chunk))
 
 
 def query_side(home: Path, args) -> dict[str, Any]:
@@ -224,6 +264,8 @@ def main() -> int:
     ap.add_argument("--_query", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # DuckDB's buffers bounded (its default is 80% of RAM): the 1M build shares a 24 GB machine
+    os.environ.setdefault("MEMSTAGE_DUCKDB_MEMORY", "2GB")
     if args._query is not None:
         print(json.dumps(_query_main(args._query, args)))
         return 0

@@ -8,12 +8,14 @@ How a namespace of N level-0 memories is made:
   sessions moved by a random shift of -2000..+800 days, each turn's text recombined (its own
   sentences, then with probability 1/2 one sentence of another turn of the same session) and its
   embedding the source turn's real embedding plus Gaussian noise (sigma 0.02 per dimension: cosine
-  ~0.93 to the source), re-normalised. Token counts are real (the generator's tokenizer). These rows
-  are written straight into `events` and `memories` (with embeddings), as the ingest and index
-  stages would leave them, without per-row ops (a bench shortcut: writing 1M ops rows measures
-  nothing the question needs). The consolidate stage embeds the level-1 nodes of synthetic
-  sessions as their turns' mean embedding (`node_embedder`); every other text, the planted
-  conversation's nodes and all topic nodes included, goes through the real encoder.
+  ~0.93 to the source), re-normalised. These rows are written straight into `events` and
+  `memories` (with embeddings and an injection flag), as the ingest and index stages would leave
+  them. Bench shortcuts, each measuring nothing the question needs: no per-row ops rows for them;
+  a row's token count (the generator's tokenizer) and flag come from its parts, each distinct part
+  counted and scanned once (`tokens_and_flags`: counts may be off by a token or two where names
+  were renamed). The consolidate stage embeds the level-1 nodes of synthetic sessions as their
+  turns' mean embedding (`node_embedder`); every other text, the planted conversation's nodes and
+  all topic nodes included, goes through the real encoder.
 The dev turns' real embeddings and token counts are computed once and cached under --cache.
 """
 
@@ -174,12 +176,47 @@ def cached_embeddings(turns: list[dict[str, Any]], cache: Path, encoder: Any, co
     return np.load(path)
 
 
-def _recombine(text: str, other: str, rng: np.random.Generator) -> str:
+def _recombine(text: str, other: str, rng: np.random.Generator) -> tuple[str, str | None]:
+    """The text with, half the time, one sentence of `other` inserted; and that sentence (or None)."""
     own = _SENT.split(text)
+    extra = None
     if rng.random() < 0.5:
-        extra = _SENT.split(other)
-        own.insert(int(rng.integers(0, len(own) + 1)), extra[int(rng.integers(0, len(extra)))])
-    return " ".join(own)
+        parts = _SENT.split(other)
+        at = int(rng.integers(0, len(own) + 1))
+        extra = parts[int(rng.integers(0, len(parts)))]
+        own.insert(at, extra)
+    return " ".join(own), extra
+
+
+def tokens_and_flags(
+    turns: list[dict[str, Any]], src_rows: list[int], extras: list[str | None], counter: Any
+) -> tuple[np.ndarray, list[str]]:
+    """Bench shortcut: token count and injection flag of each synthetic row from its parts, each
+    distinct part counted and scanned once (tokenizing and scanning 1M texts one by one cost ~260 s
+    of the 2-core machine's CPU at 1M): tokens = the source turn's level-0 text's + the inserted
+    sentence's (renamed names shift a count by a token or two); flag = the union of both parts'."""
+    from memstage.tasks.index import level0_text
+    from memstage.tasks.injection import flag_text
+
+    sources = sorted(set(src_rows))
+    texts = [
+        level0_text(turns[i]["speaker"], turns[i]["text"], {"blip_caption": turns[i]["caption"]})
+        for i in sources
+    ]
+    sentences = sorted({e for e in extras if e is not None})
+    counts = counter.count_many(texts + sentences)
+    tok = dict(zip(sources, counts[: len(sources)], strict=True))
+    stok = dict(zip(sentences, counts[len(sources) :], strict=True))
+    flag = {i: flag_text(t) for i, t in zip(sources, texts, strict=True)}
+    sflag = {e: flag_text(e) for e in sentences}
+    tokens = np.asarray(
+        [tok[i] + (stok[e] if e is not None else 0) for i, e in zip(src_rows, extras, strict=True)], np.int32
+    )
+    flags = [
+        ",".join(sorted(set(filter(None, (flag[i] + "," + (sflag[e] if e is not None else "")).split(",")))))
+        for i, e in zip(src_rows, extras, strict=True)
+    ]
+    return tokens, flags
 
 
 def synthetic_tables(
@@ -210,7 +247,7 @@ def synthetic_tables(
     ev: dict[str, list] = {
         k: [] for k in ("id", "session", "seq", "speaker", "text", "event_time", "metadata")
     }
-    src_rows, texts = [], []
+    src_rows, texts, extras = [], [], []
     copy = 0
     while len(src_rows) < n:
         conv = convs[copy % len(convs)]
@@ -223,7 +260,7 @@ def synthetic_tables(
         for i in rows[: n - len(src_rows)]:
             t = turns[i]
             same = session_of[(conv, t["session"])]
-            text = _recombine(t["text"], turns[same[int(rng.integers(len(same)))]]["text"], rng)
+            text, extra = _recombine(t["text"], turns[same[int(rng.integers(len(same)))]]["text"], rng)
             for old, new in names.items():
                 text = text.replace(old, new.split()[0])
             speaker = names[t["speaker"]]
@@ -239,6 +276,7 @@ def synthetic_tables(
             ev["event_time"].append(t["time"] + shift)
             ev["metadata"].append(json.dumps(meta))
             src_rows.append(i)
+            extras.append(extra)
             texts.append(level0_text(speaker, text, meta))
         copy += 1
     m = len(src_rows)
@@ -248,9 +286,7 @@ def synthetic_tables(
     )
     vec = emb[np.asarray(src_rows)] + rng.normal(0.0, noise, size=(m, emb.shape[1])).astype(np.float32)
     vec /= np.linalg.norm(vec, axis=1, keepdims=True)
-    tokens = []
-    for lo in range(0, m, 50_000):
-        tokens += counter.count_many(texts[lo : lo + 50_000])
+    tokens, flags = tokens_and_flags(turns, src_rows, extras, counter)
     flat = pa.array(vec.astype(np.float32).ravel(), pa.float32())
     memories = pa.table(
         {
@@ -270,6 +306,7 @@ def synthetic_tables(
             "access_count": pa.array(np.zeros(m, np.int32)),
             "status": ["active"] * m,
             "metadata": ev["metadata"],
+            "flag": flags,  # scanned (from its parts), as the index stage stores a new row
             "created_at": [at] * m,
             "updated_at": [at] * m,
         }

@@ -59,6 +59,9 @@ class Settings:
     # embedded 32 questions 3.1x faster than float32 here, cosine to float32's vectors >= 0.9999; else
     # float32) | float32 | bfloat16
     encoder_dtype: str = "auto"
+    # MEMSTAGE_DUCKDB_MEMORY: DuckDB's memory_limit for the store's connections, e.g. "2GB" (default:
+    # DuckDB's own, 80% of RAM): a stage committing a million rows otherwise holds gigabytes of buffers
+    duckdb_memory: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -94,6 +97,7 @@ class Settings:
             answer_budget=_positive(env, "MEMSTAGE_ANSWER_BUDGET", DEFAULT_ANSWER_BUDGET),
             generator_dtype=dtype,
             encoder_dtype=encoder_dtype,
+            duckdb_memory=_memory(env, "MEMSTAGE_DUCKDB_MEMORY"),
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -108,6 +112,15 @@ class Settings:
         if self.openai_base_url:
             out["MEMSTAGE_OPENAI_BASE_URL"] = self.openai_base_url
         return out
+
+
+def _memory(env: Mapping[str, str], var: str) -> str | None:
+    import re
+
+    value = (env.get(var) or "").strip()
+    if value and not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?)?B", value):
+        raise ValueError(f"{var}={value!r} is not an amount of memory such as 2GB or 512MiB")
+    return value or None
 
 
 def _check(var: str, value: str, allowed: tuple[str, ...]) -> None:

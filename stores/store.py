@@ -136,6 +136,8 @@ class MemoryStore:
         self.db_path = self.home / DB_FILE
         self.lock_path = self.home / LOCK_FILE
         self.lock_timeout_s = lock_timeout_s
+        memory = get_settings().duckdb_memory  # MEMSTAGE_DUCKDB_MEMORY: bounds DuckDB's buffers
+        self._config: dict[str, str] = {"memory_limit": memory} if memory else {}
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._mutex = threading.RLock()
         if not self.db_path.exists():
@@ -246,7 +248,7 @@ class MemoryStore:
         deadline = time.monotonic() + max(self.lock_timeout_s, 30.0)
         while True:
             try:
-                return duckdb.connect(str(self.db_path), read_only=read_only)
+                return duckdb.connect(str(self.db_path), read_only=read_only, config=self._config)
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if time.monotonic() >= deadline:
                     raise StoreLockedError(f"cannot open {self.db_path}: {exc}") from exc

@@ -22,6 +22,8 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from memstage.gpu.encoder import DIMS
 from memstage.stores import queries
@@ -54,6 +56,7 @@ DUP_THRESHOLD = 0.95
 # subtracting the namespace's mean node vector: one conversation's sessions all look alike (two
 # friends chatting, cosine ~0.8), and centring leaves what tells them apart.
 TOPIC_DISTANCE = 0.7
+OPS_CHUNK = 20_000  # ops rows held as Python dicts before they become an Arrow chunk (memory at 1M links)
 
 
 def _date(t: datetime | None) -> str:
@@ -87,11 +90,17 @@ class _Changes:
         self.at = now_utc()
         self.rows: dict[str, dict[str, Any]] = {}
         self.parents: dict[str, str | None] = {}  # rows whose only change is `parent`: one UPDATE
-        self.ops: list[dict[str, Any]] = []
+        self.ops: list[dict[str, Any]] = []  # the latest ops; earlier ones in `op_chunks`, in order
+        self.op_chunks: list[pa.Table] = []
+        self.op_count = 0
 
     def change(self, new: dict[str, Any], action: str, reason: str) -> None:
         old = self.all_mem.get(new["id"])
         self.rows[new["id"]] = new
+        self.op_count += 1
+        if len(self.ops) >= OPS_CHUNK:  # a million op dicts would hold ~2 GB; their Arrow form a third
+            self.op_chunks.append(ops_table(self.ops))
+            self.ops = []
         self.ops.append(
             make_op(
                 namespace=self.namespace,
@@ -107,14 +116,18 @@ class _Changes:
         )
         self.all_mem[new["id"]] = new
 
-    def relink(self, new: dict[str, Any], reason: str) -> None:
+    def relink(self, cur: dict[str, Any], parent: str | None, reason: str) -> None:
         """A parent change: an op like `change`, the row itself written by an UPDATE of `parent` alone
-        (not rewritten whole with its embedding) unless this run changes it otherwise too."""
+        (not rewritten whole with its embedding) unless this run changes it otherwise too. `cur` (the
+        latest row) is then updated in place: a second dict per child held ~1.2 GB at 1M children."""
+        new = {**cur, "parent": parent, "updated_at": self.at}
         whole = new["id"] in self.rows
         self.change(new, "link", reason)
         if not whole:
             del self.rows[new["id"]]
-            self.parents[new["id"]] = new["parent"]
+            self.parents[new["id"]] = parent
+            cur.update(parent=parent, updated_at=self.at)
+            self.all_mem[cur["id"]] = cur
 
     def commit(self, store: MemoryStore) -> None:
         if self.rows or self.parents:
@@ -123,7 +136,11 @@ class _Changes:
                 queries.set_parents(
                     w, self.namespace, list(self.parents), list(self.parents.values()), self.at
                 )
-                w.insert("ops", ops_table(self.ops))
+                ops = pa.concat_tables([*self.op_chunks, ops_table(self.ops)])
+                # op ids hash the op and this run's time, so none is stored yet: a plain INSERT
+                # (the anti-join of `insert` held ~3x the ops' bytes at 100k ops) unless two collide
+                fresh = len(pc.unique(ops.column("op_id"))) == ops.num_rows
+                w.insert("ops", ops, absent=fresh)
 
 
 Node1 = tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]  # (node, its children, their mean embedding)
@@ -247,10 +264,7 @@ def link_children(l0: list[dict[str, Any]], level1: list[Node1], changes: _Chang
     for m in l0:
         cur = changes.all_mem[m["id"]]
         if cur["parent"] != parent_of.get(m["id"]):
-            changes.relink(
-                {**cur, "parent": parent_of.get(m["id"]), "updated_at": changes.at},
-                f"child of level-1 node {parent_of.get(m['id'])}",
-            )
+            changes.relink(cur, parent_of.get(m["id"]), f"child of level-1 node {parent_of.get(m['id'])}")
 
 
 def _level0_in_order(
@@ -278,18 +292,24 @@ def _level0_in_order(
 def _load_memories(store: MemoryStore, namespace: str) -> dict[str, dict[str, Any]]:
     """Every memory of the namespace by id; `embedding` a row of one float32 matrix (or None), not a
     Python list of floats (which at 1M memories would take ~15 GB)."""
-    import pyarrow.compute as pc
-
     table = store.memories(namespace, status=None, current=False)
-    column = table.column("embedding")
-    has = column.is_valid().to_numpy(zero_copy_only=False)
-    vectors = np.zeros((len(column), DIMS), np.float32)
-    if has.any():
-        vectors[has] = pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, DIMS)
-    rows = table.drop_columns(["embedding"]).to_pylist()
-    for k, row in enumerate(rows):
-        row["embedding"] = vectors[k] if has[k] else None
-    return {r["id"]: r for r in rows}
+    has = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
+    vectors = np.zeros((table.num_rows, DIMS), np.float32)
+    lo = 0
+    for chunk in table.column("embedding").chunks:  # chunk by chunk: no second copy of the whole column
+        hi = lo + len(chunk)
+        if chunk.null_count < len(chunk):
+            vectors[lo:hi][has[lo:hi]] = (
+                pc.list_flatten(chunk).to_numpy(zero_copy_only=False).reshape(-1, DIMS)
+            )
+        lo = hi
+    table = table.drop_columns(["embedding"])
+    out: dict[str, dict[str, Any]] = {}
+    for lo in range(0, table.num_rows, 100_000):  # Python rows a slice at a time
+        for k, row in enumerate(table.slice(lo, 100_000).to_pylist(), start=lo):
+            row["embedding"] = vectors[k] if has[k] else None
+            out[row["id"]] = row
+    return out
 
 
 def run_consolidate(
@@ -326,6 +346,6 @@ def run_consolidate(
             "level1_nodes": len(level1),
             "level2_nodes": len(level2),
             "rows_changed": len(changes.rows) + len(changes.parents),
-            "ops": len(changes.ops),
+            "ops": changes.op_count,
         }
     return result

@@ -100,12 +100,16 @@ def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
     return np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, DIMS)
 
 
-def quantize(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize(emb: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes and a float32 scale per row (x ~ codes * scale): a quarter of float32's bytes, and
-    numpy widens int8 ~30x faster than float16; cosine error ~1e-3, the same for every search path."""
+    numpy widens int8 ~30x faster than float16; cosine error ~1e-3, the same for every search path.
+    In row chunks: the float32 temporaries of the whole matrix were 3 GB at 1M rows."""
     scale = np.abs(emb).max(axis=1) / 127.0 if len(emb) else np.zeros(0, np.float32)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.round(emb / scale[:, None]).astype(np.int8), scale
+    codes = np.empty(emb.shape, np.int8)
+    for lo in range(0, len(emb), chunk):
+        codes[lo : lo + chunk] = np.round(emb[lo : lo + chunk] / scale[lo : lo + chunk, None])
+    return codes, scale
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -115,22 +119,27 @@ def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
 EXACT_ROWS = 20_000  # up to this many rows the covariance is summed by numpy's own loop (see moments)
 
 
-def moments(emb: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def moments(
+    emb: np.ndarray, chunk: int = 65536, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the rows (float64): q.mean and sqrt(q' cov q) are a question's dense
     score mean and sd over the level, exactly. Up to EXACT_ROWS rows in float64 with einsum's loop
     (14 ms for 550 rows): BLAS's sums depend on its thread count, and the worker pool runs one BLAS
     thread (tasks/workers.py), so this keeps a namespace's files the same bits built in the pool or
-    inline. Above, BLAS in float32 chunks (a million rows would take einsum about 25 s)."""
+    inline. Above, BLAS in float32 chunks (a million rows would take einsum about 25 s). With
+    `scale`, `emb` holds int8 codes, dequantised a chunk at a time (as `dequantize`)."""
     n = len(emb)
     if n == 0:
         return np.zeros(DIMS), np.zeros((DIMS, DIMS))
     if n <= EXACT_ROWS:
-        x = np.asarray(emb, dtype=np.float64)
+        x = np.asarray(emb if scale is None else dequantize(emb, scale), dtype=np.float64)
         mean = x.sum(0) / n
         return mean, np.einsum("ri,rj->ij", x, x, optimize=False) / n - np.outer(mean, mean)
     total, outer = np.zeros(DIMS), np.zeros((DIMS, DIMS))
     for lo in range(0, n, chunk):
         x = np.asarray(emb[lo : lo + chunk], dtype=np.float32)
+        if scale is not None:
+            x *= np.asarray(scale[lo : lo + chunk])[:, None]
         total += x.sum(0, dtype=np.float64)
         outer += (x.T @ x).astype(np.float64)
     mean = total / n
@@ -220,7 +229,7 @@ def write_level(
     artifacts.save_rows(folder / f"L{level}.rows.arrow", rows)
     artifacts.save_array(folder / f"L{level}.emb_i8.npy", codes)
     artifacts.save_array(folder / f"L{level}.emb_scale.npy", scale)
-    mean, cov = moments(dequantize(codes, scale))
+    mean, cov = moments(codes, scale=scale)
     artifacts.save_array(folder / f"L{level}.dense_mean.npy", mean)
     artifacts.save_array(folder / f"L{level}.dense_cov.npy", cov)
     dense = DenseIndex(build_cpu_index(emb), backend="faiss-cpu")
@@ -265,6 +274,17 @@ class Written:
     infos: dict[int, Any]
 
 
+def split_levels(rows: pa.Table) -> dict[int, pa.Table]:
+    """The rows of each level: zero-copy slices, as `namespace_rows` orders rows by level (a filter
+    copied the whole table: 4.5 GB more at 1M memories)."""
+    level = rows.column("level").to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(level) and not (np.diff(level) >= 0).all():  # not ordered by level: filter
+        return {int(v): rows.filter(pc.equal(rows.column("level"), v)) for v in np.unique(level)}
+    starts = np.flatnonzero(np.r_[True, level[1:] != level[:-1]]) if len(level) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(level)]
+    return {int(level[a]): rows.slice(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)}
+
+
 def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> BuildJob | None:
     """Read the namespace's rows; None (with `result.figures` set) when its indexes are current."""
     rows = index_reads.namespaces_rows(store, [namespace])[namespace]
@@ -276,10 +296,7 @@ def plan_job(
     namespace: str, index_dir: Path, rows: pa.Table, current_rows: pa.Table, result: StageResult
 ) -> BuildJob | None:
     """`plan_build` of rows already read (`index_reads.namespaces_rows`, `current_manifests`)."""
-    levels = {
-        int(lvl): rows.filter(pc.equal(rows.column("level"), lvl))
-        for lvl in pc.unique(rows.column("level")).to_pylist()
-    }
+    levels = split_levels(rows)
     found_by = {lvl: found_by_texts(part) for lvl, part in levels.items()}
     names = speaker_names(levels.get(0))
     fp = fingerprint(rows, found_by, names)

@@ -167,3 +167,23 @@ def test_threads_reading_and_writing_one_store_wait_instead_of_failing(tmp_path)
         t.join()
     assert errors == [] and writes[0] > 0
     assert MemoryStore(tmp_path).query("SELECT count(*) AS n FROM t").column("n")[0].as_py() == writes[0]
+
+
+def test_duckdb_memory_setting_bounds_the_store_connections(tmp_path, monkeypatch) -> None:
+    """MEMSTAGE_DUCKDB_MEMORY becomes DuckDB's memory_limit on the store's connections (the scale
+    bench's 1M build needs DuckDB's buffers bounded); a value that is no amount of memory is refused."""
+    from memstage.settings import Settings, get_settings
+
+    with pytest.raises(ValueError, match="MEMSTAGE_DUCKDB_MEMORY='lots' is not an amount of memory"):
+        Settings.from_env({"MEMSTAGE_DUCKDB_MEMORY": "lots"})
+    monkeypatch.setenv("MEMSTAGE_DUCKDB_MEMORY", "512MiB")
+    get_settings.cache_clear()
+    try:
+        store = MemoryStore(tmp_path / "home")
+        limit = store.query("SELECT current_setting('memory_limit') AS m").column("m")[0].as_py()
+        with store.writer() as w:
+            in_writer = w.query("SELECT current_setting('memory_limit') AS m").column("m")[0].as_py()
+    finally:
+        get_settings.cache_clear()
+    assert limit == in_writer
+    assert limit.replace(" ", "").lower() in ("512.0mib", "512mib", "536.8mb")
