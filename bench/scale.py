@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -190,6 +189,8 @@ def _query_main(home: Path, args) -> dict[str, Any]:
     from memstage.tasks.retrieve import Retriever
 
     torch.set_num_threads(1)  # one question at a time: extra intra-op threads only add contention
+    # sampled, not ru_maxrss: a child started by the build process inherits its parent's maximum
+    peak = PeakRss()
     encoder, counter = models()
     store = MemoryStore(home)
     ns = store.namespaces()[0]
@@ -242,7 +243,7 @@ def _query_main(home: Path, args) -> dict[str, Any]:
         out["recall_exhaustive"] = round(float(np.mean([r["recall"] for r in records])), 4)
         out["p95_ms_exhaustive"] = round(float(np.percentile([r["latency_ms"] for r in records], 95)), 2)
     out["rss_mb"] = round(rss_mb())
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["peak_rss_mb"] = round(max(peak.peak, rss_mb()))
     return out
 
 
