@@ -12,6 +12,7 @@ pool spent 50-82 CPU-s a round of 55,200 turns, about 5x the per-turn CPU measur
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -19,11 +20,19 @@ _pool: ProcessPoolExecutor | None = None
 ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
 
 
+NICENESS = 5  # below the flow's process and the encoders, which the pool's work must not hold up
+
+
 def _one_thread() -> None:
-    """Pool initializer: before any numerical library loads in this process, one thread each."""
+    """Pool initializer: before any numerical library loads in this process, one thread each; and a
+    lower priority, so that under contention the cores go to the encoders' tokenising threads and the
+    flow's commits first (the pool's level-0 rows and index files wait for them anyway). Alone on
+    the cores, as when it parses the input, the pool runs as fast as before."""
     for name in ONE_THREAD:
         os.environ[name] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with contextlib.suppress(OSError):  # not permitted here: run at the flow's priority
+        os.nice(NICENESS)
 
 
 def pool_size() -> int:
