@@ -29,12 +29,13 @@ from memstage.runtime.progress import Progress
 from memstage.runtime.services import services
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, models_dir, now_utc
-from memstage.tasks import index, index_build, level0
+from memstage.tasks import index, index_build, level0, workers
 from memstage.tasks.contract import StageResult, record_runs, timed
 
-# A commit opens the store (tens of ms) and builds the indexes of the namespaces it completes in one
-# task run (tens of ms of Prefect, in the flow and in the server), so finished chunks gather until
-# BUILD_GROUP namespaces are complete, COMMIT_ROWS embeddings wait, or nothing else is outstanding.
+# A commit opens the store (tens of ms), so finished chunks gather until BUILD_GROUP namespaces are
+# complete, COMMIT_ROWS embeddings wait, or nothing else is outstanding; an index build costs a task
+# run (tens of ms of Prefect, in the flow and in the server) and a read, so complete namespaces wait
+# for one another up to the worker pool's size (`_Commits`).
 BUILD_GROUP = 2
 COMMIT_ROWS = 2048
 
@@ -153,76 +154,99 @@ def index_namespaces(
         return _embed_and_index(config, namespaces, pool, plan, show_progress=show_progress)
 
 
+@dataclass
+class _Commits:
+    """The embedding loop's stores: finished chunks wait in `ready` until a commit stores them (new
+    level-0 rows with their embeddings, one insert per table for every namespace); namespaces whose
+    rows are all stored wait in `unbuilt` until `group` of them (the worker pool's size: one build
+    task run and one read for all, their files written side by side) or the last commit."""
+
+    home: Path
+    store: MemoryStore
+    fresh: dict[str, tuple[pa.Table, pa.Table]]  # namespace -> level-0 rows and ops rows, not stored yet
+    built: dict[str, StageResult]
+    created: dict[str, int]
+    embedded: dict[str, int]
+    group: int
+    ready: dict[str, list[pa.Table]] = field(default_factory=dict)
+    unbuilt: list[str] = field(default_factory=list)
+
+    def rows_ready(self) -> int:
+        return sum(t.num_rows for tables in self.ready.values() for t in tables)
+
+    def commit(self, complete: list[str], *, last: bool = False) -> None:
+        """Store the ready chunks, then build the indexes of the complete namespaces once `group`
+        of them wait (or `last`). Call in a hold."""
+        rows, ops = [], []
+        for ns, tables in self.ready.items():
+            table = pa.concat_tables(tables)
+            is_new = pa.array([False] * table.num_rows, pa.bool_())
+            if ns in self.fresh:
+                ns_rows, ns_ops = self.fresh[ns]
+                where = pc.index_in(table.column("id"), value_set=ns_rows.column("id"))
+                is_new = pc.is_valid(where)
+                take = pc.drop_null(where)
+                emb = table.filter(is_new).column("embedding").cast(ns_rows.schema.field("embedding").type)
+                picked = ns_rows.take(take)
+                rows.append(picked.set_column(picked.schema.get_field_index("embedding"), "embedding", emb))
+                ops.append(ns_ops.take(take))
+            index.commit_embeddings(self.store, ns, table.filter(pc.invert(is_new)))
+            self.embedded[ns] += table.num_rows
+        self.ready.clear()
+        if rows:
+            for ns, n in level0.insert_level0(
+                self.store, pa.concat_tables(rows), pa.concat_tables(ops)
+            ).items():
+                self.created[ns] += n
+        self.unbuilt += [ns for ns in complete if ns not in self.unbuilt and ns not in self.built]
+        if self.unbuilt and (last or len(self.unbuilt) >= self.group):
+            self.built.update(build_all(self.home, self.unbuilt))
+            self.unbuilt = []
+
+
 def _embed_and_index(
     config: RuntimeConfig, namespaces: list[str], pool: EncoderPool, plan: IndexPlan, *, show_progress: bool
 ) -> list[StageResult]:
     store = MemoryStore(config.home)
-    built = dict(plan.built)
-    created, embedded = dict.fromkeys(namespaces, 0), dict.fromkeys(namespaces, 0)
-    ready: dict[str, list[pa.Table]] = {}  # finished chunks not yet stored
-
     with Progress("embedding", pool.outstanding_rows(), enabled=show_progress) as bar:
         making = StageResult("index.level0", "")
         with timed(making):
             # quote: Prefect would otherwise walk every event of the plan looking for futures (2 s on LoCoMo).
             fresh = make_level0(config, quote(plan), span(namespaces))
-
-        def commit_ready(complete: list[str]) -> None:
-            """Store the finished chunks (new level-0 rows with their embeddings, one insert per table
-            for every namespace), then build the indexes of the complete namespaces (in a hold)."""
-            rows, ops = [], []
-            for ns, tables in ready.items():
-                table = pa.concat_tables(tables)
-                is_new = pa.array([False] * table.num_rows, pa.bool_())
-                if ns in fresh:
-                    ns_rows, ns_ops = fresh[ns]
-                    where = pc.index_in(table.column("id"), value_set=ns_rows.column("id"))
-                    is_new = pc.is_valid(where)
-                    take = pc.drop_null(where)
-                    emb = (
-                        table.filter(is_new).column("embedding").cast(ns_rows.schema.field("embedding").type)
-                    )
-                    picked = ns_rows.take(take)
-                    rows.append(
-                        picked.set_column(picked.schema.get_field_index("embedding"), "embedding", emb)
-                    )
-                    ops.append(ns_ops.take(take))
-                index.commit_embeddings(store, ns, table.filter(pc.invert(is_new)))
-                embedded[ns] += table.num_rows
-            ready.clear()
-            if rows:
-                for ns, n in level0.insert_level0(
-                    store, pa.concat_tables(rows), pa.concat_tables(ops)
-                ).items():
-                    created[ns] += n
-            built.update(build_all(config.home, complete))
-
+        group = max(BUILD_GROUP, workers.pool_size())
+        zeros = dict.fromkeys(namespaces, 0)
+        commits = _Commits(config.home, store, fresh, dict(plan.built), dict(zeros), dict(zeros), group)
         while pool.outstanding:
             for ns, table in pool.collect(timeout=WAIT_S):
-                ready.setdefault(ns, []).append(table)
+                commits.ready.setdefault(ns, []).append(table)
                 bar.advance(table.num_rows)
             pending = pool.pending_namespaces()
-            complete = [ns for ns in ready if ns not in pending]
-            rows = sum(t.num_rows for tables in ready.values() for t in tables)
-            if pool.outstanding and (len(complete) >= BUILD_GROUP or rows >= COMMIT_ROWS):
+            complete = [ns for ns in commits.ready if ns not in pending]
+            if pool.outstanding and (len(complete) >= BUILD_GROUP or commits.rows_ready() >= COMMIT_ROWS):
                 with store.hold():
-                    commit_ready(complete)
+                    commits.commit(complete)
         pool.close()  # the encoders end their task runs while the last chunks are stored
-
-        results = []
         with store.hold():  # the last step records every namespace's run with it: one store open
-            commit_ready([ns for ns in namespaces if ns not in built])
-            for ns in namespaces:
-                r = StageResult("index", ns)
-                r.changed = created[ns] + embedded[ns] + built[ns].changed
-                r.duration_s = built[ns].duration_s + making.duration_s / max(1, len(namespaces))
-                r.figures = {
-                    "level0_created": created[ns],
-                    "embedded": embedded[ns],
-                    "indexes_rebuilt": built[ns].changed,
-                    "memories_indexed": built[ns].figures.get("memories_indexed", 0),
-                }
-                results.append(r)
+            commits.commit([ns for ns in namespaces if ns not in commits.built], last=True)
+            results = _index_results(namespaces, commits, making.duration_s / max(1, len(namespaces)))
             record_runs(store, results, flow_run_id=flow_run_id())
         pool.stop()
+    return results
+
+
+def _index_results(namespaces: list[str], commits: _Commits, making_s: float) -> list[StageResult]:
+    """Each namespace's `index` run: what it created, embedded and rebuilt."""
+    results = []
+    for ns in namespaces:
+        built = commits.built[ns]
+        r = StageResult("index", ns)
+        r.changed = commits.created[ns] + commits.embedded[ns] + built.changed
+        r.duration_s = built.duration_s + making_s
+        r.figures = {
+            "level0_created": commits.created[ns],
+            "embedded": commits.embedded[ns],
+            "indexes_rebuilt": built.changed,
+            "memories_indexed": built.figures.get("memories_indexed", 0),
+        }
+        results.append(r)
     return results
