@@ -4,10 +4,12 @@ own words and packed on its own; short turns are left whole; a rerun changes not
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 from stage_data import load
 
+from memstage.tasks import scoring
 from memstage.tasks.compress import run_compress
 from memstage.tasks.index import run_index
 from memstage.tasks.index_build import neighbour_links
@@ -52,6 +54,23 @@ def test_passages_share_their_turns_neighbours():
     links = neighbour_links(ids, change)
     assert links["prev"].tolist() == [-1, 0, 0, 0, 3, -1, -1]
     assert links["next"].tolist() == [1, 4, 4, 4, -1, -1, -1]
+
+
+def test_a_turns_passages_are_scored_as_one_turn(monkeypatch):
+    ids = ["m0-a", "m0-b", "m0-b#p02", "m0-b#p03", "m0-c", "m0-d", "m0-e", "m0-e#p02"]
+    change = np.array([True, False, False, False, False, True, True, False])  # sessions at 0, 5, 6
+    links = neighbour_links(ids, change)
+    ns = SimpleNamespace(**links, session=np.cumsum(change) - 1)
+    rows = np.arange(len(ids))
+    turn = scoring.turn_groups(ns, rows)
+    assert turn.tolist() == [0, 1, 1, 1, 2, 3, 4, 4]  # d and e: one-turn sessions, not one group
+    base = np.array([0.0, 0.1, 2.0, 0.3, 0.0, 0.0, 1.0, 0.5])
+    assert scoring.turn_max(turn, base).tolist() == [0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0]
+    # a short turn inherits its long neighbour's best passage, not the adjacent one (p03, 0.3)
+    whole = scoring.turn_max(turn, base)
+    assert scoring._neighbour(rows, ns.next, whole)[0] == 2.0
+    assert scoring._neighbour(rows, ns.prev, whole)[4] == 2.0
+    assert scoring._neighbour(rows, ns.prev, base)[4] == 0.3
 
 
 def test_long_turn_is_passages_found_and_packed_alone(store, encoder, token_counter):
