@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -51,9 +52,28 @@ class Level:
         """float32 embeddings of `rows` (positions)."""
         return np.asarray(self.codes[rows], dtype=np.float32) * np.asarray(self.scale[rows])[:, None]
 
-    def column(self, name: str) -> pa.Array:
+    def column(self, name: str) -> pa.Array | pa.ChunkedArray:
+        """One column, indexable by row: the array when the file holds one batch, else the chunked
+        column as it is (concatenating a 1M-row file's 9 batches cost ~16 ms a question)."""
         col = self.rows.column(name)
-        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        return col.chunk(0) if col.num_chunks == 1 else col
+
+    def take(self, rows: list[int]) -> list[dict[str, Any]]:
+        """`rows` (positions) as dicts, in order, taken batch by batch: `Table.take` on a file of
+        several batches concatenated every column first (31 ms a question at 1M rows)."""
+        batches = self.rows.to_batches()
+        if len(batches) <= 1:
+            return self.rows.take(rows).to_pylist()
+        bounds = np.cumsum([0] + [b.num_rows for b in batches])
+        idx = np.asarray(rows, np.int64)
+        which = np.searchsorted(bounds, idx, side="right") - 1
+        out: list[dict[str, Any]] = [{} for _ in rows]
+        for c in np.unique(which).tolist():
+            sel = np.flatnonzero(which == c)
+            local = pa.array(idx[sel] - bounds[c], pa.int64())
+            for k, row in zip(sel.tolist(), batches[c].take(local).to_pylist(), strict=True):
+                out[k] = row
+        return out
 
 
 @dataclass

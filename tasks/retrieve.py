@@ -55,10 +55,19 @@ def search_text(ns: LoadedNamespace, question: str) -> str:
     if not ns.aliases or not scoring.SPEAKER_NAMES:
         return question
     labels = {code: name for name, code in ns.speakers.items()}
-    pattern = re.compile(
-        r"\b(" + "|".join(re.escape(a) for a in sorted(ns.aliases, key=len, reverse=True)) + r")\b", re.I
-    )
-    return pattern.sub(lambda m: labels[ns.aliases[m.group(1).lower()]], question)
+    return alias_pattern(ns).sub(lambda m: labels[ns.aliases[m.group(1).lower()]], question)
+
+
+def alias_pattern(ns: LoadedNamespace) -> re.Pattern[str]:
+    """One alternation of the namespace's aliases, compiled once per loaded namespace (compiling
+    it per question grows with the namespace's speakers)."""
+    key = tuple(sorted(ns.aliases))
+    cached = getattr(ns, "_alias_pattern", None)
+    if cached is None or cached[0] != key:
+        alternatives = "|".join(re.escape(a) for a in sorted(ns.aliases, key=len, reverse=True))
+        cached = (key, re.compile(r"\b(" + alternatives + r")\b", re.I))
+        ns._alias_pattern = cached  # type: ignore[attr-defined]
+    return cached[1]
 
 
 def pack_within_budget(
@@ -255,9 +264,7 @@ class Retriever:
         rows: dict[tuple[int, int], dict[str, Any]] = {}
         for lvl in {lvl for lvl, _, _ in chosen}:
             picked = [row for level, row, _ in chosen if level == lvl]
-            rows.update(
-                zip([(lvl, r) for r in picked], ns.levels[lvl].rows.take(picked).to_pylist(), strict=True)
-            )
+            rows.update(zip([(lvl, r) for r in picked], ns.levels[lvl].take(picked), strict=True))
         return [Retriever._memory(rows[(lvl, row)], score) for lvl, row, score in chosen]
 
     @staticmethod

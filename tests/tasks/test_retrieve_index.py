@@ -132,3 +132,22 @@ def test_hard_forget_leaves_no_byte_in_the_artifacts(small, encoder, token_count
     assert ns.version > version and ns.n > 0
     packed = index.retrieve("small", "What is Jon opening?", 1000)["memories"]
     assert packed and all(subject not in m["text"].lower() for m in packed)
+
+
+def test_level_rows_of_a_file_of_several_batches_are_taken_without_concatenating() -> None:
+    """A big namespace's rows file holds several record batches: `Level.take` and `Level.column`
+    give what a one-batch table gives, in the asked order, without concatenating the columns."""
+    import numpy as np
+    import pyarrow as pa
+
+    from memstage.tasks.candidates import Level
+
+    whole = pa.table({"id": [f"m{i}" for i in range(10)], "text": [f"t{i}" for i in range(10)]})
+    batched = pa.Table.from_batches(whole.to_batches(max_chunksize=3))
+    assert batched.column("text").num_chunks == 4
+    z = np.zeros(0)
+    level = Level(batched, z, z, z, z, None, None, z)  # type: ignore[arg-type]
+    picked = [9, 0, 4, 3, 8]
+    assert level.take(picked) == whole.take(picked).to_pylist()
+    assert [level.column("text")[i].as_py() for i in picked] == ["t9", "t0", "t4", "t3", "t8"]
+    assert isinstance(level.column("text"), pa.ChunkedArray)  # as it is, not concatenated
