@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -49,6 +50,17 @@ def split_by(rows: pa.Table, column: str, keys: list[str]) -> dict[str, pa.Table
         out[item["values"]] = rows.slice(start, item["counts"])
         start += item["counts"]
     return out
+
+
+def split_levels(rows: pa.Table) -> dict[int, pa.Table]:
+    """The rows of each level: zero-copy slices, as `namespaces_rows` orders rows by level (a filter
+    copied the whole table: 4.5 GB more at 1M memories)."""
+    level = rows.column("level").to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(level) and not (np.diff(level) >= 0).all():  # not ordered by level: filter
+        return {int(v): rows.filter(pc.equal(rows.column("level"), v)) for v in np.unique(level)}
+    starts = np.flatnonzero(np.r_[True, level[1:] != level[:-1]]) if len(level) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(level)]
+    return {int(level[a]): rows.slice(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)}
 
 
 def current_manifests(store: Any, namespaces: list[str]) -> dict[str, pa.Table]:

@@ -274,17 +274,6 @@ class Written:
     infos: dict[int, Any]
 
 
-def split_levels(rows: pa.Table) -> dict[int, pa.Table]:
-    """The rows of each level: zero-copy slices, as `namespace_rows` orders rows by level (a filter
-    copied the whole table: 4.5 GB more at 1M memories)."""
-    level = rows.column("level").to_numpy(zero_copy_only=False).astype(np.int64)
-    if len(level) and not (np.diff(level) >= 0).all():  # not ordered by level: filter
-        return {int(v): rows.filter(pc.equal(rows.column("level"), v)) for v in np.unique(level)}
-    starts = np.flatnonzero(np.r_[True, level[1:] != level[:-1]]) if len(level) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(level)]
-    return {int(level[a]): rows.slice(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)}
-
-
 def plan_build(store: MemoryStore, namespace: str, result: StageResult) -> BuildJob | None:
     """Read the namespace's rows; None (with `result.figures` set) when its indexes are current."""
     rows = index_reads.namespaces_rows(store, [namespace])[namespace]
@@ -296,7 +285,7 @@ def plan_job(
     namespace: str, index_dir: Path, rows: pa.Table, current_rows: pa.Table, result: StageResult
 ) -> BuildJob | None:
     """`plan_build` of rows already read (`index_reads.namespaces_rows`, `current_manifests`)."""
-    levels = split_levels(rows)
+    levels = index_reads.split_levels(rows)
     found_by = {lvl: found_by_texts(part) for lvl, part in levels.items()}
     names = speaker_names(levels.get(0))
     fp = fingerprint(rows, found_by, names)
