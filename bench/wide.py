@@ -250,6 +250,9 @@ def serve_over(args: argparse.Namespace, work: Path, runs: dict, deadline: float
 
     w = min(done)
     namespaces = [f"w{k:05d}" for k in range(min(args.serve_namespaces, runs[w]["namespaces"]))]
+    settle = time.monotonic() + 90  # the maintain runs' Ray processes wind down first (at most 90 s)
+    while os.getloadavg()[0] > len(os.sched_getaffinity(0)) and time.monotonic() < settle:
+        time.sleep(5)
     log(f"serve: {args.clients} clients over {len(namespaces)} namespaces of the W={w} store")
     by_workers = {}
     for n in args.serve_workers:
