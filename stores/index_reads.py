@@ -56,9 +56,11 @@ def split_levels(rows: pa.Table) -> dict[int, pa.Table]:
     """The rows of each level: zero-copy slices, as `namespaces_rows` orders rows by level (a filter
     copied the whole table: 4.5 GB more at 1M memories)."""
     level = rows.column("level").to_numpy(zero_copy_only=False).astype(np.int64)
-    if len(level) and not (np.diff(level) >= 0).all():  # not ordered by level: filter
+    if not len(level):  # a namespace emptied by a forget: no level
+        return {}
+    if not (np.diff(level) >= 0).all():  # not ordered by level: filter
         return {int(v): rows.filter(pc.equal(rows.column("level"), v)) for v in np.unique(level)}
-    starts = np.flatnonzero(np.r_[True, level[1:] != level[:-1]]) if len(level) else np.zeros(0, int)
+    starts = np.flatnonzero(np.r_[True, level[1:] != level[:-1]])
     ends = np.r_[starts[1:], len(level)]
     return {int(level[a]): rows.slice(int(a), int(b - a)) for a, b in zip(starts, ends, strict=True)}
 
