@@ -21,6 +21,8 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     config = config_from(args)
     config.home.mkdir(parents=True, exist_ok=True)
     keys = None if args.insecure_local else KeyRing(config.home)
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
     if args.insecure_local and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise UserError(
             f"--insecure-local serves every namespace without a key: loopback only, not {args.host}"
