@@ -39,28 +39,6 @@ ROWS = pa.schema(
     ]
 )
 
-_NAMESPACE_ROWS = """
-WITH m AS (
-    SELECT id, level, text, tokens, embedding, parent, event_ids, session, speaker, event_time, flag, metadata
-    FROM memories WHERE namespace = ? AND status = 'active' AND valid_to IS NULL),
-x AS (SELECT id, unnest(event_ids) AS event_id FROM m WHERE level = 0),
-ev AS (
-    SELECT x.id, min(e.seq) AS seq,
-           list(json_extract_string(e.metadata, '$.dia_id') ORDER BY e.seq) AS dia_ids,
-           list({'speaker': e.speaker, 'text': e.text, 'metadata': e.metadata} ORDER BY e.seq) AS events
-    FROM x JOIN events e ON e.namespace = ? AND e.id = x.event_id GROUP BY x.id)
-SELECT m.*, ev.seq, ev.dia_ids, ev.events
-FROM m LEFT JOIN ev ON ev.id = m.id
-ORDER BY m.level, coalesce(m.session, ''), coalesce(ev.seq, 1 << 30), m.id
-"""
-
-
-def namespace_rows(store: Any, namespace: str) -> pa.Table:
-    """The active, current memories of `namespace` with what their artifacts need, in artifact order:
-    by level, then session and turn number (so a turn's neighbours are the adjacent rows).
-    Source events are joined through unnested ids (a hash join, not a per-pair list_contains)."""
-    return store.query(_NAMESPACE_ROWS, [namespace, namespace])
-
 
 def commit_manifest(store: Any, namespace: str, rows: pa.Table) -> None:
     """Retire the namespace's current manifest rows and insert `rows` (the new version), in one transaction."""

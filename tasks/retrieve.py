@@ -168,11 +168,12 @@ class Retriever:
         qvec: np.ndarray | None = None,
     ) -> list[tuple[int, int, float]]:
         """(level, row, score), best first: scored level-0 rows, and nodes of `levels` >= 1 when asked;
-        with `as_of`, only memories known then. `qvec`: the question's embedding, when already made."""
+        with `as_of`, only memories known then. `qvec`: the embedding of `search_text(ns, question)`
+        (`searched`), when the caller already made it (serve's batches do)."""
         if ns.n == 0:
             return []
         searched = search_text(ns, question)
-        if qvec is None or searched != question:  # a caller's embedding is of the question as asked
+        if qvec is None:
             qvec = self.encoder.encode([searched])[0]
         qvec = np.asarray(qvec, dtype=np.float32)
         qwords = analyse([searched])[0]
@@ -230,7 +231,7 @@ class Retriever:
         qvec: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """The retrieval result: memories packed in score order while they fit the budget (of those
-        known at `as_of`, when given). `qvec`: the question's embedding, when the caller made it."""
+        known at `as_of`, when given). `qvec`: as `ranked` takes it."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         if budget <= 0:
