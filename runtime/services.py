@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from memstage.gpu.coalesce import Coalescer
 from memstage.runtime.backends import RuntimeConfig, ensure_ray
 from memstage.settings import get_settings
 from memstage.stores.store import MemoryStore, models_dir
@@ -34,7 +35,8 @@ class MemoryServices:
         self._encoder = None
         self._counter = None
         self._retriever = None
-        self._retrievals: Any = None
+        # concurrent retrievals (serve's threads) run in batches: gpu/coalesce.py
+        self._retrievals = Coalescer(self._retrieve_batch, max_size=64)
         self._generators: dict[str, Any] = {}
 
     @property
@@ -114,11 +116,6 @@ class MemoryServices:
     def retrieve(self, namespace: str, question: str, budget: int, **options: Any) -> dict[str, Any]:
         """One retrieval. Concurrent callers (serve's threads) are batched (gpu/coalesce.py): one forward
         pass embeds the batch's questions, then one thread runs the retrievals one after another."""
-        with self._lock:
-            if self._retrievals is None:
-                from memstage.gpu.coalesce import Coalescer
-
-                self._retrievals = Coalescer(self._retrieve_batch, max_size=64)
         return self._retrievals.submit((namespace, question, budget, options))
 
     def _retrieve_batch(self, batch: list[tuple[str, str, int, dict[str, Any]]]) -> Any:
