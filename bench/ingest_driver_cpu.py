@@ -94,6 +94,7 @@ def measure(data: Path, copies: int, profile: Path | None) -> dict[str, Any]:
         "driver_and_pool_cpu_us_per_turn": round((cpu + sum(kids.values())) / turns * 1e6, 1),
         "wall_s": round(wall, 3),
         "turns_per_s_stub_encoder": round(turns / wall, 1),
+        "phases_s": out.get("phases"),  # the flow thread's wall per phase (runtime/phases.py)
     }
 
 

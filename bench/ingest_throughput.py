@@ -118,6 +118,28 @@ def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return {role: round(v, 2) for role, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
+def where_time_went(out: dict[str, Any], flow_s: float) -> dict[str, Any]:
+    """The flow's phases (seconds of its thread, runtime/phases.py) and each encoder's busy seconds
+    and utilisation (busy / the flow's wall as this bench timed it), from the ingest's result."""
+    encoders = [
+        {**r, "utilisation": round(r["busy_s"] / flow_s, 3) if flow_s else None}
+        for r in out.get("encoders", [])
+    ]
+    return {"phases_s": out.get("phases", {}), "encoders": encoders}
+
+
+def time_table(went: dict[str, Any]) -> str:
+    """A short table of one round's phases and encoders, for stderr."""
+    lines = [f"  {name:<22}{s:>9.2f} s" for name, s in went["phases_s"].items()]
+    for r in went["encoders"]:
+        timings = ", ".join(f"{k} {v}" for k, v in r["encoder"].items() if k.endswith("_s"))
+        lines.append(
+            f"  encoder {r['slot']}: {r['texts']} texts, busy {r['busy_s']:.2f} s, "
+            f"utilisation {r['utilisation']}  ({timings})"
+        )
+    return "\n".join(lines)
+
+
 def replicate(data: Path, copies: int, folder: Path) -> Path:
     """A LoCoMo file holding `copies` of each conversation, each copy its own sample (namespace)."""
     if copies <= 1:
@@ -215,8 +237,9 @@ def main() -> int:
                                "data_parallel_turns_per_s": round(parallel, 1) if parallel else None,
                                "flow_turns_per_s": round(flow, 1), "flow_s": round(flow_s, 2),
                                "ratio": round(flow / best, 3), "ratio_to_one_process": round(flow / bare, 3),
-                               "flow_cpu_s": cpu})  # fmt: skip
+                               "flow_cpu_s": cpu, **where_time_went(out, flow_s)})  # fmt: skip
                 print(f"round {r}: {json.dumps(rounds[-1])}", file=sys.stderr, flush=True)
+                print(time_table(rounds[-1]), file=sys.stderr, flush=True)
         finally:
             if pool:
                 pool.terminate()
@@ -240,11 +263,14 @@ def main() -> int:
         "ratio_flow_to_encoder": ratio,
         "ratio_flow_to_one_process_encoder": median("ratio_to_one_process"),
         "flow_cpu_s": {role: median_of(role) for role in rounds[-1]["flow_cpu_s"]},
+        # the flow thread's phases and each encoder's utilisation, per round (runtime/phases.py)
+        "encoder_utilisation": [[e["utilisation"] for e in r["encoders"]] for r in rounds],
         "rounds": rounds,
         "cold_start_s": round(cold_start_s, 2),
         "device": encoder.device,
         "namespaces": len(by_namespace),
         "machine": machine(),
+        "load_average": [round(x, 2) for x in __import__("os").getloadavg()],
         "command": "python " + " ".join(sys.argv),
     }
     tmp_data.cleanup()

@@ -25,6 +25,7 @@ from prefect.utilities.annotations import quote
 
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, stage_task
 from memstage.runtime.encoder_pool import WAIT_S, EncoderPool
+from memstage.runtime.phases import Phases
 from memstage.runtime.progress import Progress
 from memstage.runtime.services import services
 from memstage.stores import queries
@@ -94,7 +95,11 @@ def span(namespaces: list[str]) -> str:
 
 
 def plan_indexing(
-    config: RuntimeConfig, namespaces: list[str], pool: EncoderPool, plan: IndexPlan | None = None
+    config: RuntimeConfig,
+    namespaces: list[str],
+    pool: EncoderPool,
+    plan: IndexPlan | None = None,
+    phases: Phases | None = None,
 ) -> IndexPlan:
     """Read what to embed, hand all of it to the encoders, and check the indexes of the namespaces
     with nothing to embed. Call inside a store hold (three steps, one store open). `plan`: from
@@ -103,7 +108,8 @@ def plan_indexing(
         plan = read_plan(config.home, namespaces, span(namespaces))
         submit_plan(plan, namespaces, pool)
     pending = pool.pending_namespaces()
-    plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
+    with (phases or Phases()).timed("index_builds"):
+        plan.built = build_all(config.home, [ns for ns in namespaces if ns not in pending])
     return plan
 
 
@@ -144,14 +150,17 @@ def index_namespaces(
     *,
     show_progress: bool,
     plan: IndexPlan | None = None,
+    phases: Phases | None = None,
 ) -> list[StageResult]:
     """Level-0 memories, embeddings and indexes for each namespace; each namespace's index run is
-    recorded in the `runs` table. `plan`: from `plan_indexing` by the caller, else made here."""
+    recorded in the `runs` table. `plan`: from `plan_indexing` by the caller, else made here.
+    `phases`: where the time went (runtime/phases.py), the encoders' reports with it."""
+    phases = phases or Phases()
     with pool:  # closed on any error too, so the encoders stop instead of waiting for work
         if plan is None:
-            with MemoryStore(config.home).hold():
-                plan = plan_indexing(config, namespaces, pool)
-        return _embed_and_index(config, namespaces, pool, plan, show_progress=show_progress)
+            with MemoryStore(config.home).hold(), phases.timed("plan"):
+                plan = plan_indexing(config, namespaces, pool, phases=phases)
+        return _embed_and_index(config, namespaces, pool, plan, phases, show_progress=show_progress)
 
 
 @dataclass
@@ -168,6 +177,7 @@ class _Commits:
     created: dict[str, int]
     embedded: dict[str, int]
     group: int
+    phases: Phases
     ready: dict[str, list[pa.Table]] = field(default_factory=dict)
     unbuilt: list[str] = field(default_factory=list)
 
@@ -177,6 +187,16 @@ class _Commits:
     def commit(self, complete: list[str], *, last: bool = False) -> None:
         """Store the ready chunks, then build the indexes of the complete namespaces once `group`
         of them wait (or `last`). Call in a hold."""
+        with self.phases.timed("commit_embeddings"):
+            self._store_ready()
+        self.unbuilt += [ns for ns in complete if ns not in self.unbuilt and ns not in self.built]
+        if self.unbuilt and (last or len(self.unbuilt) >= self.group):
+            with self.phases.timed("index_builds"):
+                self.built.update(build_all(self.home, self.unbuilt))
+            self.unbuilt = []
+
+    def _store_ready(self) -> None:
+        """The ready chunks' rows: new level-0 memories inserted, stored ones' embeddings updated."""
         rows, ops = [], []
         for ns, tables in self.ready.items():
             table = pa.concat_tables(tables)
@@ -198,26 +218,32 @@ class _Commits:
                 self.store, pa.concat_tables(rows), pa.concat_tables(ops)
             ).items():
                 self.created[ns] += n
-        self.unbuilt += [ns for ns in complete if ns not in self.unbuilt and ns not in self.built]
-        if self.unbuilt and (last or len(self.unbuilt) >= self.group):
-            self.built.update(build_all(self.home, self.unbuilt))
-            self.unbuilt = []
 
 
 def _embed_and_index(
-    config: RuntimeConfig, namespaces: list[str], pool: EncoderPool, plan: IndexPlan, *, show_progress: bool
+    config: RuntimeConfig,
+    namespaces: list[str],
+    pool: EncoderPool,
+    plan: IndexPlan,
+    phases: Phases,
+    *,
+    show_progress: bool,
 ) -> list[StageResult]:
     store = MemoryStore(config.home)
     with Progress("embedding", pool.outstanding_rows(), enabled=show_progress) as bar:
         making = StageResult("index.level0", "")
-        with timed(making):
+        with timed(making), phases.timed("level0_rows"):
             # quote: Prefect would otherwise walk every event of the plan looking for futures (2 s on LoCoMo).
             fresh = make_level0(config, quote(plan), span(namespaces))
         group = max(BUILD_GROUP, workers.pool_size())
         zeros = dict.fromkeys(namespaces, 0)
-        commits = _Commits(config.home, store, fresh, dict(plan.built), dict(zeros), dict(zeros), group)
+        commits = _Commits(
+            config.home, store, fresh, dict(plan.built), dict(zeros), dict(zeros), group, phases
+        )
         while pool.outstanding:
-            for ns, table in pool.collect(timeout=WAIT_S):
+            with phases.timed("encoder_wait"):
+                done = pool.collect(timeout=WAIT_S)
+            for ns, table in done:
                 commits.ready.setdefault(ns, []).append(table)
                 bar.advance(table.num_rows)
             pending = pool.pending_namespaces()
@@ -228,9 +254,12 @@ def _embed_and_index(
         pool.close()  # the encoders end their task runs while the last chunks are stored
         with store.hold():  # the last step records every namespace's run with it: one store open
             commits.commit([ns for ns in namespaces if ns not in commits.built], last=True)
-            results = _index_results(namespaces, commits, making.duration_s / max(1, len(namespaces)))
-            record_runs(store, results, flow_run_id=flow_run_id())
-        pool.stop()
+            with phases.timed("record_runs"):
+                results = _index_results(namespaces, commits, making.duration_s / max(1, len(namespaces)))
+                record_runs(store, results, flow_run_id=flow_run_id())
+        with phases.timed("encoder_stop"):
+            pool.stop()
+        phases.encoders = pool.reports
     return results
 
 

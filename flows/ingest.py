@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger
 from memstage.flows.index_pipeline import early_plan, index_namespaces, plan_indexing
 from memstage.runtime.artifacts import publish
 from memstage.runtime.backends import RuntimeConfig, flow_run_id, prefect_settings, stage_task, task_runner
-from memstage.runtime.encoder_pool import start_encoders
+from memstage.runtime.encoder_pool import EncoderPool, start_encoders
+from memstage.runtime.phases import Phases
 from memstage.stores.locks import indexing_lock
 from memstage.stores.store import MemoryStore
 from memstage.tasks import ingest
@@ -62,28 +63,24 @@ def ingest_flow(
     config = config or RuntimeConfig(home=MemoryStore().home)
     use_ray = config.use_ray(batch=True)
     total = StageResult("ingest", namespace or "")
-    encoders = start_encoders(config, use_ray=use_ray)  # they start up while the input is parsed
-    store = MemoryStore(config.home)
-    with timed(total), encoders:
-        events, quarantine = parse_input(Path(path), fmt, namespace)
-        # one ingest embeds at a time per data directory: a concurrent one waits here, then finds
-        # the memories made and embedded (no second embedding, no second set of ops rows)
-        with indexing_lock(config.home):
-            with store.hold():  # one store open: the events, then what to embed (the encoders start on it)
-                early = early_plan(config, events, encoders)  # a first ingest: the encoders start now
-                committed = commit_events(config.home, events, quarantine)
-                record_run(store, committed, flow_run_id=flow_run_id())
-                namespaces = committed.figures["namespaces"]
-                plan = plan_indexing(config, namespaces, encoders, plan=early)
-            indexed = index_namespaces(config, namespaces, encoders, show_progress=show_progress, plan=plan)
+    phases = Phases()  # where the run's time went: in its result, and printed by the benches
+    with timed(total):
+        with phases.timed("start_encoders"):
+            encoders = start_encoders(config, use_ray=use_ray)  # they start up while the input is parsed
+        with encoders:
+            committed, namespaces, indexed, parsed = _ingest(
+                config, Path(path), fmt, namespace, encoders, phases, show_progress=show_progress
+            )
     out = {
         **{k: v for k, v in committed.as_dict().items() if k not in ("stage", "namespace", "duration_s")},
         "stage": "ingest",
         "namespaces": namespaces,
         "indexed": {r.namespace: r.figures for r in indexed},
         "duration_s": round(total.duration_s, 3),
-        "turns_per_s": round(events.num_rows / total.duration_s, 1) if total.duration_s else None,
+        "turns_per_s": round(parsed / total.duration_s, 1) if total.duration_s else None,
         "runner": "ray" if use_ray else "local",
+        "phases": {**phases.as_dict(), "other": round(total.duration_s - sum(phases.seconds.values()), 3)},
+        "encoders": phases.encoders,
     }
     publish(
         f"ingest-{Path(path).stem}",
@@ -92,6 +89,38 @@ def ingest_flow(
         f"stored, {out['quarantined']} quarantined, into {len(namespaces)} namespace(s) in {out['duration_s']} s.",
     )
     return out
+
+
+def _ingest(
+    config: RuntimeConfig,
+    path: Path,
+    fmt: str,
+    namespace: str | None,
+    encoders: EncoderPool,
+    phases: Phases,
+    *,
+    show_progress: bool,
+) -> tuple[StageResult, list[str], list[StageResult], int]:
+    """The flow's steps: (events committed, their namespaces, each namespace's index run, turns parsed)."""
+    store = MemoryStore(config.home)
+    with phases.timed("parse"):
+        events, quarantine = parse_input(path, fmt, namespace)
+    # one ingest embeds at a time per data directory: a concurrent one waits here, then finds
+    # the memories made and embedded (no second embedding, no second set of ops rows)
+    with indexing_lock(config.home):
+        with store.hold():  # one store open: the events, then what to embed (the encoders start on it)
+            with phases.timed("plan"):
+                early = early_plan(config, events, encoders)  # a first ingest: the encoders start now
+            with phases.timed("commit_events"):
+                committed = commit_events(config.home, events, quarantine)
+                record_run(store, committed, flow_run_id=flow_run_id())
+            namespaces = committed.figures["namespaces"]
+            with phases.timed("plan"):
+                plan = plan_indexing(config, namespaces, encoders, plan=early, phases=phases)
+        indexed = index_namespaces(
+            config, namespaces, encoders, show_progress=show_progress, plan=plan, phases=phases
+        )
+    return committed, namespaces, indexed, events.num_rows
 
 
 def run_ingest(

@@ -7,6 +7,8 @@ reloading it per task. Embeddings are L2-normalised float32, so inner product is
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,10 +160,25 @@ class Encoder:
         # On CUDA a batch is padded to a multiple of 8 tokens: fewer distinct shapes for the kernels
         # (and the mask keeps the vectors the same)
         self.pad_multiple = 8 if self.device.startswith("cuda") else 1
+        # Cumulative, for a flow's report of where an encoder's time went (runtime/phases.py):
+        # encode_s wall inside encode; tokenise_s thread-seconds tokenising and padding (on the thread
+        # pool, so it may exceed encode_s); wait_tokens_s the model's wait for a batch's ids (the fast
+        # path: encode_s - wait_tokens_s is the model's share, its host work included)
+        self._timing_lock = threading.Lock()
+        self.timings = {"calls": 0.0, "texts": 0.0, "encode_s": 0.0, "tokenise_s": 0.0, "wait_tokens_s": 0.0}
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dims), dtype=np.float32)
+        start = time.perf_counter()
+        try:
+            return self._encode(texts, batch_size)
+        finally:
+            self.timings["calls"] += 1
+            self.timings["texts"] += len(texts)
+            self.timings["encode_s"] += time.perf_counter() - start
+
+    def _encode(self, texts: Sequence[str], batch_size: int | None) -> np.ndarray:
         if self.fast:
             return self._encode_fast(list(texts), batch_size or self.batch_size)
         vecs = self.model.encode(
@@ -198,11 +215,15 @@ class Encoder:
 
     def _id_matrix(self, texts: list[str]) -> np.ndarray:
         """One batch's token ids, padded to its longest text, as an int64 matrix (runs on the pool)."""
+        start = time.perf_counter()
         encodings = self._backend.encode_batch_fast(texts)
         width = max(len(e.ids) for e in encodings)
         width = -(-width // self.pad_multiple) * self.pad_multiple
         pad = self.model.tokenizer.pad_token_id or 0
-        return np.array([e.ids + [pad] * (width - len(e.ids)) for e in encodings], dtype=np.int64)
+        out = np.array([e.ids + [pad] * (width - len(e.ids)) for e in encodings], dtype=np.int64)
+        with self._timing_lock:  # the pool's threads add at once
+            self.timings["tokenise_s"] += time.perf_counter() - start
+        return out
 
     def tokenise_batches(self, texts: list[str], batch_size: int) -> list[tuple[np.ndarray, Any]]:
         """(positions, future of their padded id matrix) per batch, longest texts first; all batches
@@ -230,7 +251,10 @@ class Encoder:
         out = torch.empty((len(texts), self.dims), dtype=torch.float32, device=self.device)
         with torch.inference_mode(), _attention_kernels(self.device):
             for idx, future in batches:
-                batch = torch.from_numpy(future.result()).to(self.device, non_blocking=True)
+                waited = time.perf_counter()
+                ids = future.result()
+                self.timings["wait_tokens_s"] += time.perf_counter() - waited
+                batch = torch.from_numpy(ids).to(self.device, non_blocking=True)
                 mask = batch != pad
                 hidden = bert(input_ids=batch, attention_mask=mask.long()).last_hidden_state
                 m = mask.unsqueeze(-1).to(torch.float32)

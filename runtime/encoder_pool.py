@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from memstage.runtime.backends import RuntimeConfig, stage_task
 from memstage.runtime.chunk_broker import BrokerChannel, open_channel
-from memstage.runtime.services import embedding_slots, services, worker_encoder
+from memstage.runtime.phases import encoder_report
+from memstage.runtime.services import embedding_slots, services, worker_encoder, worker_encoder_timings
 from memstage.tasks import index
 
 # Texts per chunk. CPU: about a second of one core, so the encoders finish within a second of each
@@ -40,22 +41,30 @@ ALIVE_CHECK_S = 5.0  # without results for this long, ask Prefect whether the en
 
 
 @stage_task(name="encoder", task_run_name="encoder {slot} of {slots}")
-def run_encoder(config: RuntimeConfig, broker: BrokerChannel, slot: int, slots: int, where: str) -> int:
-    """Encode chunks until the flow says stop; returns how many texts this encoder embedded."""
+def run_encoder(
+    config: RuntimeConfig, broker: BrokerChannel, slot: int, slots: int, where: str
+) -> dict[str, Any]:
+    """Encode chunks until the flow says stop; returns this encoder's report (runtime/phases.py):
+    how many texts it embedded, its seconds inside encode, and the `Encoder`'s own timings."""
     if where == "workers":
-        encode = worker_encoder().encode
+        encode, timings = worker_encoder().encode, worker_encoder_timings
     else:
-        encode = services(config, use_ray=where == "actor").encode
-    done = 0
+        where_services = services(config, use_ray=where == "actor")
+        encode, timings = where_services.encode, where_services.encoder_timings
+    before = timings()
+    done, busy = 0, 0.0
     item = broker.call("get_work")
     while item is not None:
         if item == "wait":
             item = broker.call("get_work")
             continue
         chunk_id, ids, texts = item
-        item = broker.call("exchange", (chunk_id, index.embeddings_table(ids, encode(texts))))
+        start = time.perf_counter()
+        vectors = encode(texts)
+        busy += time.perf_counter() - start
+        item = broker.call("exchange", (chunk_id, index.embeddings_table(ids, vectors)))
         done += len(ids)
-    return done
+    return encoder_report(slot, done, busy, before, timings())
 
 
 @dataclass
@@ -70,6 +79,7 @@ class EncoderPool:
         default_factory=dict
     )  # chunk id -> its (namespace, rows)
     _last_result: float = field(default_factory=time.monotonic)
+    reports: list[dict[str, Any]] = field(default_factory=list)  # the encoders', after `stop`
 
     def submit(self, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> None:
         """Queue a namespace's texts as chunks, longest first (similar lengths pad little)."""
@@ -149,9 +159,11 @@ class EncoderPool:
         self.broker.call("close")
 
     def stop(self) -> int:
-        """Tell the encoders to stop and wait for them; returns how many texts they embedded."""
+        """Tell the encoders to stop and wait for them; returns how many texts they embedded (their
+        reports: `reports`)."""
         self.close()
-        return sum(f.result() for f in self.futures)
+        self.reports = [f.result() for f in self.futures]
+        return sum(r["texts"] for r in self.reports)
 
     def __enter__(self) -> EncoderPool:
         return self

@@ -110,6 +110,10 @@ class MemoryServices:
         with self._encode_lock:
             return encoder.encode(texts)
 
+    def encoder_timings(self) -> dict[str, float]:
+        """The encoder's cumulative timings (`Encoder.timings`); empty before it is loaded."""
+        return dict(self._encoder.timings) if self._encoder is not None else {}
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.counter.count_many(texts)
 
@@ -189,6 +193,11 @@ def worker_encoder() -> Any:
         torch.set_num_threads(max(1, int(_assigned_cpus())))
         _worker_encoder = Encoder(device="cpu")
     return _worker_encoder
+
+
+def worker_encoder_timings() -> dict[str, float]:
+    """`Encoder.timings` of this process's worker encoder; empty before it is loaded."""
+    return dict(_worker_encoder.timings) if _worker_encoder is not None else {}
 
 
 _worker_counters: dict[str, Any] = {}

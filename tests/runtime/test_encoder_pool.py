@@ -115,6 +115,7 @@ def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
                         assert memory_id not in back[ns]
                         back[ns][memory_id] = np.asarray(vec, dtype=np.float32)
             assert pool.stop() == sum(map(len, texts.values()))
+            assert [r["texts"] for r in pool.reports] == [305]  # one encoder's report (runtime/phases.py)
         return back
 
     with prefect_settings(config):
@@ -150,6 +151,15 @@ def test_a_failing_encoder_fails_the_ingest_and_a_rerun_makes_the_rest(tmp_path,
     assert out["events_new"] == 0
     assert sum(r["level0_created"] for r in out["indexed"].values()) == events
     assert sum(r["embedded"] for r in out["indexed"].values()) == events
+    # where the run's time went (runtime/phases.py): the flow's phases, and the one local encoder's
+    # report with the Encoder's own timings of this run's texts
+    assert {"parse", "commit_events", "plan", "level0_rows", "encoder_wait", "index_builds"} <= set(
+        out["phases"]
+    )
+    assert all(v >= 0 for k, v in out["phases"].items() if k != "other")
+    [report] = out["encoders"]
+    assert report["texts"] == events and report["busy_s"] > 0
+    assert report["encoder"]["texts"] == events and report["encoder"]["tokenise_s"] > 0
     assert (
         store.query("SELECT count(*) AS n FROM memories WHERE embedding IS NULL").column("n")[0].as_py() == 0
     )
