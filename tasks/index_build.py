@@ -379,10 +379,14 @@ def build_many(
     rows = index_reads.namespaces_rows(store, namespaces)
     current = index_reads.current_manifests(store, namespaces)
     read_s = (time.perf_counter() - start) / max(1, len(namespaces))
-    args = [namespaces, [store.index_dir(ns) for ns in namespaces], [rows[ns] for ns in namespaces]]
-    args.append([current[ns] for ns in namespaces])
-    del rows
     pool = workers.get_pool() if parallel and len(namespaces) > 1 and workers.pool_size() > 1 else None
+    # each namespace's rows as a table of its own, not a slice of the batch's read: what the pool is
+    # sent is its rows only (workers.owned), and its files are the same bytes whatever the batch held
+    # (one namespace's read is its own already: no copy of a 1M-row namespace)
+    own = workers.owned if len(namespaces) > 1 else (lambda t: t)
+    args = [namespaces, [store.index_dir(ns) for ns in namespaces], [own(rows[ns]) for ns in namespaces]]
+    args.append([own(current[ns]) for ns in namespaces])
+    del rows
     done = list(pool.map(plan_and_write, *args) if pool else map(plan_and_write, *args))
     manifests = {}
     for result, (written, figures, seconds) in zip(results, done, strict=True):

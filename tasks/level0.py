@@ -158,9 +158,7 @@ def _rows(new: Events) -> list[dict[str, Any]]:
 
 def _piece(new: Events, start: int, stop: int) -> Events:
     """Rows start..stop; of a table, a compact copy (a slice would carry its whole buffers to the pool)."""
-    return (
-        new.take(pa.array(range(start, stop), pa.int64())) if isinstance(new, pa.Table) else new[start:stop]
-    )
+    return workers.owned(new.slice(start, stop - start)) if isinstance(new, pa.Table) else new[start:stop]
 
 
 def _count(models_root: str, texts: list[str]) -> list[int]:

@@ -16,6 +16,8 @@ import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 
+import pyarrow as pa
+
 _pool: ProcessPoolExecutor | None = None
 ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS")
 
@@ -58,3 +60,11 @@ def get_pool() -> ProcessPoolExecutor:
 
 def pool_started() -> bool:
     return _pool is not None
+
+
+def owned(table: pa.Table) -> pa.Table:
+    """`table` with buffers of its own rows only, to send to the pool. A slice pickles its parent's
+    whole buffers (pyarrow 26): a 552-row slice of a 55,000-row table of embeddings pickled to 90 MB,
+    and shipping each namespace's slice of a build batch's rows sent ~8.5 GB through the pool's
+    pipes per round of 55,200 turns on the H200 (20 of the round's 25 s)."""
+    return table.take(pa.array(range(table.num_rows), pa.int64()))
