@@ -30,7 +30,7 @@ from memstage.runtime.progress import Progress
 from memstage.runtime.services import services
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, models_dir, now_utc
-from memstage.tasks import index, index_build, level0, workers
+from memstage.tasks import build_batch, index, level0, workers
 from memstage.tasks.contract import StageResult, record_runs, timed
 
 # A commit opens the store (tens of ms), so finished chunks gather until BUILD_GROUP namespaces are
@@ -77,7 +77,7 @@ def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str,
 @stage_task(name="build-indexes", task_run_name="indexes of {label}")
 def build_indexes(home: Path, namespaces: list[str], label: str) -> list[StageResult]:
     store = MemoryStore(home)
-    return index_build.build_many(store, namespaces, flow_run_id=flow_run_id(), parallel=True)
+    return build_batch.build_many(store, namespaces, flow_run_id=flow_run_id(), parallel=True)
 
 
 def build_all(home: Path, namespaces: list[str]) -> dict[str, StageResult]:
@@ -167,8 +167,10 @@ def index_namespaces(
 class _Commits:
     """The embedding loop's stores: finished chunks wait in `ready` until a commit stores them (new
     level-0 rows with their embeddings, one insert per table for every namespace); namespaces whose
-    rows are all stored wait in `unbuilt` until `group` of them (the worker pool's size: one build
-    task run and one read for all, their files written side by side) or the last commit."""
+    rows are all stored wait in `unbuilt` until `group` of them (the worker pool's size: one read for
+    all, their files written side by side) or the last commit. Their builds then run on the process
+    pool while the loop goes on collecting and storing (`building`); a finished group's manifests are
+    committed, in one transaction, at a later commit or by `finish_builds`."""
 
     home: Path
     store: MemoryStore
@@ -180,20 +182,35 @@ class _Commits:
     phases: Phases
     ready: dict[str, list[pa.Table]] = field(default_factory=dict)
     unbuilt: list[str] = field(default_factory=list)
+    building: list[build_batch.PendingBuilds] = field(default_factory=list)
 
     def rows_ready(self) -> int:
         return sum(t.num_rows for tables in self.ready.values() for t in tables)
 
     def commit(self, complete: list[str], *, last: bool = False) -> None:
-        """Store the ready chunks, then build the indexes of the complete namespaces once `group`
-        of them wait (or `last`). Call in a hold."""
+        """Store the ready chunks, then start the builds of the complete namespaces once `group` of
+        them wait (or `last`), and commit the manifests of builds that have finished. Call in a hold."""
         with self.phases.timed("commit_embeddings"):
             self._store_ready()
         self.unbuilt += [ns for ns in complete if ns not in self.unbuilt and ns not in self.built]
+        started = {ns for pending in self.building for ns in pending.namespaces}
+        self.unbuilt = [ns for ns in self.unbuilt if ns not in started]
         if self.unbuilt and (last or len(self.unbuilt) >= self.group):
-            with self.phases.timed("index_builds"):
-                self.built.update(build_all(self.home, self.unbuilt))
+            with self.phases.timed("index_builds"):  # the rows' read here; the files on the pool
+                self.building.append(
+                    build_batch.start_builds(self.store, self.unbuilt, parallel=True, background=True)
+                )
             self.unbuilt = []
+        self.finish_builds(wait=False)
+
+    def finish_builds(self, *, wait: bool) -> None:
+        """Commit the manifests of the started builds that have finished (all of them, waiting, when
+        `wait`), one transaction per group. Call in a hold."""
+        with self.phases.timed("index_builds_wait" if wait else "index_builds"):
+            for pending in [p for p in self.building if wait or p.done()]:
+                for result in build_batch.finish_builds(self.store, pending):
+                    self.built[result.namespace] = result
+                self.building.remove(pending)
 
     def _store_ready(self) -> None:
         """The ready chunks' rows: new level-0 memories inserted, stored ones' embeddings updated."""
@@ -254,6 +271,7 @@ def _embed_and_index(
         pool.close()  # the encoders end their task runs while the last chunks are stored
         with store.hold():  # the last step records every namespace's run with it: one store open
             commits.commit([ns for ns in namespaces if ns not in commits.built], last=True)
+            commits.finish_builds(wait=True)
             with phases.timed("record_runs"):
                 results = _index_results(namespaces, commits, making.duration_s / max(1, len(namespaces)))
                 record_runs(store, results, flow_run_id=flow_run_id())

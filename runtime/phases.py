@@ -24,6 +24,7 @@ ORDER = (
     "encoder_wait",
     "commit_embeddings",
     "index_builds",
+    "index_builds_wait",  # the end: waiting for the builds that run on the pool, then their manifests
     "record_runs",
     "encoder_stop",
 )

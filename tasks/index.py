@@ -2,7 +2,7 @@
 
 Three steps, each safe to rerun: `materialise_level0` turns new events into level-0 memories;
 `embed_missing` fills the `embedding` of memories whose text is new or changed (stages that change
-a memory's text set its embedding to null); `build_indexes` (`tasks.index_build`) writes the
+a memory's text set its embedding to null); `build_indexes` (`tasks.build_batch`, `tasks.index_build`) writes the
 namespace's columnar artifacts, FAISS and BM25 indexes as one versioned folder with manifest rows —
 skipped when the namespace's fingerprint is unchanged, so a second run changes nothing.
 """
@@ -19,6 +19,7 @@ import pyarrow as pa
 from memstage.stores import queries
 from memstage.stores.index_reads import split_by
 from memstage.stores.store import MemoryStore, now_utc
+from memstage.tasks.build_batch import build_indexes
 from memstage.tasks.contract import (
     CountTokens,
     Embed,
@@ -30,7 +31,7 @@ from memstage.tasks.contract import (
     ops_table,
     timed,
 )
-from memstage.tasks.index_build import build_indexes, embedding_matrix, remove_stale_artifacts
+from memstage.tasks.index_build import embedding_matrix, remove_stale_artifacts
 from memstage.tasks.injection import flag_text
 from memstage.tasks.passages import passage_source
 

@@ -1,6 +1,6 @@
 """Index build: a namespace's columnar artifacts, dense and lexical indexes, as one versioned folder.
 
-`build_indexes` reads the namespace's active memories once (`stores.index_reads.namespaces_rows`, a
+`build_indexes` (tasks/build_batch.py, which builds many namespaces at once) reads the namespace's active memories once (`stores.index_reads.namespaces_rows`, a
 hash join to their source events), and writes `indexes/<ns>/v<N>/` (layout: `stores.artifacts`):
 per level the rows retrieval returns (Arrow IPC), embeddings (int8 with a scale per row; their mean and covariance make a question's dense z-score over the
 whole level exact without scanning it), a FAISS index
@@ -29,9 +29,7 @@ from memstage.gpu.encoder import DIMS, MODEL_NAME
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import DenseIndex, build_cpu_index
 from memstage.stores import artifacts, index_reads
-from memstage.stores.schema import INDEX_MANIFEST
-from memstage.stores.store import MemoryStore, now_utc
-from memstage.tasks import workers
+from memstage.stores.store import MemoryStore
 from memstage.tasks.contract import StageResult
 from memstage.tasks.names import learn_names
 from memstage.tasks.passages import turn_of
@@ -332,77 +330,6 @@ def plan_and_write(
     infos = write_artifacts(job)
     written = Written(namespace, index_dir, job.version, job.fingerprint, job.memories, infos)
     return written, {}, time.perf_counter() - start
-
-
-def manifest_rows(store: MemoryStore, job: Written, result: StageResult) -> pa.Table:
-    """The manifest rows of the written version (committed by the caller); sets `result`."""
-    rel = artifacts.version_dir(job.index_dir, job.version).relative_to(store.home)
-    files = {"columns": "rows.arrow", "dense": "dense.faiss", "lexical": "lexical"}
-    new_rows = [
-        {
-            "namespace": job.namespace,
-            "level": lvl,
-            "kind": kind,
-            "version": job.version,
-            "path": str(rel / f"L{lvl}.{files[kind]}"),
-            "count": job.infos[lvl]["count"],
-            "model": MODEL_NAME,
-            "fingerprint": job.fingerprint,
-            "created_at": now_utc(),
-            "current": True,
-        }
-        for lvl in sorted(job.infos)
-        for kind in KINDS
-    ]
-    result.changed = len(job.infos)
-    result.figures = {
-        "levels_rebuilt": sorted(job.infos),
-        "memories_indexed": job.memories,
-        "version": job.version,
-    }
-    return pa.Table.from_pylist(new_rows, schema=INDEX_MANIFEST)
-
-
-def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None = None) -> StageResult:
-    """Write the namespace's artifacts as a new version when its memories changed since the current one."""
-    return build_many(store, [namespace], flow_run_id=flow_run_id)[0]
-
-
-def build_many(
-    store: MemoryStore, namespaces: list[str], *, flow_run_id: str | None = None, parallel: bool = False
-) -> list[StageResult]:
-    """`build_indexes` of several namespaces: their rows and manifests read here in one query each,
-    each namespace's plan (found-by texts, fingerprint) and artifact files made on the process pool
-    (tasks.workers) when `parallel` and more than one, the manifests committed here in one transaction."""
-    results = [StageResult("index.build", ns) for ns in namespaces]
-    start = time.perf_counter()
-    rows = index_reads.namespaces_rows(store, namespaces)
-    current = index_reads.current_manifests(store, namespaces)
-    read_s = (time.perf_counter() - start) / max(1, len(namespaces))
-    pool = workers.get_pool() if parallel and len(namespaces) > 1 and workers.pool_size() > 1 else None
-    # each namespace's rows as a table of its own, not a slice of the batch's read: what the pool is
-    # sent is its rows only (workers.owned), and its files are the same bytes whatever the batch held
-    # (one namespace's read is its own already: no copy of a 1M-row namespace)
-    own = workers.owned if len(namespaces) > 1 else (lambda t: t)
-    args = [namespaces, [store.index_dir(ns) for ns in namespaces], [own(rows[ns]) for ns in namespaces]]
-    args.append([own(current[ns]) for ns in namespaces])
-    del rows
-    done = list(pool.map(plan_and_write, *args) if pool else map(plan_and_write, *args))
-    manifests = {}
-    for result, (written, figures, seconds) in zip(results, done, strict=True):
-        result.duration_s = read_s + seconds
-        if written is None:
-            result.figures = figures
-        else:
-            manifests[result.namespace] = manifest_rows(store, written, result)
-    # one transaction for every namespace's manifest; then the older versions' files go (the
-    # manifest now points at the new ones only)
-    artifacts.commit_manifests(store, manifests)
-    for ns, table in manifests.items():
-        artifacts.remove_stale(
-            store.index_dir(ns), {store.home / p for p in table.column("path").to_pylist()}
-        )
-    return results
 
 
 def remove_stale_artifacts(store: MemoryStore, namespace: str) -> list[Path]:

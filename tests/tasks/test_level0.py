@@ -134,7 +134,7 @@ def test_index_builds_on_the_pool_write_the_same_files(tmp_path, monkeypatch, en
     but the BM25 index, whose word numbering follows string hashing (per process): the same scores."""
     from memstage.gpu.lexical_index import LexicalIndex
     from memstage.stores.store import MemoryStore
-    from memstage.tasks import index_build
+    from memstage.tasks import build_batch
     from memstage.tasks.ingest import commit_events, parse_file
 
     monkeypatch.setenv("MEMSTAGE_SCAN_WORKERS", "2")
@@ -150,11 +150,11 @@ def test_index_builds_on_the_pool_write_the_same_files(tmp_path, monkeypatch, en
         for ns in ("alpha", "beta"):
             index.materialise_level0(store, ns, count_tokens=token_counter.count_many)
             index.embed_missing(store, ns, encoder.encode)
-        results = index_build.build_many(store, ["alpha", "beta"], parallel=parallel)
+        results = build_batch.build_many(store, ["alpha", "beta"], parallel=parallel)
         assert [r.changed for r in results] == [1, 1]
         assert [r.figures["version"] for r in results] == [1, 1]
         homes.append(store.home)
-        again = index_build.build_many(store, ["alpha", "beta"], parallel=parallel)
+        again = build_batch.build_many(store, ["alpha", "beta"], parallel=parallel)
         assert [r.changed for r in again] == [0, 0]  # fingerprints unchanged: nothing rebuilt
     files = [sorted(p.relative_to(h) for p in (h / "indexes").rglob("*") if p.is_file()) for h in homes]
     assert files[0] == files[1] and len(files[0]) > 10
