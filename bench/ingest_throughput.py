@@ -7,7 +7,9 @@ round's flow is compared with the mean of the two that bracket it (so a drift of
 during the round cancels out). What is measured:
   * bare encoder, one process: the model in this process, all cores as torch threads, calls of
     1024 texts (how a library user would call it), or on a GPU host calls of the flow's chunk size
-    (CHUNK["actor"]), so both feed the same `Encoder` the same way;
+    (CHUNK["actor"], or MEMSTAGE_ENCODER_CHUNK), so both feed the same `Encoder` the same way; on a
+    GPU also the same calls on texts tokenised beforehand (gpu/encoder.tokenise, not timed), the
+    encoder's bound when the flow's worker pool tokenises for it (MEMSTAGE_ENCODER_PRETOKENISE);
   * bare encoder, data-parallel: one single-threaded model per core in a multiprocessing pool,
     pulling the flow's own chunks (the layout the flow uses on CPU, without Prefect, Ray or the store);
   * the whole ingest flow with its runtime warm (Prefect server, Ray, workers holding their models,
@@ -49,6 +51,18 @@ def bare_encoder_rate(enc: Any, texts: list[str], call: int = 1024) -> float:
     start = time.perf_counter()
     for i in range(0, len(texts), call):
         enc.encode(texts[i : i + call])
+    return len(texts) / (time.perf_counter() - start)
+
+
+def bare_pretokenised_rate(enc: Any, texts: list[str], call: int) -> float:
+    """Texts/s of `enc.encode` on `call`-text chunks tokenised beforehand (not timed): padding and model."""
+    from memstage.gpu.encoder import tokenise
+
+    chunks = [tokenise(texts[i : i + call]) for i in range(0, len(texts), call)]
+    enc.encode(chunks[0])  # warm-up
+    start = time.perf_counter()
+    for chunk in chunks:
+        enc.encode(chunk)
     return len(texts) / (time.perf_counter() - start)
 
 
@@ -196,6 +210,7 @@ def main() -> int:
     from memstage.gpu.encoder import Encoder
     from memstage.runtime.encoder_pool import CHUNK
     from memstage.runtime.services import embedding_slots
+    from memstage.settings import get_settings
 
     encoder = Encoder()
     rounds = []
@@ -210,6 +225,7 @@ def main() -> int:
             flush=True,
         )
         where, slots = embedding_slots(args.runner == "ray")
+        chunk = get_settings().encoder_chunk or CHUNK[where]  # the flow's chunk size
         pool = None
         if where == "workers" and encoder.device == "cpu":
             pool = multiprocessing.get_context("spawn").Pool(slots, initializer=_load_single_threaded)
@@ -217,8 +233,8 @@ def main() -> int:
         try:
 
             def bare_rates() -> tuple[float, float | None]:
-                one = bare_encoder_rate(encoder, texts, CHUNK["actor"] if where == "actor" else 1024)
-                return one, (data_parallel_rate(pool, by_namespace, CHUNK[where]) if pool else None)
+                one = bare_encoder_rate(encoder, texts, chunk if where == "actor" else 1024)
+                return one, (data_parallel_rate(pool, by_namespace, chunk) if pool else None)
 
             before = bare_rates()
             for r in range(args.rounds):
@@ -240,6 +256,7 @@ def main() -> int:
                                "flow_cpu_s": cpu, **where_time_went(out, flow_s)})  # fmt: skip
                 print(f"round {r}: {json.dumps(rounds[-1])}", file=sys.stderr, flush=True)
                 print(time_table(rounds[-1]), file=sys.stderr, flush=True)
+            pretokenised = bare_pretokenised_rate(encoder, texts, chunk) if where == "actor" else None
         finally:
             if pool:
                 pool.terminate()
@@ -259,6 +276,10 @@ def main() -> int:
         "encoder_turns_per_s": bare,
         "data_parallel_turns_per_s": parallel,
         "encoding": f"{where}: {slots} at once",
+        "chunk": chunk,
+        "pretokenise": where == "actor" and get_settings().encoder_pretokenise,
+        # the same encoder on chunks tokenised beforehand (after the rounds): its padding and model alone
+        "encoder_pretokenised_turns_per_s": round(pretokenised, 1) if pretokenised else None,
         "flow_turns_per_s": flow_rate,
         "ratio_flow_to_encoder": ratio,
         "ratio_flow_to_one_process_encoder": median("ratio_to_one_process"),
@@ -281,6 +302,7 @@ def main() -> int:
         print(
             f"\n{'measure':<34}{'value':>12}\n{'bare encoder, one process (turns/s)':<34}{bare:>12.1f}\n"
             f"{'bare encoder, data-parallel':<34}{parallel or float('nan'):>12.1f}\n"
+            f"{'bare encoder, pre-tokenised':<34}{result['encoder_pretokenised_turns_per_s'] or float('nan'):>12.1f}\n"
             f"{'whole flow (turns/s)':<34}{flow_rate:>12.1f}\n"
             f"{'ratio flow / faster bare':<34}{ratio:>12.3f}\n{'cold start (s)':<34}{cold_start_s:>12.1f}\n"
             + "".join(

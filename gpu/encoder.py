@@ -6,10 +6,13 @@ reloading it per task. Embeddings are L2-normalised float32, so inner product is
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -167,11 +170,15 @@ class Encoder:
         self._timing_lock = threading.Lock()
         self.timings = {"calls": 0.0, "texts": 0.0, "encode_s": 0.0, "tokenise_s": 0.0, "wait_tokens_s": 0.0}
 
-    def encode(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+    def encode(self, texts: Sequence[str] | TokenIds, *, batch_size: int | None = None) -> np.ndarray:
+        """L2-normalised float32 vectors of `texts`, or of texts already tokenised (`TokenIds`: the same
+        vectors, tested)."""
         if len(texts) == 0:
             return np.zeros((0, self.dims), dtype=np.float32)
         start = time.perf_counter()
         try:
+            if isinstance(texts, TokenIds):  # tokenised elsewhere (`tokenise`)
+                return self._encode_ids(texts, batch_size or self.batch_size)
             return self._encode(texts, batch_size)
         finally:
             self.timings["calls"] += 1
@@ -243,16 +250,43 @@ class Encoder:
         text is one Rust encoding and one list of ids. sentence-transformers' encode, on an H100,
         reached 6k-16k sentences/s while the model alone ran 233k/s: the host was the bottleneck.
         The CPU path too (bf16 or fp32); tests compare it with sentence-transformers in fp32."""
+        batches = [(idx, future.result) for idx, future in self.tokenise_batches(texts, batch_size)]
+        return self._run_model(batches, len(texts))
+
+    def _encode_ids(self, tokens: TokenIds, batch_size: int) -> np.ndarray:
+        """`_encode_fast` of texts tokenised elsewhere (`tokenise`, in a flow's worker pool): batches
+        of similar token counts, each padded here by numpy (no per-text Python), the same model steps."""
+        lengths = np.diff(tokens.offsets)
+        order = np.argsort(-lengths, kind="stable")
+        batches = [
+            (idx, functools.partial(self._pad_ids, tokens, idx))
+            for idx in (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+        ]
+        return self._run_model(batches, len(tokens))
+
+    def _pad_ids(self, tokens: TokenIds, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` of `tokens` as an int64 id matrix padded as `_id_matrix` pads (same widths)."""
+        starts = tokens.offsets[idx]
+        lengths = tokens.offsets[idx + 1] - starts
+        width = -(-int(lengths.max()) // self.pad_multiple) * self.pad_multiple
+        out = np.full((len(idx), width), self.model.tokenizer.pad_token_id or 0, dtype=np.int64)
+        cols = np.arange(width)
+        inside = cols[None, :] < lengths[:, None]
+        out[inside] = tokens.flat[(starts[:, None] + cols[None, :])[inside]]
+        return out
+
+    def _run_model(self, batches: list[tuple[np.ndarray, Callable[[], np.ndarray]]], n: int) -> np.ndarray:
+        """The model over (positions, a call giving their padded id matrix) batches: mean pooling over
+        the non-pad tokens and L2 norm on the device, each row put back at its position, one copy back."""
         import torch
 
-        batches = self.tokenise_batches(texts, batch_size)
         bert = self.model[0].auto_model
         pad = self.model.tokenizer.pad_token_id or 0
-        out = torch.empty((len(texts), self.dims), dtype=torch.float32, device=self.device)
+        out = torch.empty((n, self.dims), dtype=torch.float32, device=self.device)
         with torch.inference_mode(), _attention_kernels(self.device):
-            for idx, future in batches:
+            for idx, matrix in batches:
                 waited = time.perf_counter()
-                ids = future.result()
+                ids = matrix()
                 self.timings["wait_tokens_s"] += time.perf_counter() - waited
                 batch = torch.from_numpy(ids).to(self.device, non_blocking=True)
                 mask = batch != pad
@@ -261,3 +295,39 @@ class Encoder:
                 pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
                 out[torch.from_numpy(idx).to(self.device)] = torch.nn.functional.normalize(pooled, dim=1)
         return out.cpu().numpy()
+
+
+@dataclass
+class TokenIds:
+    """Texts tokenised for the encoder (`tokenise`): every text's ids end to end (int32), and where each
+    text's ids start (int64, one more than texts). What a flow's worker pool sends an encoder on a GPU
+    host instead of texts: the encoder's own tokenising (about 100 us of CPU a turn there, its padding
+    holding the GIL) capped one process near 76k texts/s."""
+
+    flat: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+_tokenizer_here: Any = None  # this process's tokenizer for `tokenise`, loaded once
+
+
+def tokenise(texts: Sequence[str]) -> TokenIds:
+    """Token ids of `texts` exactly as `Encoder.token_ids` gives them (the model's tokenizer.json,
+    truncated at MAX_SEQ_LENGTH, no padding), computed in this process without loading the model:
+    a flow's worker-pool process tokenises a chunk while the GPU encodes the one before."""
+    global _tokenizer_here
+    if _tokenizer_here is None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(os.path.join(model_path(), "tokenizer.json"))
+        tokenizer.enable_truncation(MAX_SEQ_LENGTH)
+        tokenizer.no_padding()
+        _tokenizer_here = tokenizer
+    encodings = _tokenizer_here.encode_batch_fast(list(texts))
+    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+    np.cumsum([len(e.ids) for e in encodings], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, int(offsets[-1]))
+    return TokenIds(flat, offsets)

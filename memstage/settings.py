@@ -62,6 +62,13 @@ class Settings:
     # MEMSTAGE_DUCKDB_MEMORY: DuckDB's memory_limit for the store's connections, e.g. "2GB" (default:
     # DuckDB's own, 80% of RAM): a stage committing a million rows otherwise holds gigabytes of buffers
     duckdb_memory: str | None = None
+    # MEMSTAGE_ENCODER_CHUNK: texts per chunk a batch flow sends an encoder (default by where it runs:
+    # runtime/encoder_pool.CHUNK; a GPU encoder ran 52k texts/s in calls of 32,768, 32k in 4,096)
+    encoder_chunk: int | None = None
+    # MEMSTAGE_ENCODER_PRETOKENISE: on a GPU host the flow's worker pool tokenises the encoder's chunks
+    # and sends token ids (gpu/encoder.tokenise), so the encoder's process only pads and runs the
+    # model (default 1; 0 = the encoder tokenises the texts itself)
+    encoder_pretokenise: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +105,10 @@ class Settings:
             generator_dtype=dtype,
             encoder_dtype=encoder_dtype,
             duckdb_memory=_memory(env, "MEMSTAGE_DUCKDB_MEMORY"),
+            encoder_chunk=_positive(env, "MEMSTAGE_ENCODER_CHUNK", 1)
+            if env.get("MEMSTAGE_ENCODER_CHUNK")
+            else None,
+            encoder_pretokenise=env.get("MEMSTAGE_ENCODER_PRETOKENISE", "1") not in ("0", "false", "no"),
         )
 
     def worker_env(self) -> dict[str, str]:

@@ -14,10 +14,12 @@ which encoders on this machine reach through a socket, and encoders on a cluster
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +29,14 @@ from memstage.runtime.backends import RuntimeConfig, stage_task
 from memstage.runtime.chunk_broker import BrokerChannel, open_channel
 from memstage.runtime.phases import encoder_report
 from memstage.runtime.services import embedding_slots, services, worker_encoder, worker_encoder_timings
-from memstage.tasks import index
+from memstage.settings import get_settings
+from memstage.tasks import index, workers
 
 # Texts per chunk. CPU: about a second of one core, so the encoders finish within a second of each
 # other; length-sorted 64-text chunks encode as fast as 690-text batches (padding is what costs).
 # GPU: the card wants big calls: the encoder tokenises a call's batches on all cores ahead of the
 # model (gpu/encoder.py), and each chunk costs a round trip through the broker and the actor.
-# Local: one encoder with every core, pipelined with the flow.
+# Local: one encoder with every core, pipelined with the flow. MEMSTAGE_ENCODER_CHUNK overrides.
 CHUNK = {"workers": 64, "actor": 4096, "local": 256}
 WAIT_S = 2.0  # longest wait for results in one call: the flow's loop stays responsive
 GATHER = 4  # results one call waits for (within WAIT_S): a round trip when the broker is an actor
@@ -80,6 +83,9 @@ class EncoderPool:
     )  # chunk id -> its (namespace, rows)
     _last_result: float = field(default_factory=time.monotonic)
     reports: list[dict[str, Any]] = field(default_factory=list)  # the encoders', after `stop`
+    # chunks go to the encoders as token ids made on the flow's worker pool (`_tokenise_then_put`)
+    pretokenise: bool = False
+    _failed: list[BaseException] = field(default_factory=list)  # a chunk's tokenising or its put
 
     def submit(self, namespace: str, ids: Sequence[str], texts: Sequence[str]) -> None:
         """Queue a namespace's texts as chunks, longest first (similar lengths pad little)."""
@@ -115,8 +121,28 @@ class EncoderPool:
                     flush()
         if ids_now:
             flush()
-        if chunks:
+        if chunks and self.pretokenise:
+            self._tokenise_then_put(chunks)
+        elif chunks:
             self.broker.call("put_work", chunks)
+
+    def _tokenise_then_put(self, chunks: list[tuple[int, list[str], list[str]]]) -> None:
+        """Each chunk's texts tokenised on the flow's worker pool (gpu/encoder.tokenise, one process per
+        chunk at once) and put to the encoders as its ids come back: a GPU encoder then only pads and
+        runs the model (its own tokenising, GIL-bound, capped it near 76k texts/s on the H200). The
+        chunks queue on the pool ahead of the level-0 rows' pieces, which are submitted after them."""
+        from memstage.gpu.encoder import tokenise
+
+        pool = workers.get_pool()
+        for chunk_id, ids, texts in chunks:
+            pool.submit(tokenise, texts).add_done_callback(functools.partial(self._put_tokens, chunk_id, ids))
+
+    def _put_tokens(self, chunk_id: int, ids: list[str], future: Future) -> None:
+        """A chunk's ids to the encoders (on the pool's thread); an error is raised by `collect`."""
+        try:
+            self.broker.call("put_work", [(chunk_id, ids, future.result())])
+        except BaseException as exc:  # noqa: BLE001 - raised in the flow's thread by collect
+            self._failed.append(exc)
 
     def pending_namespaces(self) -> set[str]:
         """Namespaces with a chunk still being encoded."""
@@ -132,6 +158,10 @@ class EncoderPool:
 
         Raises when the encoders have stopped with chunks still outstanding (a crashed worker):
         what was committed stays, and rerunning the flow embeds the rest."""
+        if self._failed:
+            raise RuntimeError("a chunk for the encoders could not be tokenised or queued") from self._failed[
+                0
+            ]
         out = []
         for chunk_id, table in self.broker.call("take_results", timeout, min(GATHER, len(self.outstanding))):
             start = 0
@@ -186,4 +216,8 @@ def start_encoders(config: RuntimeConfig, *, use_ray: bool) -> EncoderPool:
     where, slots = embedding_slots(use_ray)
     broker = open_channel(uuid.uuid4().hex, use_ray=use_ray, encoders=slots)
     futures = [run_encoder.submit(config, broker, k, slots, where) for k in range(1, slots + 1)]
-    return EncoderPool(broker, futures, CHUNK[where])
+    settings = get_settings()
+    # on a GPU the flow's worker pool tokenises (when it has processes to spare); on CPU the encoders
+    # tokenise their own chunks, each in its own process already
+    pretokenise = where == "actor" and settings.encoder_pretokenise and workers.pool_size() > 1
+    return EncoderPool(broker, futures, settings.encoder_chunk or CHUNK[where], pretokenise=pretokenise)

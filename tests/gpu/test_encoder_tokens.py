@@ -104,3 +104,29 @@ def test_encoder_dtype_follows_the_setting_and_the_cpu(monkeypatch) -> None:
     finally:
         monkeypatch.delenv("MEMSTAGE_ENCODER_DTYPE", raising=False)
         reload_settings()
+
+
+def test_pretokenised_input_gives_the_same_ids_and_vectors() -> None:
+    """Texts tokenised elsewhere (`tokenise`, what a flow's worker pool sends a GPU encoder) carry the
+    encoder's own ids, and the same Encoder gives the same vectors for them as for the texts, in input
+    order; also with the CUDA path's padding to a multiple of 8 tokens (masked out of the pooling)."""
+    import numpy as np
+
+    from memstage.gpu.encoder import Encoder, tokenise
+
+    encoder = Encoder(device="cpu", light=True, dtype="float32")
+    texts = [f"Maya: I moved to Lisbon in {y}, near the river." * (1 + y % 5) for y in range(1990, 2190)]
+    texts += ["word " * 400, "", "x", "émoji 🤖 ünïcode", "Sam: we adopted a beagle named Pepper."]
+    tokens = tokenise(texts)
+    assert len(tokens) == len(texts) and tokens.flat.dtype == np.int32
+    ids = encoder.token_ids(texts)
+    assert [
+        tokens.flat[a:b].tolist() for a, b in zip(tokens.offsets[:-1], tokens.offsets[1:], strict=True)
+    ] == ids
+    want = encoder.encode(texts)
+    for pad_multiple in (1, 8):
+        encoder.pad_multiple = pad_multiple
+        got = encoder.encode(tokens)
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert float(np.abs(got - want).max()) < 1e-5, pad_multiple
+    assert encoder.encode(tokenise([])).shape == (0, encoder.dims)

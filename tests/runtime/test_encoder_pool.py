@@ -92,7 +92,11 @@ def test_encoders_reach_the_flows_broker_through_its_socket_and_strangers_do_not
         pickle.dumps(BrokerChannel("d", local=broker))
 
 
-def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
+@pytest.mark.parametrize("pretokenise", [False, True])
+def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder, monkeypatch, pretokenise):
+    """Also with the chunks tokenised on the flow's worker pool and sent as token ids (what a GPU host
+    does; here the same path on CPU, with the local encoder)."""
+    monkeypatch.setenv("MEMSTAGE_SCAN_WORKERS", "2")
     config = RuntimeConfig(home=tmp_path / "home", runner="local")
     texts = {
         "ns-a": [f"Alice said thing number {i}" * (1 + i % 3) for i in range(300)],
@@ -103,6 +107,8 @@ def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
     def run() -> dict[str, dict[str, np.ndarray]]:
         back: dict[str, dict[str, np.ndarray]] = {"ns-a": {}, "ns-b": {}}
         with start_encoders(config, use_ray=False) as pool:
+            assert not pool.pretokenise  # only a GPU encoder gets token ids by default
+            pool.pretokenise = pretokenise
             # chunks filled across namespaces: one chunk holds the end of ns-a and all of ns-b
             pool.submit_many([(ns, [f"{ns}/{i}" for i in range(len(ts))], ts) for ns, ts in texts.items()])
             assert any(len(segments) == 2 for segments in pool.outstanding.values())
@@ -122,8 +128,9 @@ def test_every_chunk_comes_back_once_with_its_namespace(tmp_path, encoder):
         back = run.with_options(task_runner=task_runner(config, batch=True))()
     for ns, ts in texts.items():
         assert sorted(back[ns]) == sorted(f"{ns}/{i}" for i in range(len(ts)))
-    expected = encoder.encode([texts["ns-a"][7]])[0]
-    assert float(back["ns-a"]["ns-a/7"] @ expected) > 0.999
+    expected = encoder.encode([texts["ns-a"][7], texts["ns-b"][0]])
+    assert float(back["ns-a"]["ns-a/7"] @ expected[0]) > 0.999
+    assert all(float(v @ expected[1]) > 0.999 for v in back["ns-b"].values())
 
 
 def test_a_failing_encoder_fails_the_ingest_and_a_rerun_makes_the_rest(tmp_path, monkeypatch):
