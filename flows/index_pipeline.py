@@ -39,6 +39,9 @@ from memstage.tasks.contract import StageResult, record_runs, timed
 # for one another up to the worker pool's size (`_Commits`).
 BUILD_GROUP = 2
 COMMIT_ROWS = 2048
+# Once every embedding is back, namespaces are stored as their level-0 rows are made on the pool, in
+# fewer, bigger commits: each is a store open and a checkpoint at its close
+TAIL_COMMIT_ROWS = 8192
 
 Texts = tuple[list[str], list[str]]  # (memory ids, texts to embed)
 
@@ -62,10 +65,11 @@ def read_plan(home: Path, namespaces: list[str], label: str) -> IndexPlan:
 
 
 @stage_task(name="level0-memories", task_run_name="level-0 memories of {label}")
-def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str, tuple[pa.Table, pa.Table]]:
+def make_level0(config: RuntimeConfig, plan: IndexPlan, label: str) -> dict[str, level0.PendingTables]:
     """namespace -> (rows, ops rows) of the new level-0 memories, not stored yet (they are stored
-    with their embeddings). Made on the process pool when they are many (tasks.level0)."""
-    return level0.many_tables(
+    with their embeddings), being made: on the process pool when they are many (tasks.level0), while
+    the embedding loop stores the namespaces whose rows are made."""
+    return level0.start_many_tables(
         plan.level0,
         lambda t: services(config, use_ray=False).count_tokens(t),
         models_dir(config.home),
@@ -174,7 +178,7 @@ class _Commits:
 
     home: Path
     store: MemoryStore
-    fresh: dict[str, tuple[pa.Table, pa.Table]]  # namespace -> level-0 rows and ops rows, not stored yet
+    fresh: dict[str, level0.PendingTables]  # namespace -> level-0 rows and ops rows being made, not stored
     built: dict[str, StageResult]
     created: dict[str, int]
     embedded: dict[str, int]
@@ -184,14 +188,35 @@ class _Commits:
     unbuilt: list[str] = field(default_factory=list)
     building: list[build_batch.PendingBuilds] = field(default_factory=list)
 
+    def storable(self, *, last: bool = False) -> list[str]:
+        """Namespaces with ready chunks whose level-0 rows are made (all of them when `last`: waits)."""
+        return [ns for ns in self.ready if last or ns not in self.fresh or self.fresh[ns].done()]
+
+    def waiting(self) -> bool:
+        """Whether some ready chunks wait for their namespace's level-0 rows."""
+        return len(self.storable()) < len(self.ready)
+
+    def wait_some(self) -> None:
+        """Wait until the first namespace whose ready chunks wait for its level-0 rows has them."""
+        for ns in self.ready:
+            if ns in self.fresh and not self.fresh[ns].done():
+                self.fresh[ns].tables()
+                return
+
     def rows_ready(self) -> int:
-        return sum(t.num_rows for tables in self.ready.values() for t in tables)
+        return sum(t.num_rows for ns in self.storable() for t in self.ready[ns])
 
     def commit(self, complete: list[str], *, last: bool = False) -> None:
         """Store the ready chunks, then start the builds of the complete namespaces once `group` of
         them wait (or `last`), and commit the manifests of builds that have finished. Call in a hold."""
+        if last:
+            with self.phases.timed("level0_wait"):  # the level-0 rows still being made
+                for ns in self.ready:
+                    if ns in self.fresh:
+                        self.fresh[ns].tables()
         with self.phases.timed("commit_embeddings"):
-            self._store_ready()
+            self._store_ready(self.storable(last=last))
+        complete = [ns for ns in complete if ns not in self.ready]  # stored: their rows are all in
         self.unbuilt += [ns for ns in complete if ns not in self.unbuilt and ns not in self.built]
         started = {ns for pending in self.building for ns in pending.namespaces}
         self.unbuilt = [ns for ns in self.unbuilt if ns not in started]
@@ -212,14 +237,15 @@ class _Commits:
                     self.built[result.namespace] = result
                 self.building.remove(pending)
 
-    def _store_ready(self) -> None:
-        """The ready chunks' rows: new level-0 memories inserted, stored ones' embeddings updated."""
+    def _store_ready(self, namespaces: list[str]) -> None:
+        """The ready chunks' rows of `namespaces`: new level-0 memories inserted, stored ones'
+        embeddings updated."""
         rows, ops = [], []
-        for ns, tables in self.ready.items():
-            table = pa.concat_tables(tables)
+        for ns in namespaces:
+            table = pa.concat_tables(self.ready.pop(ns))
             is_new = pa.array([False] * table.num_rows, pa.bool_())
             if ns in self.fresh:
-                ns_rows, ns_ops = self.fresh[ns]
+                ns_rows, ns_ops = self.fresh[ns].tables()
                 where = pc.index_in(table.column("id"), value_set=ns_rows.column("id"))
                 is_new = pc.is_valid(where)
                 take = pc.drop_null(where)
@@ -229,7 +255,6 @@ class _Commits:
                 ops.append(ns_ops.take(take))
             index.commit_embeddings(self.store, ns, table.filter(pc.invert(is_new)))
             self.embedded[ns] += table.num_rows
-        self.ready.clear()
         if rows:
             for ns, n in level0.insert_level0(
                 self.store, pa.concat_tables(rows), pa.concat_tables(ops)
@@ -257,19 +282,29 @@ def _embed_and_index(
         commits = _Commits(
             config.home, store, fresh, dict(plan.built), dict(zeros), dict(zeros), group, phases
         )
-        while pool.outstanding:
-            with phases.timed("encoder_wait"):
-                done = pool.collect(timeout=WAIT_S)
-            for ns, table in done:
-                commits.ready.setdefault(ns, []).append(table)
-                bar.advance(table.num_rows)
+        while pool.outstanding or commits.waiting():
+            if pool.outstanding:
+                with phases.timed("encoder_wait"):
+                    done = pool.collect(timeout=WAIT_S)
+                for ns, table in done:
+                    commits.ready.setdefault(ns, []).append(table)
+                    bar.advance(table.num_rows)
+                if not pool.outstanding:
+                    pool.close()  # the encoders end their task runs while the last chunks are stored
+            else:  # every embedding is back: store namespaces as their level-0 rows are made
+                with phases.timed("level0_wait"):
+                    commits.wait_some()
             pending = pool.pending_namespaces()
-            complete = [ns for ns in commits.ready if ns not in pending]
-            if pool.outstanding and (len(complete) >= BUILD_GROUP or commits.rows_ready() >= COMMIT_ROWS):
-                with store.hold():
+            complete = [ns for ns in commits.storable() if ns not in pending]
+            enough = COMMIT_ROWS if pool.outstanding else TAIL_COMMIT_ROWS
+            if (pool.outstanding or commits.waiting()) and (
+                len(complete) >= BUILD_GROUP or commits.rows_ready() >= enough
+            ):
+                with phases.timed("store_holds"), store.hold():
                     commits.commit(complete)
-        pool.close()  # the encoders end their task runs while the last chunks are stored
-        with store.hold():  # the last step records every namespace's run with it: one store open
+        pool.close()
+        # the last step records every namespace's run with it: one store open
+        with phases.timed("store_holds"), store.hold():
             commits.commit([ns for ns in namespaces if ns not in commits.built], last=True)
             commits.finish_builds(wait=True)
             with phases.timed("record_runs"):

@@ -20,9 +20,11 @@ ORDER = (
     "parse",
     "plan",
     "commit_events",
-    "level0_rows",
+    "level0_rows",  # starting them (on the pool, or made here when few)
     "encoder_wait",
+    "level0_wait",  # the end: waiting for level-0 rows still being made on the pool
     "commit_embeddings",
+    "store_holds",  # opening the store for a commit, and its checkpoint at the close
     "index_builds",
     "index_builds_wait",  # the end: waiting for the builds that run on the pool, then their manifests
     "record_runs",

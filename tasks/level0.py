@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring  # JSON string with its quotes, as json.dumps(ensure_ascii=False)
 from pathlib import Path
@@ -181,6 +183,74 @@ def _part_tables(
     )
 
 
+@dataclass
+class PendingTables:
+    """A namespace's level-0 tables being made: one future of (rows, ops rows) per piece, in order."""
+
+    pieces: list[Future]
+    _tables: tuple[pa.Table, pa.Table] | None = None
+
+    def done(self) -> bool:
+        return self._tables is not None or all(f.done() for f in self.pieces)
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        """(rows, ops rows), waiting for the pieces still being made (a pool error is raised here)."""
+        if self._tables is None:
+            pairs = [f.result() for f in self.pieces]
+            self._tables = (pa.concat_tables([r for r, _ in pairs]), pa.concat_tables([o for _, o in pairs]))
+            self.pieces = []
+        return self._tables
+
+
+def _made(value: Any) -> Future:
+    done: Future = Future()
+    done.set_result(value)
+    return done
+
+
+def start_many_tables(
+    parts: dict[str, tuple[Events, list[str]]],
+    count_tokens: Any,
+    models_root: Path | None,
+    *,
+    flow_run_id: str | None,
+    at: datetime,
+) -> dict[str, PendingTables]:
+    """namespace -> its `level0_tables` (new events as columns, texts; flags and token counts included)
+    being made: inline, before this returns, when they are few (or no `models_root` to count with),
+    else in pieces of POOL_CHUNK on the process pool (tasks/workers.py), which does every per-text
+    step, while the caller goes on (the ingest flow stores the namespaces whose rows are made); the
+    same tables either way."""
+    total = sum(len(texts) for _, texts in parts.values())
+    if total < POOL_MIN_TEXTS or models_root is None or workers.pool_size() < 2:
+        out = {}
+        for ns, (new, texts) in parts.items():
+            if texts:
+                flags = [flag_text(t) for t in texts]
+                made = level0_tables(
+                    ns, _rows(new), texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
+                )
+                out[ns] = PendingTables([_made(made)])
+        return out
+    count_tokens(["x"])  # the tokenizer's files made here once, not by every pool process at once
+    pool = workers.get_pool()
+    out = {}
+    for ns, (new, texts) in parts.items():
+        pieces = [
+            pool.submit(
+                _part_tables,
+                str(models_root),
+                (ns, _piece(new, i, min(i + POOL_CHUNK, len(texts))), texts[i : i + POOL_CHUNK]),
+                flow_run_id,
+                at,
+            )
+            for i in range(0, len(texts), POOL_CHUNK)
+        ]
+        if pieces:
+            out[ns] = PendingTables(pieces)
+    return out
+
+
 def many_tables(
     parts: dict[str, tuple[Events, list[str]]],
     count_tokens: Any,
@@ -189,31 +259,6 @@ def many_tables(
     flow_run_id: str | None,
     at: datetime,
 ) -> dict[str, tuple[pa.Table, pa.Table]]:
-    """namespace -> `level0_tables` of its (new events as columns, texts), flags and token counts included:
-    inline when they are few (or no `models_root` to count with), else in pieces of POOL_CHUNK on
-    the process pool (tasks/workers.py), which does every per-text step; the same tables either way."""
-    total = sum(len(texts) for _, texts in parts.values())
-    if total < POOL_MIN_TEXTS or models_root is None or workers.pool_size() < 2:
-        out = {}
-        for ns, (new, texts) in parts.items():
-            if texts:
-                flags = [flag_text(t) for t in texts]
-                out[ns] = level0_tables(
-                    ns, _rows(new), texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
-                )
-        return out
-    count_tokens(["x"])  # the tokenizer's files made here once, not by every pool process at once
-    pieces = [
-        (ns, _piece(new, i, min(i + POOL_CHUNK, len(texts))), texts[i : i + POOL_CHUNK])
-        for ns, (new, texts) in parts.items()
-        for i in range(0, len(texts), POOL_CHUNK)
-    ]
-    n = len(pieces)
-    done = workers.get_pool().map(_part_tables, [str(models_root)] * n, pieces, [flow_run_id] * n, [at] * n)
-    tables: dict[str, list[tuple[pa.Table, pa.Table]]] = {}
-    for (ns, _, _), pair in zip(pieces, done, strict=True):
-        tables.setdefault(ns, []).append(pair)
-    return {
-        ns: (pa.concat_tables([r for r, _ in pairs]), pa.concat_tables([o for _, o in pairs]))
-        for ns, pairs in tables.items()
-    }
+    """`start_many_tables`, waited for: namespace -> (rows, ops rows)."""
+    pending = start_many_tables(parts, count_tokens, models_root, flow_run_id=flow_run_id, at=at)
+    return {ns: p.tables() for ns, p in pending.items()}
