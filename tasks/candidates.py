@@ -143,12 +143,16 @@ def load_namespace(folder: Path, stamp: tuple, backend: str | None = None) -> Lo
     return ns
 
 
-def top_rows(level: Level, q: LevelQuery, k_dense: int, k_lex: int) -> np.ndarray:
-    """Union of the level's dense top-k and lexical top-k rows (sorted)."""
+def top_rows(
+    level: Level, q: LevelQuery, k_dense: int, k_lex: int, lexical: LevelQuery | None = None
+) -> np.ndarray:
+    """Union of the level's dense top-k and lexical top-k rows (sorted); the lexical ones by
+    `lexical`'s words when given."""
     dense_rows, _ = level.dense.search(q.qvec, k_dense)
-    lex_rows = q.lex_rows
+    lq = lexical or q
+    lex_rows = lq.lex_rows
     if len(lex_rows) > k_lex:
-        lex_rows = lex_rows[np.argpartition(-q.lex_vals, k_lex - 1)[:k_lex]]
+        lex_rows = lex_rows[np.argpartition(-lq.lex_vals, k_lex - 1)[:k_lex]]
     return np.union1d(dense_rows, lex_rows).astype(np.int64)
 
 
@@ -188,11 +192,16 @@ def close_sessions(ns: LoadedNamespace, rows: np.ndarray) -> np.ndarray:
 
 
 def candidates(
-    ns: LoadedNamespace, queries: dict[int, LevelQuery], *, hierarchy: bool = True
+    ns: LoadedNamespace,
+    queries: dict[int, LevelQuery],
+    *,
+    hierarchy: bool = True,
+    lexical: LevelQuery | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
-    """Level-0 rows to score (sorted, closed under sessions) and how many each source gave."""
+    """Level-0 rows to score (sorted, closed under sessions) and how many each source gave;
+    `lexical`: the query whose BM25 top rows are candidates, when not `queries[0]`'s."""
     level0 = ns.levels[0]
-    found = top_rows(level0, queries[0], K_DENSE, K_LEX)
+    found = top_rows(level0, queries[0], K_DENSE, K_LEX, lexical)
     figures = {"index": len(found)}
     if hierarchy and 1 in ns.levels and 1 in queries:
         nodes, _ = best_nodes(ns.levels[1], queries[1], K_NODES)

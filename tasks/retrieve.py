@@ -30,7 +30,14 @@ from memstage.stores.store import MemoryStore, NamespaceError, validate_namespac
 from memstage.tasks import scoring
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
-from memstage.tasks.scoring import hybrid, in_periods, level_query, question_periods, score_rows
+from memstage.tasks.scoring import (
+    hybrid,
+    in_periods,
+    level_query,
+    question_periods,
+    score_rows,
+    scored_words,
+)
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -176,15 +183,22 @@ class Retriever:
         if qvec is None:
             qvec = self.encoder.encode([searched])[0]
         qvec = np.asarray(qvec, dtype=np.float32)
-        qwords = analyse([searched])[0]
+        words = analyse([searched])[0]
+        scored = scored_words(ns, words, question)
         wanted = set(levels or (0,)) | ({1} if self.hierarchy and not self.exhaustive else set())
-        queries = {lvl: level_query(level, qvec, qwords) for lvl, level in ns.levels.items() if lvl in wanted}
+        queries = {
+            lvl: level_query(level, qvec, scored if lvl == 0 else words)
+            for lvl, level in ns.levels.items()
+            if lvl in wanted
+        }
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []
         if levels is None or 0 in levels:
             if self.exhaustive:
                 rows, self.last_figures = np.arange(ns.n), {"scored": ns.n}
             else:
-                rows, self.last_figures = candidates(ns, queries, hierarchy=self.hierarchy)
+                # found by every word (a named speaker's rare name finds their turns), scored without
+                found_by = queries[0] if scored == words else level_query(ns.levels[0], qvec, words)
+                rows, self.last_figures = candidates(ns, queries, hierarchy=self.hierarchy, lexical=found_by)
             parts.append((0, rows, score_rows(ns, rows, queries[0], question, as_of_day(as_of))))
         for lvl in sorted(set(levels or ()) - {0}):
             if lvl in ns.levels:

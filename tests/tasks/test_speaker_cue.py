@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import indexed_turns
 
+from memstage.gpu.lexical_index import analyse
 from memstage.tasks import scoring
 from memstage.tasks.retrieve import Retriever
 
@@ -19,6 +20,15 @@ TURNS = {
     "friends": [
         ("s1", "2023-05-08T13:00:00Z", "Ann", "I started learning the cello in March."),
         ("s1", "2023-05-08T13:01:00Z", "Bob", "Many people start learning the cello as adults."),
+    ],
+    # many people's conversations in one namespace: Ann and Cid each take part in one session only
+    "team": [
+        ("s1", "2023-05-08T13:00:00Z", "Ann", "I started learning the cello in March, Bob."),
+        ("s1", "2023-05-08T13:01:00Z", "Bob", "Ann, many people start learning the cello as adults."),
+        ("s2", "2023-05-09T13:00:00Z", "Cid", "My cello teacher moved to Ann Arbor."),
+        ("s2", "2023-05-09T13:01:00Z", "Dee", "Then find a new cello teacher, Cid."),
+        ("s3", "2023-05-10T13:00:00Z", "Eve", "Ann said the cello is hard to learn."),
+        ("s3", "2023-05-10T13:01:00Z", "Fay", "The cello takes years."),
     ],
 }
 
@@ -65,3 +75,29 @@ def test_a_name_is_a_cue_only_where_it_names_a_speaker(retriever, monkeypatch):
     monkeypatch.setattr(scoring, "SPEAKER_SESSION", 0.0)
     assert scores(retriever, "chat", question) == chat  # Ann is nobody in "chat": nothing fired
     assert scores(retriever, "friends", question) != friends  # and Ann's turns in "friends" were lifted
+
+
+def test_the_names_of_the_speakers_a_question_names_are_not_scored_lexically(retriever):
+    # a name's BM25 weight is the namespace population's (issue 16): the speaker cue stands for it
+    ns = retriever.load("team")
+    question = "When did Ann start learning the cello?"
+    words = analyse([question])[0]
+    assert "ann" in words
+    assert scoring.scored_words(ns, words, question) == [w for w in words if w != "ann"]
+    third = "When did someone start learning the cello?"
+    assert scoring.scored_words(ns, analyse([third])[0], third) == analyse([third])[0]
+
+
+def test_the_sessions_any_named_speaker_took_part_in_are_lifted(retriever, monkeypatch):
+    ns = retriever.load("team")
+    level = ns.levels[0]
+    session = dict(zip(level.column("id").to_pylist(), level.column("session").to_pylist(), strict=True))
+    question = "What did Ann and Cid say about the cello?"
+    on, cue = dict(retriever.rank("team", question)), scoring.SPEAKER_SESSION
+    monkeypatch.setattr(scoring, "SPEAKER_SESSION", 0.0)
+    off = dict(retriever.rank("team", question))
+    for memory, score in on.items():
+        lift = score - off[memory]
+        # two speakers named: their sessions are lifted, no turn by its speaker
+        assert lift == pytest.approx(0.0 if session[memory] == "s3" else cue)
+    assert session[max(on, key=on.get)] != "s3"
