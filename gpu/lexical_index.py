@@ -92,6 +92,21 @@ class LexicalIndex:
         var = float(np.square(vals, dtype=np.float64).sum()) / self.n - mean * mean
         return rows, vals, mean, float(np.sqrt(max(var, 0.0)))
 
+    def plus_words(
+        self, rows: np.ndarray, vals: np.ndarray, words: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`sparse_scores`' (rows, values) of some words with `words`' columns added: the scores of
+        both word lists at the cost of `words`' posting lists alone (a rare name's: a few hundred)."""
+        parts_r, parts_v = [np.asarray(rows, np.int64)], [np.asarray(vals, np.float32)]
+        for c in self._columns(words):
+            lo, hi = int(self.indptr[c]), int(self.indptr[c + 1])
+            parts_r.append(np.asarray(self.indices[lo:hi], np.int64))
+            parts_v.append(np.asarray(self.data[lo:hi], np.float32))
+        if len(parts_r) == 1:
+            return parts_r[0], parts_v[0]
+        out, inverse = np.unique(np.concatenate(parts_r), return_inverse=True)
+        return out, np.bincount(inverse, weights=np.concatenate(parts_v)).astype(np.float32)
+
     def dense_scores(self, words: Sequence[str]) -> np.ndarray:
         """One score per row (the exhaustive form of `sparse_scores`)."""
         out = np.zeros(self.n, np.float32)

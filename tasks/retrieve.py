@@ -16,6 +16,7 @@ day reaches the scorer (relative periods: "last month", "two weeks ago").
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +32,7 @@ from memstage.tasks import scoring
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import (
+    LevelQuery,
     hybrid,
     in_periods,
     level_query,
@@ -75,6 +77,17 @@ def alias_pattern(ns: LoadedNamespace) -> re.Pattern[str]:
         cached = (key, re.compile(r"\b(" + alternatives + r")\b", re.I))
         ns._alias_pattern = cached  # type: ignore[attr-defined]
     return cached[1]
+
+
+def lexical_finder(ns: LoadedNamespace, q: LevelQuery, words: list[str], scored: list[str]) -> LevelQuery:
+    """The level-0 query whose BM25 top rows are candidates: every word of the question (a named
+    speaker's name, rare in a namespace of many people, finds their turns), while rows are scored
+    without the names (`scoring.scored_words`); the names' posting lists added to `q`'s scores."""
+    if scored == words:
+        return q
+    extra = [w for w in words if w not in scored]
+    rows, vals = ns.levels[0].lexical.plus_words(q.lex_rows, q.lex_vals, extra)
+    return dataclasses.replace(q, lex_rows=rows, lex_vals=vals)
 
 
 def pack_within_budget(
@@ -196,8 +209,7 @@ class Retriever:
             if self.exhaustive:
                 rows, self.last_figures = np.arange(ns.n), {"scored": ns.n}
             else:
-                # found by every word (a named speaker's rare name finds their turns), scored without
-                found_by = queries[0] if scored == words else level_query(ns.levels[0], qvec, words)
+                found_by = lexical_finder(ns, queries[0], words, scored)
                 rows, self.last_figures = candidates(ns, queries, hierarchy=self.hierarchy, lexical=found_by)
             parts.append((0, rows, score_rows(ns, rows, queries[0], question, as_of_day(as_of))))
         for lvl in sorted(set(levels or ()) - {0}):

@@ -87,6 +87,23 @@ def test_lexical_sparse_scores_match_bm25s_and_its_statistics(tmp_path):
     )
 
 
+def test_lexical_plus_words_is_the_scores_of_both_word_lists():
+    index = LexicalIndex.build(
+        ["Ann adopted a cat named Miso", "Bob ran in Lisbon", "Miso is orange", "Ann ran"]
+    )
+    for some, more in [
+        (["miso", "cat"], ["ann"]),
+        (["lisbon"], ["ann", "zzz"]),
+        ([], ["ran"]),
+        (["cat"], []),
+    ]:
+        rows, vals, _, _ = index.sparse_scores(some)
+        got_rows, got_vals = index.plus_words(rows, vals, more)
+        want_rows, want_vals, _, _ = index.sparse_scores(some + more)
+        np.testing.assert_array_equal(got_rows, want_rows)
+        np.testing.assert_allclose(got_vals, want_vals, rtol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     faiss_gpus() == 0, reason='FAISS sees no GPU: a CUDA host with pip install "memstage[gpu]"'
