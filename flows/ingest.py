@@ -108,7 +108,8 @@ def _ingest(
     # one ingest embeds at a time per data directory: a concurrent one waits here, then finds
     # the memories made and embedded (no second embedding, no second set of ops rows)
     with indexing_lock(config.home):
-        with store.hold():  # one store open: the events, then what to embed (the encoders start on it)
+        # one store open: the events, then what to embed (the encoders start on it)
+        with phases.timed("store_holds"), store.hold():
             with phases.timed("plan"):
                 early = early_plan(config, events, encoders)  # a first ingest: the encoders start now
             with phases.timed("commit_events"):
