@@ -16,7 +16,10 @@ real deployment differs on (the data is read from the caller's file; nothing is 
   `question_absolute`);
 - `long`: the assistant side (speaker_b) speaks long turns: each of its turns is set among text from
   the other conversations' turns until it holds LONG_WORDS words (the original words kept whole, at
-  a random place in the turn).
+  a random place in the turn);
+- `assistant`: the three together, nearer a deployed assistant's history: padded as `padded`, then
+  the speaker_b side (the distractor sessions' too) long as `long`, then the speakers renamed as
+  `speakers` (`user`, `assistant`): about PAD_TURNS turns a history, the assistant's turns long.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 
 from memstage.tasks.scoring import _DATE, _MONTHS, _YEAR
 
-VARIANTS = ("speakers", "padded", "dated", "long")
+VARIANTS = ("speakers", "padded", "dated", "long", "assistant")
 PAD_TURNS = 500
 DATE_SLACK_DAYS = 30
 LONG_WORDS = (150, 400)
@@ -69,7 +72,8 @@ def make_variant(samples: list[dict[str, Any]], name: str, seed: int = 0) -> lis
     for i, sample in enumerate(out):
         rng = random.Random(f"{seed}:{name}:{i}")  # per conversation: adding one changes no other
         others = [s for j, s in enumerate(samples) if j != i]
-        {"speakers": _rename, "padded": _pad, "dated": _date, "long": _lengthen}[name](sample, others, rng)
+        make = {"speakers": _rename, "padded": _pad, "dated": _date, "long": _lengthen, "assistant": _assistant}
+        make[name](sample, others, rng)
     return out
 
 
@@ -261,3 +265,10 @@ def _lengthen(sample: dict[str, Any], others: list, rng: random.Random) -> None:
                 at += 1
             cut = rng.randint(0, len(around))
             turn["text"] = " ".join([*around[:cut], text, *around[cut:]])
+
+
+def _assistant(sample: dict[str, Any], others: list, rng: random.Random) -> None:
+    """`padded`, then `long` over the padded history, then `speakers` (module docstring)."""
+    _pad(sample, others, rng)
+    _lengthen(sample, others, rng)
+    _rename(sample, others, rng)

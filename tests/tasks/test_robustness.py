@@ -70,7 +70,7 @@ def test_every_variant_keeps_questions_and_evidence_resolvable(samples, tmp_path
     src.write_text(json.dumps(samples))
     base = load_questions(src)
     written = write_variants(src, tmp_path / "variants", seed=3)
-    assert set(written) == {"speakers", "padded", "dated", "long"}
+    assert set(written) == {"speakers", "padded", "dated", "long", "assistant"}
     for name, path in written.items():
         qs = load_questions(path)
         assert [q.evidence for q in qs.items] == [q.evidence for q in base.items], name
@@ -133,8 +133,23 @@ def test_long_variant_makes_the_assistant_side_long_and_keeps_its_words(samples)
                 assert t1 == t0
 
 
+def test_assistant_variant_is_padded_long_and_user_assistant(samples):
+    out = make_variant(samples, "assistant", seed=5)
+    for before, after in zip(samples, out, strict=True):
+        turns = _turns(after)
+        assert {t["speaker"] for t in turns} == {"user", "assistant"}
+        own = sessions(before["conversation"])
+        assert len(sessions(after["conversation"])) > len(own)  # distractor sessions added
+        assert len(turns) >= min(PAD_TURNS, sum(len(_turns(s)) for s in samples))
+        for t in turns:  # every assistant turn long, the user's as they were
+            assert (len(t["text"].split()) >= 150) == (t["speaker"] == "assistant")
+        for t0, t1 in zip(_turns(before), turns, strict=False):  # the history's own turns come first
+            assert t0["dia_id"] == t1["dia_id"] and t0["text"] in t1["text"]
+        assert after["qa"] == before["qa"]
+
+
 def test_variants_are_deterministic_for_a_seed(samples):
-    for name in ("padded", "dated", "long"):
+    for name in ("padded", "dated", "long", "assistant"):
         assert make_variant(samples, name, seed=7) == make_variant(samples, name, seed=7)
         assert make_variant(samples, name, seed=7) != make_variant(samples, name, seed=8), name
     with pytest.raises(ValueError, match="unknown variant"):
@@ -219,13 +234,13 @@ def test_eval_variants_reports_each_variant_beside_the_file(samples, tmp_path):
     report = evaluate_variants(
         src, resolve_variants(["all"]), evaluate, seed=1, budgets=(250, 1000), plot=None
     )
-    assert list(report["variants"]) == ["speakers", "padded", "dated", "long"]
+    assert list(report["variants"]) == ["speakers", "padded", "dated", "long", "assistant"]
     assert report["variants"]["dated"]["minus_dev"] == {"250": 0.1, "1000": 0.0}
     assert report["variants"]["speakers"]["minus_dev"] == {"250": 0.0, "1000": 0.0}
     assert seen[0] == (src, {"budgets": (250, 1000), "plot": None})
     assert all(opts["exhaustive"] is False and opts["home"] is None for _, opts in seen[1:])
     text = render_eval(report)
-    assert text.count("variant ") == 4 and "dated memstage" in text and "+0.100" in text
+    assert text.count("variant ") == 5 and "dated memstage" in text and "+0.100" in text
     assert recall_table(report)[1].startswith("memstage")
     png = write_plot(report, tmp_path / "recall.png")  # recall by budget, and per category beside it
     assert png.read_bytes()[:4] == b"\x89PNG"
