@@ -253,7 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="VARIANT",
         help="also evaluate robustness variants generated from PATH: all, or some of "
-        "speakers padded dated long (see tasks/robustness.py)",
+        "speakers padded dated long assistant (see tasks/robustness.py)",
     )
     q.add_argument("--seed", type=int, default=0, help="--variants: the generator's seed (default 0)")
     q.add_argument(
