@@ -72,7 +72,13 @@ def make_variant(samples: list[dict[str, Any]], name: str, seed: int = 0) -> lis
     for i, sample in enumerate(out):
         rng = random.Random(f"{seed}:{name}:{i}")  # per conversation: adding one changes no other
         others = [s for j, s in enumerate(samples) if j != i]
-        make = {"speakers": _rename, "padded": _pad, "dated": _date, "long": _lengthen, "assistant": _assistant}
+        make = {
+            "speakers": _rename,
+            "padded": _pad,
+            "dated": _date,
+            "long": _lengthen,
+            "assistant": _assistant,
+        }
         make[name](sample, others, rng)
     return out
 
