@@ -26,22 +26,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MEMSTAGE_SCAN_WORKERS", "1")  # parse in this process: its own cost, not the pool's
+# (after the thread limits: it imports numpy)
+from encoder_gpu_probe import texts_of  # noqa: E402 - n distinct LoCoMo turn texts, as the probe makes them
 
 _state: dict = {}
-
-
-def texts_of(data: Path, n: int) -> list[str]:
-    """n turn texts as level-0 memories carry them (speaker: text), LoCoMo's repeated, each distinct."""
-    out = []
-    for sample in json.loads(data.read_text()):
-        for key, turns in sample["conversation"].items():
-            if key.startswith("session_") and isinstance(turns, list):
-                out += [f"{t['speaker']}: {t['text']}" for t in turns]
-    return [out[k % len(out)] + ("" if k < len(out) else f" #{k // len(out)}") for k in range(n)]
 
 
 def _setup(models_root: str) -> None:
