@@ -98,11 +98,13 @@ def serve_in_thread(app) -> tuple[str, object]:
 
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # the socket is bound here and handed to uvicorn: picking a free port, closing it and letting
+    # uvicorn bind it later left a window in which a concurrent test run could take the same port
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     deadline = time.time() + 20
     while not server.started:
         if time.time() > deadline:
