@@ -62,12 +62,9 @@ def start_builds(
     futures: list[Future] = []
     for ns in namespaces:
         args = (ns, store.index_dir(ns), own(rows.pop(ns)), own(current[ns]))
-        if pool is not None:
-            futures.append(pool.submit(plan_and_write, *args))
-        else:
-            done: Future = Future()
-            done.set_result(plan_and_write(*args))
-            futures.append(done)
+        futures.append(
+            pool.submit(plan_and_write, *args) if pool else workers.finished(plan_and_write(*args))
+        )
     return PendingBuilds([StageResult("index.build", ns) for ns in namespaces], futures, read_s)
 
 

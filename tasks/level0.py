@@ -202,12 +202,6 @@ class PendingTables:
         return self._tables
 
 
-def _made(value: Any) -> Future:
-    done: Future = Future()
-    done.set_result(value)
-    return done
-
-
 def start_many_tables(
     parts: dict[str, tuple[Events, list[str]]],
     count_tokens: Any,
@@ -230,7 +224,7 @@ def start_many_tables(
                 made = level0_tables(
                     ns, _rows(new), texts, count_tokens(texts), flags, flow_run_id=flow_run_id, at=at
                 )
-                out[ns] = PendingTables([_made(made)])
+                out[ns] = PendingTables([workers.finished(made)])
         return out
     count_tokens(["x"])  # the tokenizer's files made here once, not by every pool process at once
     pool = workers.get_pool()
