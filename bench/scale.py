@@ -22,6 +22,7 @@ search backend (FAISS CPU/GPU or torch), so the same command measures a CUDA hos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -228,6 +229,14 @@ def _query_main(home: Path, args) -> dict[str, Any]:
         questions=len(records),
     )
     out.update(without_encoding(retriever, ns, questions))
+    out["scoring"] = "device" if loaded.device is not None else "host"
+    on_host = {ns: dataclasses.replace(loaded, device=None)}  # the candidate path, scored on the host
+    if loaded.device is not None:  # ... on the same namespace in the same run: the baseline
+        host = Retriever(store, encoder, counter)
+        host._loaded = on_host
+        records = run_questions(host.retrieve, questions, {ns: owns}, (1000,))
+        out["host_recall"] = round(float(np.mean([r["recall"] for r in records])), 4)
+        out.update({f"host_{k}": v for k, v in without_encoding(host, ns, questions).items()})
     scored = []
     for q in questions[:20]:
         retriever.retrieve(ns, q.question, 1000)
@@ -240,7 +249,7 @@ def _query_main(home: Path, args) -> dict[str, Any]:
     out["p95_ms_no_hierarchy"] = round(float(np.percentile([r["latency_ms"] for r in records], 95)), 2)
     if loaded.n <= args.exhaustive_max:
         scan = Retriever(store, encoder, counter, exhaustive=True)
-        scan._loaded = retriever._loaded
+        scan._loaded = on_host
         records = run_questions(scan.retrieve, questions, {ns: owns}, (1000,))
         out["recall_exhaustive"] = round(float(np.mean([r["recall"] for r in records])), 4)
         out["p95_ms_exhaustive"] = round(float(np.percentile([r["latency_ms"] for r in records], 95)), 2)
@@ -266,6 +275,27 @@ def without_encoding(retriever, ns: str, questions) -> dict[str, float]:
     }
 
 
+def record(report: dict, key: str, q: dict, alone: dict, figures: dict, start: float) -> None:
+    """One size's line of the report: the query side's figures beside the build's."""
+    report["backend"] = q["backend"]
+    report["sizes"][key] = {
+        "p50_ms": q["p50_ms"],
+        "p95_ms": q["p95_ms"],
+        "load_s": q["load_s"],
+        "rss_mb": q["rss_mb"],
+        "recall_planted": q["recall"],
+        "recall_alone": alone["recall"],
+        **{
+            k: v
+            for k, v in q.items()
+            if k not in ("p50_ms", "p95_ms", "load_s", "rss_mb", "recall", "backend")
+        },
+        **figures,
+        "total_s": round(time.perf_counter() - start, 1),
+    }
+    print(f"size {key}: {json.dumps(report['sizes'][key])}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -280,6 +310,13 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memstage-scale")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument(
+        "--replicate",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also query each size's namespace with its synthetic part copied F times (bench/scale_replicate.py)",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--_query", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -310,26 +347,19 @@ def main() -> int:
         home = args.work / f"n{size}"
         start = time.perf_counter()
         figures = build(home, args, size, encoder, counter, turns, emb)
-        q = query_side(home, args)
-        report["backend"] = q["backend"]
-        report["sizes"][str(size)] = {
-            "p50_ms": q["p50_ms"],
-            "p95_ms": q["p95_ms"],
-            "load_s": q["load_s"],
-            "rss_mb": q["rss_mb"],
-            "recall_planted": q["recall"],
-            "recall_alone": alone["recall"],
-            **{
-                k: v
-                for k, v in q.items()
-                if k not in ("p50_ms", "p95_ms", "load_s", "rss_mb", "recall", "backend")
-            },
-            **figures,
-            "total_s": round(time.perf_counter() - start, 1),
-        }
+        record(report, str(size), query_side(home, args), alone, figures, start)
+        for factor in args.replicate:  # the bench shortcut past what the stages build in minutes
+            from scale_replicate import replicate
+
+            start = time.perf_counter()
+            copy_home = args.work / f"n{size}x{factor}"
+            made = replicate(home, copy_home, factor)
+            made["replicate_s"] = round(time.perf_counter() - start, 1)
+            q = query_side(copy_home, args)
+            record(report, str(made["memories"]), q, alone, {"replicated_from": size, **made}, start)
+            shutil.rmtree(copy_home, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
-        print(f"size {size}: {json.dumps(report['sizes'][str(size)])}", file=sys.stderr, flush=True)
     sizes = report["sizes"]
     if len(sizes) >= 2:
         lo, hi = sizes[min(sizes, key=int)], sizes[max(sizes, key=int)]

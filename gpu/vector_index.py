@@ -93,16 +93,24 @@ class DenseIndex:
     """Top-k rows by inner product; `kind` is 'flat' (exact) or 'ivf' (approximate) on CPU."""
 
     def __init__(
-        self, cpu: faiss.Index, vectors: np.ndarray | None = None, backend: str | None = None
+        self,
+        cpu: faiss.Index,
+        vectors: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.cpu = cpu
         self.n, self.dims = int(cpu.ntotal), int(cpu.d)
         self.kind = "ivf" if isinstance(cpu, faiss.IndexIVF) else "flat"
         self.backend = pick_backend(backend) if self.n else "faiss-cpu"
-        self._vectors = vectors  # the rows themselves (for a GPU copy); None on CPU-only use
+        self._vectors = vectors  # the rows (an array, or int8 codes and scales) for a GPU copy
         self._device = None
         if self.backend != "faiss-cpu":
             self._to_device()
+
+    @property
+    def device_rows(self):
+        """The rows as a torch fp16 tensor on the card (the torch-cuda backend), else None."""
+        return self._device if self.backend == "torch-cuda" else None
 
     def set_nprobe(self, nprobe: int) -> None:
         if self.kind == "ivf":
@@ -130,35 +138,48 @@ class DenseIndex:
 
     # ---- GPU ----------------------------------------------------------------------------------
 
-    def _host_vectors(self) -> np.ndarray:
-        if self._vectors is not None:
-            return np.ascontiguousarray(self._vectors, dtype=np.float32)
-        if self.kind == "flat":
-            return faiss.rev_swig_ptr(self.cpu.get_xb(), self.n * self.dims).reshape(self.n, self.dims)
-        raise ValueError("a GPU copy of an IVF artifact needs the embedding matrix (pass vectors=)")
+    def _host_chunks(self, rows: int = 1 << 20):
+        """The rows as float32 host arrays, `rows` at a time: `vectors` given as an array, or as
+        (int8 codes, per-row scale) dequantised chunk by chunk (10M x 384 floats would be 15 GB)."""
+        if isinstance(self._vectors, tuple):
+            codes, scale = self._vectors
+            for lo in range(0, self.n, rows):
+                yield (
+                    np.asarray(codes[lo : lo + rows], np.float32) * np.asarray(scale[lo : lo + rows])[:, None]
+                )
+        elif self._vectors is not None:
+            yield np.ascontiguousarray(self._vectors, dtype=np.float32)
+        elif self.kind == "flat":
+            yield faiss.rev_swig_ptr(self.cpu.get_xb(), self.n * self.dims).reshape(self.n, self.dims)
+        else:
+            raise ValueError("a GPU copy of an IVF artifact needs the embedding matrix (pass vectors=)")
 
     def _to_device(self) -> None:
-        x = self._host_vectors()
         if self.backend == "faiss-gpu":
-            self._device = self._faiss_gpu(x)
+            self._device = self._faiss_gpu()
             if torch_cuda() and get_settings().vector_backend == "auto":
-                self._keep_faster(x)
+                self._keep_faster()
         else:
-            self._device = self._torch(x)
+            self._device = self._torch()
 
-    def _faiss_gpu(self, x: np.ndarray):  # pragma: no cover - needs a CUDA host with faiss-gpu
+    def _faiss_gpu(self):  # pragma: no cover - needs a CUDA host with faiss-gpu
         self._res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
         cfg.useFloat16 = True
         index = faiss.GpuIndexFlatIP(self._res, self.dims, cfg)
-        index.add(x)
+        for chunk in self._host_chunks():
+            index.add(chunk)
         return index
 
-    @staticmethod
-    def _torch(x: np.ndarray):  # pragma: no cover - needs CUDA
+    def _torch(self):  # pragma: no cover - needs CUDA
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(x)).to("cuda", torch.float16).contiguous()
+        out = torch.empty((self.n, self.dims), dtype=torch.float16, device="cuda")
+        lo = 0
+        for chunk in self._host_chunks():
+            out[lo : lo + len(chunk)] = torch.from_numpy(chunk).to("cuda", torch.float16)
+            lo += len(chunk)
+        return out
 
     def _search_torch(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         import torch
@@ -168,14 +189,14 @@ class DenseIndex:
         scores, rows = topk_ip(self._device, torch.from_numpy(q).to("cuda", torch.float16), k)
         return scores.float().cpu().numpy(), rows.cpu().numpy()
 
-    def _keep_faster(self, x: np.ndarray, trials: int = 20) -> None:  # pragma: no cover - CUDA
+    def _keep_faster(self, trials: int = 20) -> None:  # pragma: no cover - CUDA
         """Time FAISS-GPU and torch on the same queries; keep the faster (`self.timings` says by how much)."""
-        q = np.ascontiguousarray(x[: min(trials, self.n)], dtype=np.float32)
+        q = next(self._host_chunks(trials))[:trials]
         faiss_index, timings = self._device, {}
         for backend in ("faiss-gpu", "torch-cuda"):
             self.backend = backend
             if backend == "torch-cuda":
-                self._device = self._torch(x)
+                self._device = self._torch()
             self.search(q[0], 10)  # warm
             start = time.perf_counter()
             for row in q:
@@ -194,8 +215,15 @@ class DenseIndex:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path, vectors: np.ndarray | None = None, backend: str | None = None) -> DenseIndex:
-        index = faiss.read_index(str(path))
+    def load(
+        cls,
+        path: Path,
+        vectors: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
+        backend: str | None = None,
+    ) -> DenseIndex:
+        # on a GPU the CPU form is not searched: its IVF lists stay on disk, mapped, not in the RSS
+        on_gpu = vectors is not None and pick_backend(backend) != "faiss-cpu"
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if on_gpu else 0)
         if isinstance(index, faiss.IndexIVF):
             index.nprobe = NPROBE
         return cls(index, vectors, backend)

@@ -19,6 +19,7 @@ from pathlib import Path
 RUNNERS = ("auto", "ray", "local")
 GENERATORS = ("transformers", "vllm", "openai")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_SCORING = ("auto", "off", "cpu")
 VECTOR_BACKENDS = ("auto", "faiss", "torch", "numpy")
 DTYPES = ("auto", "float32", "bfloat16")
 # Tokens of memories the generator reads (the best-scored of the evidence), apart from the retrieval
@@ -69,6 +70,10 @@ class Settings:
     # and sends token ids (gpu/encoder.tokenise), so the encoder's process only pads and runs the
     # model (default 1; 0 = the encoder tokenises the texts itself)
     encoder_pretokenise: bool = True
+    # MEMSTAGE_DEVICE_SCORING: auto (where the namespace's vectors go to a CUDA card, every level-0 row
+    # is scored there: tasks/scoring_device.py) | off (candidates from the indexes, scored on the host)
+    # | cpu (the device path with torch on the CPU: O(n) a question, for checking it without a card)
+    device_scoring: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -85,6 +90,8 @@ class Settings:
         _check("MEMSTAGE_DEVICE", device.split(":")[0], DEVICES)
         _check("MEMSTAGE_GENERATOR_DTYPE", dtype, DTYPES)
         _check("MEMSTAGE_ENCODER_DTYPE", encoder_dtype, DTYPES)
+        device_scoring = env.get("MEMSTAGE_DEVICE_SCORING") or "auto"
+        _check("MEMSTAGE_DEVICE_SCORING", device_scoring, DEVICE_SCORING)
         return cls(
             home=Path(env.get("MEMSTAGE_HOME") or "~/.memstage").expanduser(),
             runner=runner,
@@ -109,6 +116,7 @@ class Settings:
             if env.get("MEMSTAGE_ENCODER_CHUNK")
             else None,
             encoder_pretokenise=env.get("MEMSTAGE_ENCODER_PRETOKENISE", "1") not in ("0", "false", "no"),
+            device_scoring=device_scoring,
         )
 
     def worker_env(self) -> dict[str, str]:

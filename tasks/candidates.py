@@ -22,7 +22,8 @@ import pyarrow as pa
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import DenseIndex, pick_backend
 from memstage.stores import artifacts
-from memstage.tasks.scoring import LevelQuery, hybrid
+from memstage.tasks import scoring_device
+from memstage.tasks.scoring import LevelQuery, hybrid, years_of
 
 K_DENSE = 200
 K_LEX = 200
@@ -93,6 +94,9 @@ class LoadedNamespace:
     # lower-cased name -> the speaker's code; a speaker's own name is in `speakers` only
     aliases: dict[str, int] = field(default_factory=dict)
     days: np.ndarray | None = None  # event day (days since 1970), scoring.NO_DAY for none
+    # level 0 on a torch device (`tasks.scoring_device`), where every row is scored; None: candidates
+    device: Any = None
+    years: list[int] = field(default_factory=list)  # the years of level 0's event days
 
     @property
     def n(self) -> int:
@@ -105,7 +109,7 @@ def load_level(folder: Path, level: int, backend: str | None = None) -> Level:
     rows = artifacts.load_rows(folder / f"L{level}.rows.arrow")
     # A GPU searches every row exactly, from the float32 vectors; the CPU needs only the FAISS file.
     on_gpu = len(codes) > 0 and pick_backend(backend) != "faiss-cpu"
-    vectors = np.asarray(codes, np.float32) * np.asarray(scale)[:, None] if on_gpu else None
+    vectors = (codes, scale) if on_gpu else None  # dequantised chunk by chunk on the way to the card
     dense = DenseIndex.load(folder / f"L{level}.dense.faiss", vectors=vectors, backend=backend)
     out = Level(
         rows=rows,
@@ -140,6 +144,10 @@ def load_namespace(folder: Path, stamp: tuple, backend: str | None = None) -> Lo
     if 0 in ns.levels:
         for name in ("session", "session_start", "prev", "next", "speaker", "days"):
             setattr(ns, name, artifacts.load_array(folder / f"L0.{name}.npy"))
+        device = scoring_device.wanted(backend)
+        if device is not None and ns.n:
+            ns.years = years_of(ns.days)
+            ns.device = scoring_device.device_level(ns, device)
     return ns
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from memstage.defaults import DEFAULT_BUDGET
 from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
-from memstage.tasks import scoring
+from memstage.tasks import scoring, scoring_device
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import (
@@ -198,7 +198,10 @@ class Retriever:
         qvec = np.asarray(qvec, dtype=np.float32)
         words = analyse([searched])[0]
         scored = scored_words(ns, words, question)
-        wanted = set(levels or (0,)) | ({1} if self.hierarchy and not self.exhaustive else set())
+        on_device = ns.device is not None  # level 0 is scored there: no host query for it (O(n) BM25)
+        wanted = set(levels or (0,)) - ({0} if on_device else set())
+        if self.hierarchy and not self.exhaustive and not on_device:
+            wanted.add(1)  # the hierarchy is a candidate source
         queries = {
             lvl: level_query(level, qvec, scored if lvl == 0 else words)
             for lvl, level in ns.levels.items()
@@ -206,12 +209,7 @@ class Retriever:
         }
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []
         if levels is None or 0 in levels:
-            if self.exhaustive:
-                rows, self.last_figures = np.arange(ns.n), {"scored": ns.n}
-            else:
-                found_by = lexical_finder(ns, queries[0], words, scored)
-                rows, self.last_figures = candidates(ns, queries, hierarchy=self.hierarchy, lexical=found_by)
-            parts.append((0, rows, score_rows(ns, rows, queries[0], question, as_of_day(as_of))))
+            parts.append((0, *self._level0(ns, queries, qvec, (words, scored), question, as_of)))
         for lvl in sorted(set(levels or ()) - {0}):
             if lvl in ns.levels:
                 level = ns.levels[lvl]
@@ -231,6 +229,27 @@ class Retriever:
             return list(ranked)
         known = {lvl: known_mask(ns.levels[lvl].column("event_time"), as_of) for lvl in set(lv.tolist())}
         return [item for item in ranked if known[item[0]][item[1]]]
+
+    def _level0(
+        self,
+        ns: LoadedNamespace,
+        queries: dict[int, LevelQuery],
+        qvec: np.ndarray,
+        words: tuple[list[str], list[str]],
+        question: str,
+        as_of: datetime | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 rows and their scores: every row on the device, when level 0 is there; else every
+        row (`exhaustive`) or the indexes' candidates, scored on the host. `words`: (all, scored)."""
+        if ns.device is not None:
+            self.last_figures = {"scored": ns.n, "device": 1}
+            return scoring_device.top_rows(ns, qvec, words[1], question, as_of_day(as_of))
+        if self.exhaustive:
+            rows, self.last_figures = np.arange(ns.n), {"scored": ns.n}
+        else:
+            found_by = lexical_finder(ns, queries[0], *words)
+            rows, self.last_figures = candidates(ns, queries, hierarchy=self.hierarchy, lexical=found_by)
+        return rows, score_rows(ns, rows, queries[0], question, as_of_day(as_of))
 
     def rank(
         self,

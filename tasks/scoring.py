@@ -112,20 +112,42 @@ def period_bounds(period: tuple[int | None, int | None, int | None], year: int) 
 
 def in_periods(days: np.ndarray, periods: list[tuple[int | None, int | None, int | None]]) -> np.ndarray:
     """Which event days (datetime64[D], NaT for none) fall in (or shortly after) any of the periods."""
-    hit = np.zeros(len(days), dtype=bool)
     valid = ~np.isnat(days)
-    if not valid.any():
-        return hit
-    years = sorted({int(str(d)[:4]) for d in np.unique(days[valid])})
+    ints = np.where(valid, days.astype("datetime64[D]").astype(np.int64), NO_DAY)
+    return days_in(ints, day_ranges(periods, [], years_of(ints)))
+
+
+def years_of(days: np.ndarray) -> list[int]:
+    """The years of the event days (days since 1970, NO_DAY for none) that occur."""
+    found = np.unique(np.asarray(days)[np.asarray(days) != NO_DAY])
+    return sorted(
+        set((found.astype("datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970).tolist())
+    )
+
+
+def day_ranges(
+    periods: list[tuple[int | None, int | None, int | None]],
+    relative: list[tuple[date, date]],
+    years: list[int],
+) -> list[tuple[int, int]]:
+    """Inclusive event-day bounds (days since 1970, PERIOD_SLACK included) of named periods (a month
+    without a year: in each of `years`, the years of the rows scored) and of relative ones."""
+    bounds = [
+        b
+        for p in periods
+        for year in ([p[0]] if p[0] else years)
+        if (b := period_bounds(p, year)) is not None
+    ]
     before, after = PERIOD_SLACK
-    for p in periods:
-        # A month without a year may be any year of the conversation.
-        for year in [p[0]] if p[0] else years:
-            bounds = period_bounds(p, year)
-            if bounds is None:
-                continue
-            lo, hi = np.datetime64(bounds[0] - before), np.datetime64(bounds[1] + after)
-            hit |= valid & (days >= lo) & (days <= hi)
+    epoch = date(1970, 1, 1)
+    return [((lo - before - epoch).days, (hi + after - epoch).days) for lo, hi in bounds + relative]
+
+
+def days_in(days: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Which event days (days since 1970; NO_DAY, below every range, for none) fall in any range."""
+    hit = np.zeros(len(days), dtype=bool)
+    for lo, hi in ranges:
+        hit |= (days >= lo) & (days <= hi)
     return hit
 
 
@@ -181,15 +203,6 @@ def relative_periods(question: str, today: date | None) -> list[tuple[date, date
         elif today.year - n >= 1:
             out.append((date(today.year - n, 1, 1), date(today.year - n, 12, 31)))
     return out
-
-
-def in_ranges(days: np.ndarray, ranges: list[tuple[date, date]]) -> np.ndarray:
-    """Which event days (datetime64[D], NaT for none) fall in (or shortly after) any of the ranges."""
-    hit = np.zeros(len(days), dtype=bool)
-    before, after = PERIOD_SLACK
-    for lo, hi in ranges:
-        hit |= ~np.isnat(days) & (days >= np.datetime64(lo - before)) & (days <= np.datetime64(hi + after))
-    return hit
 
 
 # ---- relevance ---------------------------------------------------------------------------------
@@ -294,6 +307,16 @@ def named_speakers(ns: Any, lowered: str) -> set[int]:
     }
 
 
+def named_in(ns: Any, question: str) -> set[int]:
+    """Codes of the speakers a question is about: those it names (`named_speakers`), else, for a
+    first-person question, the speaker called FIRST_PERSON when the namespace has one."""
+    lowered = question.lower()
+    named = named_speakers(ns, lowered)
+    if not named and FIRST_PERSON in ns.speakers and _FIRST_PERSON.search(lowered):
+        named = {ns.speakers[FIRST_PERSON]}
+    return named
+
+
 def scored_words(ns: Any, words: list[str], question: str) -> list[str]:
     """The words level-0 rows are scored by (BM25): the question's `words` (analysed), less the words
     of the speakers it names (their labels and the names the turns call them by), unless
@@ -318,10 +341,7 @@ def score_rows(
     whole = turn_max(turn, base) if TURN_NEIGHBOUR else base
     scores = base + NEIGHBOUR * np.maximum(_neighbour(rows, ns.prev, whole), _neighbour(rows, ns.next, whole))
     scores = scores + SESSION * session_scores(np.asarray(ns.session[rows]), scores)
-    lowered = question.lower()
-    named = named_speakers(ns, lowered)
-    if not named and FIRST_PERSON in ns.speakers and _FIRST_PERSON.search(lowered):
-        named = {ns.speakers[FIRST_PERSON]}
+    named = named_in(ns, question)
     if named:
         by_named = np.isin(np.asarray(ns.speaker[rows]), list(named))
         _, inverse = np.unique(np.asarray(ns.session[rows]), return_inverse=True)
@@ -331,9 +351,6 @@ def score_rows(
         scores = scores + PASSAGE_REST * (scores < turn_max(turn, scores))
     periods, relative = question_periods(question), relative_periods(question, today)
     if periods or relative:
-        raw = np.asarray(ns.days[rows])
-        days = np.where(raw == NO_DAY, np.datetime64("NaT"), raw.astype("datetime64[D]")).astype(
-            "datetime64[D]"
-        )
-        scores = scores + PERIOD * (in_periods(days, periods) | in_ranges(days, relative))
+        days = np.asarray(ns.days[rows])
+        scores = scores + PERIOD * days_in(days, day_ranges(periods, relative, years_of(days)))
     return scores

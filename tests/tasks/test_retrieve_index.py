@@ -19,6 +19,7 @@ from conftest import LOCOMO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memstage.gpu.lexical_index import analyse
 from memstage.stores.compact import find_bytes
 from memstage.tasks import candidates as cand
 from memstage.tasks.consolidate import run_consolidate
@@ -111,6 +112,43 @@ def test_index_path_scores_exactly_and_packs_what_the_scan_packs(small, monkeypa
         assert got == want
     if k == 200:  # default-sized candidate sets cover a small namespace's packing
         assert got == want
+
+
+def test_device_scoring_scores_every_row_as_the_host_does(small, monkeypatch):
+    """`gpu.device_scoring` (torch, here on the CPU in float64) gives every level-0 row the score
+    `score_rows` gives it over all rows: plain, named-speaker, dated and relative questions (with the
+    day asked), and the retriever scoring on the device packs what the exhaustive scan packs."""
+    import dataclasses
+    from datetime import date
+
+    from memstage.tasks import scoring, scoring_device
+    from memstage.tasks.retrieve import search_text
+    from memstage.tasks.scoring import scored_words
+
+    index, scan, questions = small
+    ns = index.load("small")
+    on_cpu = dataclasses.replace(ns, years=scoring.years_of(ns.days))
+    on_cpu.device = scoring_device.device_level(on_cpu, "cpu")
+    assert on_cpu.device.n == ns.n and on_cpu.device.n_sessions == SESSIONS
+    named = [q for q in questions if "jon" in q.lower()][:3]
+    extra = ["What did Gina do in March 2023?", "What happened two months ago?", "What did I say last month?"]
+    today = date(2023, 5, 20)
+    monkeypatch.setattr(scoring, "SESSION_TOP", 2)  # weights are read per question, not frozen at load
+    for question in questions[:6] + named + extra:
+        searched = search_text(ns, question)
+        qvec = np.asarray(index.encoder.encode([searched])[0], np.float32)
+        words = scored_words(ns, analyse([searched])[0], question)
+        want = score_rows(ns, np.arange(ns.n), level_query(ns.levels[0], qvec, words), question, today)
+        inputs = scoring_device.question_inputs(on_cpu, qvec, words, question, today)
+        got = on_cpu.device.score(inputs, scoring_device.weights()).numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert any(scoring_device.question_inputs(on_cpu, qvec, [], q, today).day_ranges for q in extra)
+    assert scoring_device.question_inputs(on_cpu, qvec, [], named[0], today).named
+    scan._loaded["small"] = on_cpu  # the scan's retriever now scores on the (CPU) device
+    for question in questions[:8]:
+        got = [m["memory_id"] for m in scan.retrieve("small", question, 500)["memories"]]
+        want = [m["memory_id"] for m in index.retrieve("small", question, 500)["memories"]]
+        assert got == want and scan.last_figures == {"scored": ns.n, "device": 1}
 
 
 def test_hard_forget_leaves_no_byte_in_the_artifacts(small, encoder, token_counter):

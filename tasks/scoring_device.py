@@ -1,0 +1,93 @@
+"""Scoring every level-0 row on a device (`gpu.device_scoring`): the host's half, and when it runs.
+
+Where a namespace's vectors go to a CUDA card (torch sees one, and the vector backend is not forced
+to the CPU), `tasks.retrieve` scores all of level 0 there instead of a candidate set:
+MEMSTAGE_DEVICE_SCORING is auto (there), off, or cpu (the same torch code on the CPU: slow, O(n) a
+question, for checking the path where no card is). The host makes each question's inputs: the
+dense z statistics, the BM25 columns of its scored words, the speakers it is about and the
+event-day ranges of its periods, with the namespace's years, as an exhaustive scan sees them.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+import numpy as np
+
+from memstage.gpu.vector_index import pick_backend
+from memstage.settings import get_settings
+from memstage.tasks import scoring
+
+K_DEVICE = 4096  # best rows sent back for packing: a 1000-token budget packs about 40-100 of them
+
+
+def wanted(backend: str | None = None) -> str | None:
+    """The torch device level 0 is scored on, or None (the candidate path)."""
+    mode = get_settings().device_scoring
+    if mode == "cpu":
+        return "cpu"
+    if mode == "auto" and pick_backend(backend) == "torch-cuda":
+        return "cuda"
+    return None
+
+
+def device_level(ns: Any, device: str) -> Any:
+    """Level 0 of a loaded namespace, uploaded: vectors dequantised on the device (fp16 on a card,
+    float64 on the CPU, where the check against numpy wants its precision), BM25 and structure."""
+    import torch
+
+    from memstage.gpu.device_scoring import DeviceLevel0, device_vectors
+
+    level = ns.levels[0]
+    on_card = device != "cpu"
+    vectors = level.dense.device_rows if on_card else None  # the dense backend's copy, when it has one
+    if vectors is None:
+        dtype = torch.float16 if on_card else torch.float64
+        vectors = device_vectors(level.codes, level.scale, torch.device(device), dtype)
+    lexical = (level.lexical.data, level.lexical.indices, level.lexical.indptr)
+    structure = {k: getattr(ns, k) for k in ("prev", "next", "session", "speaker", "days")}
+    return DeviceLevel0(vectors, lexical, structure, torch.float32 if on_card else torch.float64)
+
+
+def weights() -> Any:
+    """`tasks.scoring`'s weights as they are now (tests change them)."""
+    from memstage.gpu.device_scoring import Weights
+
+    s = scoring
+    return Weights(
+        w_dense=s.W_DENSE,
+        neighbour=s.NEIGHBOUR,
+        no_neighbour=s.NO_NEIGHBOUR,
+        session=s.SESSION,
+        session_top=s.SESSION_TOP,
+        turn_neighbour=s.TURN_NEIGHBOUR,
+        passage_rest=s.PASSAGE_REST,
+        speaker=s.SPEAKER,
+        speaker_session=s.SPEAKER_SESSION,
+        period=s.PERIOD,
+    )
+
+
+def question_inputs(ns: Any, qvec: np.ndarray, scored: list[str], question: str, today: date | None) -> Any:
+    from memstage.gpu.device_scoring import Question
+
+    level = ns.levels[0]
+    vocab = level.lexical.vocab
+    periods, relative = scoring.question_periods(question), scoring.relative_periods(question, today)
+    ranges = scoring.day_ranges(periods, relative, ns.years) if periods or relative else []
+    return Question(
+        qvec=qvec,
+        dense_mean=float(qvec @ level.mean),
+        dense_sd=float(np.sqrt(max(float(qvec @ level.cov @ qvec), 0.0))),
+        columns=tuple(vocab[w] for w in scored if w in vocab),
+        named=tuple(sorted(scoring.named_in(ns, question))),
+        day_ranges=tuple(ranges),
+    )
+
+
+def top_rows(
+    ns: Any, qvec: np.ndarray, scored: list[str], question: str, today: date | None, k: int = K_DEVICE
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best level-0 rows of the whole namespace and their scores, best first."""
+    return ns.device.top(question_inputs(ns, qvec, scored, question, today), weights(), k)
