@@ -13,6 +13,7 @@ imports nothing of the project.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,9 @@ import torch
 
 NO_DAY = int(np.iinfo(np.int32).min)  # event day of a memory without an event time (tasks.scoring)
 UPLOAD_ROWS = 1 << 20  # rows per host-to-device copy: a 10M-row level never needs a full host copy
+PAD_SESSION = 64  # sessions up to this long are scored in a [sessions x longest] grid, not by scatters
+SCALARS = ("dense_mean", "dense_inv_sd", "dense_share", "lex_share", "one_named")  # after the qvec
+GRAPHS = True  # record the scoring as a CUDA graph on a card (False: launch op by op)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,10 @@ def device_vectors(
 
 
 class DeviceLevel0:
-    """One level 0 on a device: vectors, the BM25 matrix (CSC) and the structure arrays."""
+    """One level 0 on a device: vectors, the BM25 matrix (CSC), structure arrays as gather maps, and
+    the per-question inputs in fixed buffers. On a card the scoring is one CUDA graph: a question is
+    its inputs copied in and one replay. Launched op by op, its ~60 small kernels cost the H200
+    host 4.8 ms a question at any size (bench/results/scale_h200.json, run 1)."""
 
     def __init__(
         self,
@@ -85,98 +92,177 @@ class DeviceLevel0:
     ) -> None:
         dev = vectors.device
         self.device, self.dtype, self.vectors = dev, dtype, vectors
-        self.n = int(vectors.shape[0])
+        self.n, self.dims = int(vectors.shape[0]), int(vectors.shape[1])
         data, indices, indptr = lexical
         self.data = upload(data, dev, torch.float32)
         self.indices = upload(indices, dev, torch.int32)
         self.indptr = np.asarray(indptr, np.int64)  # slice bounds are read on the host
+        self._structure(structure)
+        self._q = torch.zeros(self.dims + len(SCALARS), dtype=dtype, device=dev)
+        self._acc = torch.zeros(self.n, dtype=torch.float32, device=dev)
+        self._named = torch.zeros(self.n_speakers + 1, dtype=torch.bool, device=dev)
+        self._in_period = torch.zeros(self.n_days + 1, dtype=torch.bool, device=dev)
+        self._graphs: dict[tuple[Weights, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {}
+
+    def _structure(self, structure: dict[str, np.ndarray]) -> None:
+        """Gather maps, made once: neighbour links, turns (a long turn's passages), sessions (padded
+        to their longest when that is short), speakers and event days as indexes into small tables."""
+        dev, n = self.device, self.n
         prev, nxt = (upload(structure[k], dev, torch.int64) for k in ("prev", "next"))
         self.session = upload(structure["session"], dev, torch.int64)
-        self.speaker = upload(structure["speaker"], dev, torch.int64)
-        self.days = upload(structure["days"], dev, torch.int32)
         self.has_prev, self.has_next = prev >= 0, nxt >= 0
         self.prev, self.next = prev.clamp_min(0), nxt.clamp_min(0)
         same = (prev[1:] == prev[:-1]) & (nxt[1:] == nxt[:-1]) & (self.session[1:] == self.session[:-1])
         first = torch.ones(1, dtype=torch.bool, device=dev)
         self.turn = torch.cumsum(torch.cat([first, ~same]).to(torch.int64), 0) - 1
-        self.n_turns = int(self.turn[-1]) + 1 if self.n else 0
-        self.n_sessions = int(self.session.max()) + 1 if self.n else 0
-        self.session_size = torch.bincount(self.session, minlength=self.n_sessions).to(dtype)
+        self.n_turns = int(self.turn[-1]) + 1 if n else 0
+        self.passages = self.n_turns < n  # else every turn is one row: turn maxima are the rows' own
+        self.n_sessions = int(self.session.max()) + 1 if n else 0
+        size = torch.bincount(self.session, minlength=self.n_sessions)
+        self.session_size = size.to(self.dtype)
+        longest = int(size.max()) if n else 0
+        self.pad = None
+        if 0 < longest <= PAD_SESSION:  # [sessions x longest] row positions, n where a session is shorter
+            start = torch.cumsum(size, 0) - size
+            offset = torch.arange(longest, device=dev)
+            self.pad = torch.where(offset < size[:, None], start[:, None] + offset, n)
+        speaker = upload(structure["speaker"], dev, torch.int64)
+        self.n_speakers = int(speaker.max()) + 1 if n else 0
+        self.speaker_ix = torch.where(speaker >= 0, speaker, self.n_speakers)
+        days = np.asarray(structure["days"])
+        known = days[days != NO_DAY]
+        self.day0 = int(known.min()) if len(known) else 0
+        self.n_days = int(known.max()) - self.day0 + 1 if len(known) else 0
+        ix = np.where(days != NO_DAY, days.astype(np.int64) - self.day0, self.n_days)
+        self.day_ix = upload(ix, dev, torch.int64)
 
-    # ---- segment ops ------------------------------------------------------------------------
+    # ---- per question -----------------------------------------------------------------------
+
+    def _load(self, q: Question, w: Weights) -> None:
+        """The question's inputs into the fixed buffers; its BM25 scores into `_acc`."""
+        host = np.zeros(self.dims + len(SCALARS), np.float64)
+        host[: self.dims] = q.qvec
+        words = 1.0 if q.columns else 0.0  # without a known word the score is the dense z alone
+        host[self.dims :] = [
+            q.dense_mean,
+            1.0 / q.dense_sd if q.dense_sd > 1e-6 else 0.0,
+            w.w_dense if words else 1.0,
+            (1 - w.w_dense) * words,
+            1.0 if len(q.named) == 1 else 0.0,
+        ]
+        self._q.copy_(torch.from_numpy(host))
+        named = np.zeros(self.n_speakers + 1, bool)
+        named[[c for c in q.named if 0 <= c < self.n_speakers]] = True
+        self._named.copy_(torch.from_numpy(named))
+        period = np.zeros(self.n_days + 1, bool)
+        for lo, hi in q.day_ranges:
+            period[max(lo - self.day0, 0) : max(min(hi - self.day0 + 1, self.n_days), 0)] = True
+        self._in_period.copy_(torch.from_numpy(period))
+        self._acc.zero_()
+        for c in q.columns:  # a column's rows are distinct, so each is added once
+            lo, hi = int(self.indptr[c]), int(self.indptr[c + 1])
+            self._acc.index_add_(0, self.indices[lo:hi], self.data[lo:hi])
+
+    # ---- the computation (fixed buffers in, scores out: what a CUDA graph records) -------------
 
     def _segmax(self, groups: torch.Tensor, size: int, values: torch.Tensor) -> torch.Tensor:
         out = torch.full((size,), -torch.inf, dtype=values.dtype, device=self.device)
         return out.scatter_reduce_(0, groups, values, "amax", include_self=True)
 
     def _turn_max(self, values: torch.Tensor) -> torch.Tensor:
-        return self._segmax(self.turn, self.n_turns, values)[self.turn]
+        return self._segmax(self.turn, self.n_turns, values)[self.turn] if self.passages else values
 
     def _session_top_mean(self, scores: torch.Tensor, top: int) -> torch.Tensor:
         """Per row, the mean of its session's `top` best scores (ties counted as numpy's sort does)."""
+        count = self.session_size.clamp(max=top).clamp_min(1)
+        if self.pad is not None:
+            grid = torch.cat([scores, scores.new_full((1,), -torch.inf)])[self.pad]
+            best = torch.topk(grid, min(top, grid.shape[1]), dim=1).values
+            return (torch.where(best > -torch.inf, best, 0.0).sum(1) / count)[self.session]
         total = torch.zeros(self.n_sessions, dtype=scores.dtype, device=self.device)
-        left = self.session_size.clamp(max=top)
-        count_of = left.clone()
-        vals = scores
+        left, vals = self.session_size.clamp(max=top), scores
         for _ in range(top):
             best = self._segmax(self.session, self.n_sessions, vals)
             at_best = (vals == best[self.session]).to(scores.dtype)
-            count = torch.zeros_like(total).scatter_add_(0, self.session, at_best)
-            take = torch.minimum(count, left)
-            total += torch.where(take > 0, take * best, 0.0)
-            left -= take
+            took = torch.minimum(torch.zeros_like(total).scatter_add_(0, self.session, at_best), left)
+            total, left = total + torch.where(took > 0, took * best, 0.0), left - took
             vals = torch.where(vals < best[self.session], vals, -torch.inf)
-        return (total / count_of.clamp_min(1))[self.session]
+        return (total / count)[self.session]
 
-    # ---- scoring ----------------------------------------------------------------------------
+    def _session_any(self, flags: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            return torch.cat([flags, flags.new_zeros(1)])[self.pad].any(1)[self.session]
+        hits = torch.zeros(self.n_sessions, dtype=self.dtype, device=self.device)
+        return hits.scatter_add_(0, self.session, flags.to(self.dtype))[self.session] > 0
 
-    def _lexical_z(self, columns: tuple[int, ...]) -> torch.Tensor:
-        acc = torch.zeros(self.n, dtype=torch.float32, device=self.device)
-        for c in columns:  # a column's rows are distinct, so each is added once
-            lo, hi = int(self.indptr[c]), int(self.indptr[c + 1])
-            acc.index_add_(0, self.indices[lo:hi], self.data[lo:hi])
-        lex = acc.to(self.dtype)
-        mean = lex.sum(dtype=torch.float64) / self.n
-        sd = torch.sqrt(torch.clamp((lex.double() ** 2).sum() / self.n - mean * mean, min=0.0))
-        return torch.where(sd > 1e-6, (lex - mean.to(self.dtype)) / sd.clamp_min(1e-6).to(self.dtype), 0.0)
-
-    def _hybrid(self, q: Question, w: Weights) -> torch.Tensor:
-        qv = torch.from_numpy(np.asarray(q.qvec, np.float32)).to(self.device, self.vectors.dtype)
-        cos = (self.vectors @ qv).to(self.dtype)
-        dense = (cos - q.dense_mean) / q.dense_sd if q.dense_sd > 1e-6 else torch.zeros_like(cos)
-        if not q.columns:
-            return dense
-        return w.w_dense * dense + (1 - w.w_dense) * self._lexical_z(q.columns)
-
-    def score(self, q: Question, w: Weights) -> torch.Tensor:
-        """Every row's score, as `tasks.scoring.score_rows` gives it over all rows."""
-        base = self._hybrid(q, w)
+    def _scores(self, w: Weights) -> torch.Tensor:
+        mean, inv_sd, mix, lex_share, single = (self._q[self.dims + i] for i in range(len(SCALARS)))
+        cos = (self.vectors @ self._q[: self.dims].to(self.vectors.dtype)).to(self.dtype)
+        lex = self._acc.to(self.dtype)
+        lmean = lex.sum() / self.n
+        lsd = torch.sqrt(torch.clamp((lex * lex).sum() / self.n - lmean * lmean, min=0.0))
+        lex_z = torch.where(lsd > 1e-6, (lex - lmean) / lsd.clamp_min(1e-6), 0.0)
+        base = mix * (cos - mean) * inv_sd + lex_share * lex_z
         whole = self._turn_max(base) if w.turn_neighbour else base
         before = torch.where(self.has_prev, whole[self.prev], w.no_neighbour)
         after = torch.where(self.has_next, whole[self.next], w.no_neighbour)
         scores = base + w.neighbour * torch.maximum(before, after)
         scores = scores + w.session * self._session_top_mean(scores, w.session_top)
-        if q.named:
-            by_named = torch.isin(self.speaker, torch.tensor(q.named, device=self.device))
-            took = torch.zeros(self.n_sessions, dtype=self.dtype, device=self.device)
-            took.scatter_add_(0, self.session, by_named.to(self.dtype))
-            scores = scores + w.speaker_session * (took[self.session] > 0).to(self.dtype)
-            if len(q.named) == 1:
-                scores = scores + w.speaker * by_named.to(self.dtype)
-        if w.passage_rest:
+        by_named = self._named[self.speaker_ix]
+        scores = scores + w.speaker_session * self._session_any(by_named).to(self.dtype)
+        scores = scores + w.speaker * single * by_named.to(self.dtype)
+        if w.passage_rest and self.passages:
             scores = scores + w.passage_rest * (scores < self._turn_max(scores)).to(self.dtype)
-        if q.day_ranges:
-            hit = torch.zeros(self.n, dtype=torch.bool, device=self.device)
-            for lo, hi in q.day_ranges:
-                hit |= (self.days >= lo) & (self.days <= hi)
-            scores = scores + w.period * hit.to(self.dtype)
-        return scores
+        return scores + w.period * self._in_period[self.day_ix].to(self.dtype)
+
+    def _top(self, w: Weights, k: int, out: torch.Tensor) -> None:
+        vals, rows = torch.topk(self._scores(w), k)
+        out[0].copy_(vals.to(out.dtype))
+        out[1].copy_(rows.to(out.dtype))  # exact in float64 (rows < 2^53): one copy back, not two
+
+    def _graph(self, w: Weights, k: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:  # pragma: no cover
+        """The computation recorded once per (weights, k), after a warm-up on a side stream."""
+        out = torch.empty((2, k), dtype=torch.float64, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._top(w, k, out)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._top(w, k, out)
+        return graph, out
+
+    # ---- entry points -------------------------------------------------------------------------
+
+    def score(self, q: Question, w: Weights) -> torch.Tensor:
+        """Every row's score, as `tasks.scoring.score_rows` gives it over all rows."""
+        self._load(q, w)
+        return self._scores(w)
 
     def top(self, q: Question, w: Weights, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k best rows and their scores, best first (ties by row, as the host's sort breaks them)."""
-        if self.n == 0:
+        k = min(k, self.n)
+        if k == 0:
             return np.zeros(0, np.int64), np.zeros(0)
-        vals, rows = torch.topk(self.score(q, w), min(k, self.n))
-        vals, rows = vals.double().cpu().numpy(), rows.cpu().numpy().astype(np.int64)
+        self._load(q, w)
+        if self.device.type == "cuda" and GRAPHS and self._graphs is not None:  # pragma: no cover
+            if (w, k) not in self._graphs:
+                try:
+                    self._graphs[(w, k)] = self._graph(w, k)
+                except RuntimeError as exc:  # a torch that cannot record these ops: op by op, said once
+                    warnings.warn(
+                        f"device scoring runs op by op: CUDA graph capture failed ({exc})", stacklevel=2
+                    )
+                    self._graphs = None
+                    return self.top(q, w, k)
+            graph, out = self._graphs[(w, k)]
+            graph.replay()
+        else:
+            out = torch.empty((2, k), dtype=torch.float64, device=self.device)
+            self._top(w, k, out)
+        vals, rows = out.cpu().numpy()
+        rows = rows.astype(np.int64)
         order = np.lexsort((rows, -vals))
         return rows[order], vals[order]

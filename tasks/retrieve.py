@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 MIN_LEFT = 5  # stop packing once fewer tokens than this are left
+PACK_WINDOW = 256
 K_LEVEL_NODES = 200  # nodes per level >= 1 that compete for the budget when `levels` asks for them
 
 
@@ -100,19 +101,33 @@ def pack_within_budget(
     """Greedy packing in rank order: what does not fit is skipped (a shorter item further down may
     still fit), items with an already packed `key` are skipped, and packing stops once fewer than
     MIN_LEFT tokens are left. Returns (packed items, tokens used)."""
-    packed: list[T] = []
-    used, seen = 0, set()
-    for item in ranked:
-        n = tokens(item)
-        if used + n > budget:
+    items = list(ranked)
+    sizes = np.fromiter((tokens(item) for item in items), np.int64, count=len(items))
+    picked, used = pack_sizes(sizes, budget, None if key is None else lambda j: key(items[j]))
+    return [items[j] for j in picked], used
+
+
+def pack_sizes(
+    sizes: np.ndarray, budget: int, key: Callable[[int], str] | None = None
+) -> tuple[list[int], int]:
+    """`pack_within_budget` over positions 0..len(sizes)-1: the positions packed, and the tokens. The
+    next position that fits is found by numpy, PACK_WINDOW at a time (a Python step per ranked row
+    was ~3 ms of a question scored on a card, whose 4096 best rows rarely fill a budget exactly)."""
+    packed: list[int] = []
+    used, seen, i = 0, set(), 0
+    while i < len(sizes):
+        fits = np.flatnonzero(sizes[i : i + PACK_WINDOW] <= budget - used)
+        if len(fits) == 0:
+            i += PACK_WINDOW
             continue
-        k = key(item) if key is not None else None
+        j = i + int(fits[0])
+        i = j + 1
+        k = key(j) if key is not None else None
         if k is not None and k in seen:
             continue
-        used += n
-        if k is not None:
-            seen.add(k)
-        packed.append(item)
+        used += int(sizes[j])
+        seen.add(k)
+        packed.append(j)
         if budget - used < MIN_LEFT:
             break
     return packed, used
@@ -179,19 +194,19 @@ class Retriever:
         except (NamespaceError, ValueError, OSError):
             return question
 
-    def ranked(
+    def ranked_arrays(
         self,
         ns: LoadedNamespace,
         question: str,
         levels: tuple[int, ...] | None = None,
         as_of: datetime | None = None,
         qvec: np.ndarray | None = None,
-    ) -> list[tuple[int, int, float]]:
-        """(level, row, score), best first: scored level-0 rows, and nodes of `levels` >= 1 when asked;
-        with `as_of`, only memories known then. `qvec`: the embedding of `search_text(ns, question)`
-        (`searched`), when the caller already made it (serve's batches do)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(levels, rows, scores), best first: scored level-0 rows, and nodes of `levels` >= 1 when
+        asked; with `as_of`, only memories known then. `qvec`: the embedding of
+        `search_text(ns, question)` (`searched`), when the caller already made it (serve's batches do)."""
         if ns.n == 0:
-            return []
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         searched = search_text(ns, question)
         if qvec is None:
             qvec = self.encoder.encode([searched])[0]
@@ -219,16 +234,31 @@ class Retriever:
                 else:
                     parts.append((lvl, *best_nodes(level, queries[lvl], K_LEVEL_NODES)))
         if not parts:
-            return []
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         lv = np.concatenate([np.full(len(r), lvl) for lvl, r, _ in parts])
         rows = np.concatenate([r for _, r, _ in parts])
         scores = np.concatenate([s for _, _, s in parts])
         order = np.lexsort((rows, lv, -scores))
-        ranked = zip(lv[order].tolist(), rows[order].tolist(), scores[order].tolist(), strict=True)
-        if as_of is None:
-            return list(ranked)
-        known = {lvl: known_mask(ns.levels[lvl].column("event_time"), as_of) for lvl in set(lv.tolist())}
-        return [item for item in ranked if known[item[0]][item[1]]]
+        lv, rows, scores = lv[order], rows[order], scores[order]
+        if as_of is not None:
+            keep = np.zeros(len(rows), bool)
+            for lvl in np.unique(lv).tolist():
+                at = lv == lvl
+                keep[at] = known_mask(ns.levels[lvl].column("event_time"), as_of)[rows[at]]
+            lv, rows, scores = lv[keep], rows[keep], scores[keep]
+        return lv, rows, scores
+
+    def ranked(
+        self,
+        ns: LoadedNamespace,
+        question: str,
+        levels: tuple[int, ...] | None = None,
+        as_of: datetime | None = None,
+        qvec: np.ndarray | None = None,
+    ) -> list[tuple[int, int, float]]:
+        """(level, row, score), best first: `ranked_arrays` as tuples."""
+        lv, rows, scores = self.ranked_arrays(ns, question, levels, as_of, qvec)
+        return list(zip(lv.tolist(), rows.tolist(), scores.tolist(), strict=True))
 
     def _level0(
         self,
@@ -284,16 +314,16 @@ class Retriever:
         start = time.perf_counter()
         ns = self.load(namespace)
         texts = {lvl: level.column("text") for lvl, level in ns.levels.items()}
+        lv, rows, scores = self.ranked_arrays(ns, question, levels, as_of, qvec)
+        sizes = np.zeros(len(rows), np.int64)
+        for lvl in np.unique(lv).tolist():
+            sizes[lv == lvl] = ns.levels[lvl].tokens[rows[lv == lvl]]
 
-        def text_key(item: tuple[int, int, float]) -> str:
-            return " ".join((texts[item[0]][item[1]].as_py() or "").lower().split())
+        def text_key(j: int) -> str:  # a copy of a packed memory adds nothing
+            return " ".join((texts[int(lv[j])][int(rows[j])].as_py() or "").lower().split())
 
-        chosen, used = pack_within_budget(
-            self.ranked(ns, question, levels, as_of, qvec),
-            lambda item: int(ns.levels[item[0]].tokens[item[1]]),
-            budget,
-            key=text_key,  # a copy of a packed memory adds nothing
-        )
+        picked, used = pack_sizes(sizes, budget, text_key)
+        chosen = [(int(lv[j]), int(rows[j]), float(scores[j])) for j in picked]
         return {
             "namespace": namespace,
             "question": question,

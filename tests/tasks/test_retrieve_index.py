@@ -121,6 +121,7 @@ def test_device_scoring_scores_every_row_as_the_host_does(small, monkeypatch):
     import dataclasses
     from datetime import date
 
+    from memstage.gpu import device_scoring
     from memstage.tasks import scoring, scoring_device
     from memstage.tasks.retrieve import search_text
     from memstage.tasks.scoring import scored_words
@@ -143,6 +144,18 @@ def test_device_scoring_scores_every_row_as_the_host_does(small, monkeypatch):
         got = on_cpu.device.score(inputs, scoring_device.weights()).numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert any(scoring_device.question_inputs(on_cpu, qvec, [], q, today).day_ranges for q in extra)
+    monkeypatch.setattr(device_scoring, "PAD_SESSION", 0)  # sessions by scatters, not the padded grid
+    scattered = scoring_device.device_level(on_cpu, "cpu")
+    assert on_cpu.device.pad is not None and scattered.pad is None
+    scattered.passages = True  # the turn maxima by scatter (each turn one row here: the same values)
+    for question in named + extra:
+        inputs = scoring_device.question_inputs(on_cpu, qvec, [], question, today)
+        np.testing.assert_allclose(
+            scattered.score(inputs, scoring_device.weights()).numpy(),
+            on_cpu.device.score(inputs, scoring_device.weights()).numpy(),
+            rtol=0,
+            atol=1e-9,
+        )
     assert scoring_device.question_inputs(on_cpu, qvec, [], named[0], today).named
     scan._loaded["small"] = on_cpu  # the scan's retriever now scores on the (CPU) device
     for question in questions[:8]:
