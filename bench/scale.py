@@ -357,7 +357,8 @@ def main() -> int:
             made["replicate_s"] = round(time.perf_counter() - start, 1)
             q = query_side(copy_home, args)
             record(report, str(made["memories"]), q, alone, {"replicated_from": size, **made}, start)
-            shutil.rmtree(copy_home, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(copy_home, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
     sizes = report["sizes"]

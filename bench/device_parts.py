@@ -1,0 +1,118 @@
+"""Where a question's time goes when level 0 is scored on a card: each part timed alone.
+
+    python bench/device_parts.py --home DATA_DIR --data locomo-dev.json --out parts.json
+
+Loads the namespace of a data directory bench/scale.py kept, as `memstage` loads it on a CUDA host
+(MEMSTAGE_DEVICE_SCORING=auto). For each planted question, with the embedding made beforehand, it
+times each part alone, synchronised:
+- the dense scan, `vectors @ q`, and a variant of it, `q @ vectors.T`;
+- the question's inputs and BM25 accumulation (`_load`);
+- the structure passes run op by op (`_scores`, the scan included);
+- top-k over every row, and the neighbour and session passes, each on one question's scores;
+- the recorded graph's replay with the copy back (`top`);
+- a whole `retrieve` with the host's packing.
+Median and p95 in ms per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def timed(fn, reps: list) -> dict[str, float]:
+    import torch
+
+    out = []
+    for args in reps:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args)
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": round(float(np.median(out)), 3), "p95_ms": round(float(np.percentile(out, 95)), 3)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--planted", default="conv-26")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    import torch
+    from scale import models
+
+    from memstage.gpu.lexical_index import analyse
+    from memstage.stores.store import MemoryStore
+    from memstage.tasks import scoring_device
+    from memstage.tasks.evaluate import load_questions
+    from memstage.tasks.retrieve import Retriever, search_text
+    from memstage.tasks.scoring import scored_words
+
+    torch.set_num_threads(1)
+    encoder, counter = models()
+    store = MemoryStore(args.home)
+    name = store.namespaces()[0]
+    retriever = Retriever(store, encoder, counter)
+    ns = retriever.load(name)
+    if ns.device is None:
+        print("level 0 is not on a device here (no CUDA, or MEMSTAGE_DEVICE_SCORING=off)", file=sys.stderr)
+        return 2
+    dl, w, k = ns.device, scoring_device.weights(), scoring_device.K_DEVICE
+    questions = [q.question for q in load_questions(args.data).items if q.namespace == args.planted]
+    searched = [search_text(ns, q) for q in questions]
+    qvecs = encoder.encode(searched)
+    inputs = [
+        scoring_device.question_inputs(ns, v, scored_words(ns, analyse([s])[0], q), q, None)
+        for q, s, v in zip(questions, searched, qvecs, strict=True)
+    ]
+    qv = [(torch.from_numpy(np.asarray(v, np.float32)).to(dl.device, dl.vectors.dtype),) for v in qvecs]
+    for q in inputs[:3]:
+        dl.top(q, w, k)  # records the graph
+    scores = dl._scores(w)
+    parts = {
+        "dense_scan": timed(lambda v: dl.vectors @ v, qv),
+        "dense_scan_transposed": timed(lambda v: v[None] @ dl.vectors.T, qv),
+        "inputs_and_bm25": timed(lambda q: dl._load(q, w), [(q,) for q in inputs]),
+        "scores_op_by_op": timed(lambda q: dl._scores(w), [(q,) for q in inputs]),
+        "topk_all_rows": timed(lambda: torch.topk(scores, k), [()] * 50),
+        "neighbour_pass": timed(
+            lambda: torch.maximum(
+                torch.where(dl.has_prev, scores[dl.prev], w.no_neighbour),
+                torch.where(dl.has_next, scores[dl.next], w.no_neighbour),
+            ),
+            [()] * 50,
+        ),
+        "session_top_mean": timed(lambda: dl._session_top_mean(scores, w.session_top), [()] * 50),
+        "session_any": timed(lambda: dl._session_any(scores > 0), [()] * 50),
+        "graph_top": timed(lambda q: dl.top(q, w, k), [(q,) for q in inputs]),
+        "retrieve": timed(lambda q, v: retriever.retrieve(name, q, 1000, qvec=v), list(zip(questions, qvecs))),
+    }
+    report = {
+        "memories": ns.n,
+        "sessions": dl.n_sessions,
+        "padded_sessions": dl.pad is not None and list(dl.pad.shape),
+        "parts": parts,
+        "command": " ".join(sys.argv),
+        "machine": f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    for part, figures in parts.items():
+        print(f"{part:>24} p50 {figures['p50_ms']:7.3f} ms  p95 {figures['p95_ms']:7.3f} ms", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
