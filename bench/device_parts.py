@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def timed(fn, reps: list) -> dict[str, float]:
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     out = []
     for args in reps:
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn(*args)
-        torch.cuda.synchronize()
+        sync()
         out.append((time.perf_counter() - start) * 1000)
     return {"p50_ms": round(float(np.median(out)), 3), "p95_ms": round(float(np.percentile(out, 95)), 3)}
 
@@ -95,7 +96,9 @@ def main() -> int:
         "session_top_mean": timed(lambda: dl._session_top_mean(scores, w.session_top), [()] * 50),
         "session_any": timed(lambda: dl._session_any(scores > 0), [()] * 50),
         "graph_top": timed(lambda q: dl.top(q, w, k), [(q,) for q in inputs]),
-        "retrieve": timed(lambda q, v: retriever.retrieve(name, q, 1000, qvec=v), list(zip(questions, qvecs))),
+        "retrieve": timed(
+            lambda q, v: retriever.retrieve(name, q, 1000, qvec=v), list(zip(questions, qvecs, strict=True))
+        ),
     }
     report = {
         "memories": ns.n,
@@ -103,7 +106,7 @@ def main() -> int:
         "padded_sessions": dl.pad is not None and list(dl.pad.shape),
         "parts": parts,
         "command": " ".join(sys.argv),
-        "machine": f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
     text = json.dumps(report, indent=1)
     if args.out:
