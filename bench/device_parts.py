@@ -68,7 +68,7 @@ def main() -> int:
     if ns.device is None:
         print("level 0 is not on a device here (no CUDA, or MEMSTAGE_DEVICE_SCORING=off)", file=sys.stderr)
         return 2
-    dl, w, k = ns.device, scoring_device.weights(), scoring_device.K_DEVICE
+    dl, w, k = ns.device, scoring_device.weights(), min(scoring_device.K_DEVICE, ns.n)
     questions = [q.question for q in load_questions(args.data).items if q.namespace == args.planted]
     searched = [search_text(ns, q) for q in questions]
     qvecs = encoder.encode(searched)
