@@ -47,6 +47,7 @@ TRIED = {
     "listwise, 7 features, prior 0.01 (chosen)": [0.8642, 0.8668, 0.9010, 0.8499, 0.7812],
     "listwise, 7 features, prior 0.1": [0.8643, 0.8669, 0.9018, 0.8479, 0.7738],
     "listwise, 7 features, prior 1": [0.8618, 0.8659, 0.9009, 0.8419, 0.7765],
+    "listwise, 8 features (+log_tokens), prior 0.01 (dev only)": [0.8608, None, None, None, None],
     "listwise, 8 features (+log_tokens), prior 0.1": [0.8582, 0.8564, 0.9061, 0.8435, 0.7563],
 }
 
