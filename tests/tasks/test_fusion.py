@@ -90,7 +90,7 @@ def test_loco_fit_on_a_slice_never_trains_on_the_held_out_conversation(sliced):
 
 
 def _synthetic(seed: int, n_questions: int = 40, rows: int = 60) -> list[fusion_fit.Sample]:
-    """Questions whose evidence rows are the only ones with `period` set, and relevance is noise."""
+    """Questions whose evidence rows are the only ones with `period` set, and relevance is weak."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_questions):
@@ -99,6 +99,7 @@ def _synthetic(seed: int, n_questions: int = 40, rows: int = 60) -> list[fusion_
         x[:, FEATURES.index("lex")] = rng.normal(size=rows)
         y = np.zeros(rows, bool)
         y[rng.choice(rows, 2, replace=False)] = True
+        x[y, FEATURES.index("dense")] += 0.5
         x[y, FEATURES.index("period")] = 1.0
         out.append(fusion_fit.Sample(f"c{i % 4}", "synthetic", RowFeatures(x, np.zeros(rows, bool)), y))
     return out
