@@ -28,20 +28,18 @@ import numpy as np
 
 from memstage.tasks import scoring
 from memstage.tasks.scoring import (
-    _FIRST_PERSON,
-    FIRST_PERSON,
-    NO_DAY,
     LevelQuery,
     _neighbour,
     _z,
-    in_periods,
-    in_ranges,
-    named_speakers,
+    day_ranges,
+    days_in,
+    named_in,
     question_periods,
     relative_periods,
     session_scores,
     turn_groups,
     turn_max,
+    years_of,
 )
 
 FEATURES = ("dense", "lex", "neighbour", "session", "speaker", "period", "rest", "log_tokens")
@@ -85,10 +83,7 @@ def _relevance(level: Any, q: LevelQuery, rows: np.ndarray) -> tuple[np.ndarray,
 def _cues(ns: Any, rows: np.ndarray, question: str, today: date | None) -> tuple[np.ndarray, ...]:
     """(by the one named participant, in a named participant's session, in a named period) per row."""
     n = len(rows)
-    lowered = question.lower()
-    named = named_speakers(ns, lowered)
-    if not named and FIRST_PERSON in ns.speakers and _FIRST_PERSON.search(lowered):
-        named = {ns.speakers[FIRST_PERSON]}
+    named = named_in(ns, question)
     speaker, took_part = np.zeros(n), np.zeros(n, bool)
     if named:
         by_named = np.isin(np.asarray(ns.speaker[rows]), list(named))
@@ -98,11 +93,8 @@ def _cues(ns: Any, rows: np.ndarray, question: str, today: date | None) -> tuple
     period = np.zeros(n)
     periods, relative = question_periods(question), relative_periods(question, today)
     if periods or relative:
-        raw = np.asarray(ns.days[rows])
-        days = np.where(raw == NO_DAY, np.datetime64("NaT"), raw.astype("datetime64[D]")).astype(
-            "datetime64[D]"
-        )
-        period = (in_periods(days, periods) | in_ranges(days, relative)).astype(np.float64)
+        days = np.asarray(ns.days[rows])
+        period = days_in(days, day_ranges(periods, relative, years_of(days))).astype(np.float64)
     return speaker, took_part, period
 
 
