@@ -6,9 +6,10 @@ Per file (dev, then the variants of `tasks/robustness.py`, seed 0), each in its 
 prepared once as `memstage eval locomo` prepares it (ingest, index, the maintenance chain; kept under
 `--work` so a second run reuses them), the questions are asked with:
 - `hand`: today's scoring (`tasks.scoring.score_rows`);
-- `learned_dev`: for each conversation, the weights fitted on the dev split's other nine
-  conversations (`fit_listwise`), so no question is scored by weights fitted on its conversation;
-- `learned_mix`: the same, fitted on the other nine conversations in the dev split and every
+- `learned_dev`: for each conversation, the weights fitted on the dev split's other conversations
+  (four: the file holds five, 760 questions with evidence) (`fit_listwise`), so no question is
+  scored by weights fitted on its conversation;
+- `learned_mix`: the same, fitted on the other conversations in the dev split and every
   variant together (a variant's copy of the held-out conversation is never trained on).
 The learned scorer replaces `score_rows` in this process only (`tasks.fusion.scorer`). The keep
 rule (issue 15): a learned scorer is kept only if its recall@1000 is at least the hand scoring's on
