@@ -1,10 +1,11 @@
 """The hand weights' own leave-one-conversation-out (LOCO) estimate on the dev split, to set beside the
 learned fusion's (bench/fusion_cv.py): for each conversation, the hand constants of `tasks.scoring`
-(W_DENSE, NEIGHBOUR, SESSION, SPEAKER, PERIOD) are chosen from GRID by recall@1000 on the other
-four conversations (the dev file holds five), then that conversation's questions are asked through
-the real retrieval and packing path with them. The choice replays the packing over each question's scored rows (the same rows,
-scores, token counts, known-at-date rule and duplicate rule as `Retriever.retrieve`); the reported
-figures come from the real path. Uses the data directories bench/fusion_cv.py prepared (`--work`).
+(W_DENSE, NEIGHBOUR, SESSION, SPEAKER, PERIOD) are chosen from GRID by recall@1000 on the other four
+conversations (the dev file holds five), then that conversation's questions are asked through the
+real retrieval and packing path with them. The choice replays the packing over each question's
+scored rows (the same rows, scores, token counts, known-at-date rule and duplicate rule as
+`Retriever.retrieve`); the reported figures come from the real path. Uses the data directories
+bench/fusion_cv.py prepared (`--work`).
 
     python bench/fusion_hand_grid.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion \
         --out bench/results/fusion_hand_grid_cpu.json
