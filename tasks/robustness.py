@@ -20,6 +20,11 @@ real deployment differs on (the data is read from the caller's file; nothing is 
 - `assistant`: the three together, nearer a deployed assistant's history: padded as `padded`, then
   the speaker_b side (the distractor sessions' too) long as `long`, then the speakers renamed as
   `speakers` (`user`, `assistant`): about PAD_TURNS turns a history, the assistant's turns long.
+- `ontopic`: as `assistant`, but each assistant turn is filled from its own session (the text of its
+  other turns that are no question's evidence, nearest first, up to LONG_WORDS words or what the
+  session holds), as a deployed assistant's answer dwells on what was just said: the session's topic
+  words recur in the long turns around a short evidence turn (`assistant`'s filler, other
+  conversations' text, shares no topic with it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 
 from memstage.tasks.scoring import _DATE, _MONTHS, _YEAR
 
-VARIANTS = ("speakers", "padded", "dated", "long", "assistant")
+VARIANTS = ("speakers", "padded", "dated", "long", "assistant", "ontopic")
 PAD_TURNS = 500
 DATE_SLACK_DAYS = 30
 LONG_WORDS = (150, 400)
@@ -78,6 +83,7 @@ def make_variant(samples: list[dict[str, Any]], name: str, seed: int = 0) -> lis
             "dated": _date,
             "long": _lengthen,
             "assistant": _assistant,
+            "ontopic": _ontopic,
         }
         make[name](sample, others, rng)
     return out
@@ -271,6 +277,38 @@ def _lengthen(sample: dict[str, Any], others: list, rng: random.Random) -> None:
                 at += 1
             cut = rng.randint(0, len(around))
             turn["text"] = " ".join([*around[:cut], text, *around[cut:]])
+
+
+def _echo(sample: dict[str, Any], others: list, rng: random.Random) -> None:
+    """speaker_b's turns lengthened towards LONG_WORDS with their own session's other turns, nearest
+    first, each once; never with an evidence turn's text (a copy of it elsewhere would take its
+    credit, which a deployed assistant's answer, saying it in other words, does not)."""
+    conv = sample.get("conversation") or {}
+    speaker_b = conv.get("speaker_b")
+    evidence = {str(e) for q in sample.get("qa") or [] for e in q.get("evidence") or []}
+    for n in sessions(conv):
+        turns = [t for t in conv[f"session_{n}"] if isinstance(t, dict) and isinstance(t.get("text"), str)]
+        plain = [t["text"] for t in turns]  # before any turn of the session was lengthened
+        for i, turn in enumerate(turns):
+            if turn.get("speaker") != speaker_b:
+                continue
+            near = sorted((j for j in range(len(turns)) if j != i), key=lambda j: (abs(j - i), j))
+            pieces = [plain[j] for j in near if plain[j].strip() and turns[j].get("dia_id") not in evidence]
+            target, around = rng.randint(*LONG_WORDS) - len(plain[i].split()), []
+            for piece in pieces:
+                if target <= 0:
+                    break
+                around.append(piece)
+                target -= len(piece.split())
+            cut = rng.randint(0, len(around))
+            turn["text"] = " ".join([*around[:cut], plain[i], *around[cut:]])
+
+
+def _ontopic(sample: dict[str, Any], others: list, rng: random.Random) -> None:
+    """`padded`, then speaker_b's turns long with their own session's text, then `speakers`."""
+    _pad(sample, others, rng)
+    _echo(sample, others, rng)
+    _rename(sample, others, rng)
 
 
 def _assistant(sample: dict[str, Any], others: list, rng: random.Random) -> None:

@@ -70,7 +70,7 @@ def test_every_variant_keeps_questions_and_evidence_resolvable(samples, tmp_path
     src.write_text(json.dumps(samples))
     base = load_questions(src)
     written = write_variants(src, tmp_path / "variants", seed=3)
-    assert set(written) == {"speakers", "padded", "dated", "long", "assistant"}
+    assert set(written) == {"speakers", "padded", "dated", "long", "assistant", "ontopic"}
     for name, path in written.items():
         qs = load_questions(path)
         assert [q.evidence for q in qs.items] == [q.evidence for q in base.items], name
@@ -148,8 +148,30 @@ def test_assistant_variant_is_padded_long_and_user_assistant(samples):
         assert after["qa"] == before["qa"]
 
 
+def test_ontopic_variant_fills_the_assistant_turns_from_their_own_session(samples):
+    out = make_variant(samples, "ontopic", seed=6)
+    for before, after in zip(samples, out, strict=True):
+        conv = after["conversation"]
+        assert len(sessions(conv)) > len(sessions(before["conversation"]))  # padded as `assistant`
+        evidence = {e for q in before["qa"] for e in q["evidence"]}
+        own = {t["dia_id"]: t["text"] for t in _turns(before)}
+        for t in _turns(before):
+            n = int(t["dia_id"][1:].split(":")[0])
+            session = conv[f"session_{n}"]
+            new = next(u for u in session if u["dia_id"] == t["dia_id"])
+            assert t["text"] in new["text"]  # every turn keeps its own words whole
+            if new["speaker"] != "assistant":
+                assert new["text"] == t["text"]
+                continue
+            fillers = [own[u["dia_id"]] for u in session if u["dia_id"] != t["dia_id"]]
+            assert any(f in new["text"] for f in fillers)  # filled with this session's own talk
+            for e in evidence - {t["dia_id"]}:  # never with a question's evidence
+                assert e not in own or not e.startswith(f"D{n}:") or own[e] not in new["text"]
+        assert after["qa"] == before["qa"]
+
+
 def test_variants_are_deterministic_for_a_seed(samples):
-    for name in ("padded", "dated", "long", "assistant"):
+    for name in ("padded", "dated", "long", "assistant", "ontopic"):
         assert make_variant(samples, name, seed=7) == make_variant(samples, name, seed=7)
         assert make_variant(samples, name, seed=7) != make_variant(samples, name, seed=8), name
     with pytest.raises(ValueError, match="unknown variant"):
@@ -234,13 +256,13 @@ def test_eval_variants_reports_each_variant_beside_the_file(samples, tmp_path):
     report = evaluate_variants(
         src, resolve_variants(["all"]), evaluate, seed=1, budgets=(250, 1000), plot=None
     )
-    assert list(report["variants"]) == ["speakers", "padded", "dated", "long", "assistant"]
+    assert list(report["variants"]) == ["speakers", "padded", "dated", "long", "assistant", "ontopic"]
     assert report["variants"]["dated"]["minus_dev"] == {"250": 0.1, "1000": 0.0}
     assert report["variants"]["speakers"]["minus_dev"] == {"250": 0.0, "1000": 0.0}
     assert seen[0] == (src, {"budgets": (250, 1000), "plot": None})
     assert all(opts["exhaustive"] is False and opts["home"] is None for _, opts in seen[1:])
     text = render_eval(report)
-    assert text.count("variant ") == 5 and "dated memstage" in text and "+0.100" in text
+    assert text.count("variant ") == 6 and "dated memstage" in text and "+0.100" in text
     assert recall_table(report)[1].startswith("memstage")
     png = write_plot(report, tmp_path / "recall.png")  # recall by budget, and per category beside it
     assert png.read_bytes()[:4] == b"\x89PNG"
