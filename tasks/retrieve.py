@@ -1,17 +1,19 @@
 """Retrieve: a question in, the best evidence that fits a token budget out.
 
-A `Retriever` keeps each namespace's artifacts memory-mapped (`tasks.candidates.load_namespace`)
-and reloads them only when the index stage has written a new version. Per question: the encoder
-embeds it (a name the turns call a speaker by, "Caroline" for `user`, said as the speaker's label:
+A `Retriever` keeps each namespace's artifacts memory-mapped (`tasks.candidates.load_namespace`) and
+reloads them only when the index stage has written a new version. Per question: the encoder embeds
+it (a name the turns call a speaker by, "Caroline" for `user`, said as the speaker's label:
 `search_text`); `tasks.candidates` picks the level-0 rows worth scoring from the dense, lexical and
 hierarchy indexes and closes them under sessions; `tasks.scoring` scores them (hybrid relevance
 z-normalised over the whole namespace, neighbour and session passes, question cues). Memories are
-then packed in score order while they fit the budget (counted with the generator's tokenizer);
-exact duplicates are skipped. `exhaustive=True` scores every level-0 row instead (the reference
-the index path is measured against: `memstage eval locomo` reports both). With `levels` asking for
-levels >= 1, the consolidate stage's nodes compete for the budget too, by their hybrid score.
-`as_of` (when the question is asked): memories whose event time is after it are not packed, and its
-day reaches the scorer (relative periods: "last month", "two weeks ago").
+then packed in score order while they fit the budget (counted with the generator's tokenizer); exact
+duplicates are skipped. Where level 0 sits on a CUDA card (`tasks.scoring_device`), every level-0
+row is scored there instead, and the best K_DEVICE come back for packing. `exhaustive=True` scores
+every level-0 row instead (the reference the index path is measured against: `memstage eval locomo`
+reports both). With `levels` asking for levels >= 1, the consolidate stage's nodes compete for the
+budget too, by their hybrid score. `as_of` (when the question is asked): memories whose event time
+is after it are not packed, and its day reaches the scorer (relative periods: "last month", "two
+weeks ago").
 """
 
 from __future__ import annotations
