@@ -102,3 +102,39 @@ def test_lexical_analysis_stems_texts_and_questions_alike():
     words = analyse(["camping", "camped", "camps", "running", "stories", "story", "glass"])
     assert {w[0] for w in words[:3]} == {"camp"} and words[3] == ["run"] and words[4] == words[5]
     assert words[6] == ["glass"]
+
+
+def _greedy(sizes: list[int], budget: int, keys: list[str]) -> tuple[list[int], int]:
+    """The packing rule written as the plain loop it is: skip what does not fit or repeats a packed
+    key, stop once fewer than MIN_LEFT tokens are left."""
+    from memstage.tasks.retrieve import MIN_LEFT
+
+    packed, used, seen = [], 0, set()
+    for j, n in enumerate(sizes):
+        if used + n > budget or keys[j] in seen:
+            continue
+        packed.append(j)
+        used += n
+        seen.add(keys[j])
+        if budget - used < MIN_LEFT:
+            break
+    return packed, used
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=400), max_size=700),
+    budget=st.integers(min_value=1, max_value=3000),
+    distinct=st.integers(min_value=1, max_value=50),
+)
+def test_pack_sizes_packs_as_the_greedy_rule_says(sizes, budget, distinct):
+    """`pack_sizes` (numpy finds the next row that fits, PACK_WINDOW at a time) packs exactly what the
+    greedy loop packs, over windows' edges, with duplicate keys and zero-token rows."""
+    from memstage.tasks.retrieve import pack_sizes, pack_within_budget
+
+    keys = [f"k{(j * 7) % distinct}" for j in range(len(sizes))]
+    want = _greedy(sizes, budget, keys)
+    assert pack_sizes(np.asarray(sizes, np.int64), budget, keys.__getitem__) == want
+    items = [(k, n) for k, n in zip(keys, sizes, strict=True)]
+    packed, used = pack_within_budget(items, lambda item: item[1], budget, key=lambda item: item[0])
+    assert (packed, used) == ([items[j] for j in want[0]], want[1])
