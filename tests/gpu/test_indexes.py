@@ -127,3 +127,23 @@ def test_torch_cuda_returns_the_exact_top_k():
     )  # an IVF artifact is searched exactly on the GPU
     for q in x[:5]:
         assert len(set(flat.search(q, 10)[0].tolist()) & set(gpu.search(q, 10)[0].tolist())) >= 9
+
+
+def test_analyse_gives_the_words_bm25s_gives():
+    """`analyse` applies bm25s' word pattern, stopwords and the stemmer itself (no per-call progress
+    bar): the same words as `bm25s.tokenize` on every LoCoMo dev turn and question, and on edge cases."""
+    import json
+
+    from conftest import LOCOMO
+
+    from memstage.gpu.lexical_index import _STEMMER
+
+    texts = ["", "  ", "I'm", "Ünïcode café naïve", "a b c", "123 4567 x9", "don't can't won't", "THE Cats!"]
+    if LOCOMO.exists():
+        for sample in json.loads(LOCOMO.read_text()):
+            conv = sample["conversation"]
+            texts += [t["text"] for v in conv.values() if isinstance(v, list) for t in v]
+            texts += [q["question"] for q in sample["qa"]]
+    want = bm25s.tokenize(texts, stopwords="en", stemmer=_STEMMER, return_ids=False, show_progress=False)
+    assert analyse(texts) == want
+    assert analyse(["The cats are camping"]) == [["cat", "camp"]]
