@@ -16,7 +16,11 @@ embedding made beforehand, as serve's batches do; the H200 goal's figure). Repor
 retrieval p50/p95, and recall@1000 of the planted conversation next to the same conversation alone
 in its own namespace (same pipeline), without the hierarchy as a candidate source too, and (up to
 --exhaustive-max memories) with an exhaustive scan of the same scoring. `backend` names the dense
-search backend (FAISS CPU/GPU or torch), so the same command measures a CUDA host.
+search backend (FAISS CPU/GPU or torch), so the same command measures a CUDA host. There level 0 is
+scored on the card (`scoring`: device; MEMSTAGE_DEVICE_SCORING), and the host's candidate path on
+the same namespace is measured beside it (`host_*`). `--replicate F` also queries each size's
+namespace with its synthetic part copied F times (bench/scale_replicate.py: 10M memories in
+minutes, not the hours the stages take).
 """
 
 from __future__ import annotations
