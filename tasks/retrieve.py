@@ -196,7 +196,7 @@ class Retriever:
         except (NamespaceError, ValueError, OSError):
             return question
 
-    def ranked_arrays(
+    def ranked(
         self,
         ns: LoadedNamespace,
         question: str,
@@ -250,18 +250,6 @@ class Retriever:
             lv, rows, scores = lv[keep], rows[keep], scores[keep]
         return lv, rows, scores
 
-    def ranked(
-        self,
-        ns: LoadedNamespace,
-        question: str,
-        levels: tuple[int, ...] | None = None,
-        as_of: datetime | None = None,
-        qvec: np.ndarray | None = None,
-    ) -> list[tuple[int, int, float]]:
-        """(level, row, score), best first: `ranked_arrays` as tuples."""
-        lv, rows, scores = self.ranked_arrays(ns, question, levels, as_of, qvec)
-        return list(zip(lv.tolist(), rows.tolist(), scores.tolist(), strict=True))
-
     def _level0(
         self,
         ns: LoadedNamespace,
@@ -293,9 +281,12 @@ class Retriever:
     ) -> list[tuple[str, float]]:
         """Memory ids with scores, best first (the scored ones: candidates, or all with `exhaustive`)."""
         ns = self.load(namespace)
-        ranked = self.ranked(ns, question, levels, as_of)
+        lv, rows, scores = self.ranked(ns, question, levels, as_of)
         ids = {lvl: ns.levels[lvl].column("id") for lvl in ns.levels}
-        return [(ids[lvl][row].as_py(), score) for lvl, row, score in ranked]
+        return [
+            (ids[lvl][row].as_py(), score)
+            for lvl, row, score in zip(lv.tolist(), rows.tolist(), scores.tolist(), strict=True)
+        ]
 
     def retrieve(
         self,
@@ -316,7 +307,7 @@ class Retriever:
         start = time.perf_counter()
         ns = self.load(namespace)
         texts = {lvl: level.column("text") for lvl, level in ns.levels.items()}
-        lv, rows, scores = self.ranked_arrays(ns, question, levels, as_of, qvec)
+        lv, rows, scores = self.ranked(ns, question, levels, as_of, qvec)
         sizes = np.zeros(len(rows), np.int64)
         for lvl in np.unique(lv).tolist():
             sizes[lv == lvl] = ns.levels[lvl].tokens[rows[lv == lvl]]
