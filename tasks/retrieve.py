@@ -73,7 +73,7 @@ def search_text(ns: LoadedNamespace, question: str) -> str:
 def alias_pattern(ns: LoadedNamespace) -> re.Pattern[str]:
     """One alternation of the namespace's aliases, compiled once per loaded namespace (compiling
     it per question grows with the namespace's speakers)."""
-    key = tuple(sorted(ns.aliases))
+    key = (id(ns.aliases), len(ns.aliases))  # not the sorted names: that sort was per question
     cached = getattr(ns, "_alias_pattern", None)
     if cached is None or cached[0] != key:
         alternatives = "|".join(re.escape(a) for a in sorted(ns.aliases, key=len, reverse=True))
@@ -240,8 +240,9 @@ class Retriever:
         lv = np.concatenate([np.full(len(r), lvl) for lvl, r, _ in parts])
         rows = np.concatenate([r for _, r, _ in parts])
         scores = np.concatenate([s for _, _, s in parts])
-        order = np.lexsort((rows, lv, -scores))
-        lv, rows, scores = lv[order], rows[order], scores[order]
+        if not (len(parts) == 1 and on_device):  # the device's rows come best first, ties by row
+            order = np.lexsort((rows, lv, -scores))
+            lv, rows, scores = lv[order], rows[order], scores[order]
         if as_of is not None:
             keep = np.zeros(len(rows), bool)
             for lvl in np.unique(lv).tolist():

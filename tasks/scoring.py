@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from memstage.gpu.lexical_index import analyse
+from memstage.tasks import name_lookup
 
 W_DENSE = 0.7  # share of the dense z-score in the hybrid score (BM25 gets the rest)
 NEIGHBOUR = 0.4  # share of the better adjacent turn's score a turn inherits (same session only)
@@ -300,15 +301,9 @@ def session_scores(session: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 def named_speakers(ns: Any, lowered: str) -> set[int]:
     """Codes of the speakers a (lower-cased) question names: by their own name, or by a name the
-    turns call them by (`ns.aliases`: "Mel" for Melanie, "Caroline" for `user`)."""
-    names = {**(getattr(ns, "aliases", {}) if SPEAKER_NAMES else {}), **ns.speakers}
-    # the substring test first: a regex per name (compiled anew past re's cache of 512) was most of a
-    # question's time in a namespace of thousands of speakers
-    return {
-        code
-        for name, code in names.items()
-        if name in lowered and re.search(rf"\b{re.escape(name)}\b", lowered)
-    }
+    turns call them by (`ns.aliases`: "Mel" for Melanie, "Caroline" for `user`), as whole words
+    (`tasks.name_lookup`: a table per namespace, not a test per name)."""
+    return name_lookup.named(name_lookup.table(ns, SPEAKER_NAMES), lowered)
 
 
 def named_in(ns: Any, question: str) -> set[int]:
@@ -328,7 +323,8 @@ def scored_words(ns: Any, words: list[str], question: str) -> list[str]:
     named = named_speakers(ns, question.lower())
     if NAMES_SEARCHED or not named:
         return words
-    names = [name for name, code in {**getattr(ns, "aliases", {}), **ns.speakers}.items() if code in named]
+    names_of = name_lookup.table(ns, True).names_of
+    names = [name for code in sorted(named) for name in names_of.get(code, ())]
     dropped = set(analyse([" ".join(names)])[0])
     return [w for w in words if w not in dropped]
 
