@@ -18,7 +18,7 @@ from typing import Any
 
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
-from memstage.tasks.contract import CountTokens, StageResult, memories_table, ops_table, timed
+from memstage.tasks.contract import CountTokens, Embed, StageResult, memories_table, ops_table, timed
 from memstage.tasks.injection import flag_text
 from memstage.tasks.passages import choose, passage_op, units_of
 
@@ -349,14 +349,16 @@ def run_compress(
     *,
     count_tokens: CountTokens,
     flow_run_id: str | None = None,
+    embed: Embed | None = None,
 ) -> StageResult:
     """Compress every active level-0 memory not compressed yet (a long turn's as passages, each
-    compressed); one transaction for all rows and ops."""
+    compressed; `embed` cuts them by topic when `passages.SPLIT_MODE` says so); one transaction for
+    all rows and ops."""
     result = StageResult("compress", namespace)
     with timed(result):
         mem = store.memories(namespace, level=0, status="active", current=False).to_pylist()
         todo = [m for m in mem if "compressed" not in json.loads(m["metadata"] or "{}")]
-        units = units_of(todo)
+        units = units_of(todo, embed)
         candidates = [[*c, u["text"]] for c, u in zip(candidate_texts(units, queries.session_speakers(store, namespace)), units, strict=True)]  # fmt: skip
         counts = iter(count_tokens([c for cands in candidates for c in cands]))
         at = now_utc()

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,32 +141,55 @@ def fit_pairwise(
     return _relevance_scaled(out)
 
 
-def _listwise_loss(w: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
-    """Mean over questions of -log(softmax mass on the evidence rows), and its gradient."""
-    loss, grad = 0.0, np.zeros_like(w)
-    for x, y, offset in parts:
+def _listwise_loss(w: np.ndarray, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]):
+    """Weighted mean over questions of -log(softmax mass on the evidence rows), and its gradient."""
+    loss, grad, total = 0.0, np.zeros_like(w), 0.0
+    for x, y, offset, weight in parts:
         s = x @ w + offset
         all_lse, pos_lse = logsumexp(s), logsumexp(s[y])
-        loss += all_lse - pos_lse
-        grad += np.exp(s - all_lse) @ x - np.exp(s[y] - pos_lse) @ x[y]
-    return loss / len(parts), grad / len(parts)
+        loss += weight * (all_lse - pos_lse)
+        grad += weight * (np.exp(s - all_lse) @ x - np.exp(s[y] - pos_lse) @ x[y])
+        total += weight
+    return loss / total, grad / total
 
 
-def fit_listwise(samples: Sequence[Sample], use: Sequence[str] = FITTED, prior: float = PRIOR) -> np.ndarray:
+def file_weights(samples: Sequence[Sample], per_file: Mapping[str, float] | None = None) -> np.ndarray:
+    """A weight per sample so that each file (`Sample.source`) weighs `per_file[source]` (1 when not
+    named) in all, shared equally by its questions: a file of many questions does not drown the others."""
+    counts = Counter(s.source for s in samples)
+    per_file = per_file or {}
+    for source, weight in per_file.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"file weight for {source!r} must be finite and >= 0, got {weight!r}")
+    return np.array([per_file.get(s.source, 1.0) / counts[s.source] for s in samples], dtype=np.float64)
+
+
+def fit_listwise(
+    samples: Sequence[Sample],
+    use: Sequence[str] = FITTED,
+    prior: float = PRIOR,
+    weights: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
     """Weights over FEATURES (0 for those not in `use`) minimising the softmax cross-entropy of each
-    question's evidence rows among its scored rows, plus `prior` * ||w - hand||^2 (so a weight the
-    data does not move stays at its hand value); scaled so that dense + lex = 1."""
+    question's evidence rows among its scored rows (each question weighing `weights[i]`, all alike
+    when None), plus `prior` * ||w - hand||^2 (so a weight the data does not move stays at its hand
+    value); scaled so that dense + lex = 1."""
     if not samples:
         raise ValueError("no samples to fit on")
     from memstage.tasks import scoring
 
+    qw = np.ones(len(samples)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if qw.shape != (len(samples),) or not np.isfinite(qw).all() or (qw < 0).any():
+        raise ValueError("weights must be one finite, non-negative number per sample")
     cols = np.array([FEATURES.index(f) for f in use])
     hand = hand_weights()
     parts = [
-        (s.features.x[:, cols], s.labels, scoring.SPEAKER_SESSION * s.features.took_part)
-        for s in samples
-        if s.labels.any()
+        (s.features.x[:, cols], s.labels, scoring.SPEAKER_SESSION * s.features.took_part, float(w))
+        for s, w in zip(samples, qw, strict=True)
+        if s.labels.any() and w > 0
     ]
+    if not parts:
+        raise ValueError("no sample with evidence and a positive weight")
 
     def objective(wc: np.ndarray) -> tuple[float, np.ndarray]:
         loss, grad = _listwise_loss(wc, parts)

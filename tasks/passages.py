@@ -9,6 +9,8 @@ others are `m0-<event>#pNN`. Every passage is a level-0 memory of the same turn:
 session, speaker and time, so it is scored, packed and credited like any level-0 memory (the eval's
 rule: a turn is retrieved when one of its level-0 memories, whole or a passage, is packed). Each is
 found by its own original words (`metadata.passage.source`), not by the whole turn's.
+With SPLIT_MODE "topic" (and the stage's encoder given) a long turn is cut where its topic changes
+(`tasks.topic_split`) instead of every WINDOW_WORDS words.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import re
 from datetime import datetime
 from typing import Any
 
-from memstage.tasks.contract import make_op
+from memstage.tasks.contract import Embed, make_op
 
 SPLIT_WORDS = 120  # a turn with more words than this is split into passages
 WINDOW_WORDS = 80  # a passage holds whole sentences up to about this many words
 MAX_PASSAGES = 99  # ids are numbered with two digits; windows widen to stay under this
+# "fixed": windows of WINDOW_WORDS; "topic": cut where the sentences' topic changes (tasks.topic_split,
+# embedding each sentence of a long turn with the compress stage's encoder). Measured in
+# bench/passage_split.py (bench/results/passage_split_cpu.md).
+SPLIT_MODE = "fixed"
 
 _SENTENCE = re.compile(r"[^.!?\n]+(?:[.!?]+|\n|$)")
 _PREFIX = re.compile(r"^(?P<speaker>[^:\n]{1,80}): (?P<body>.*)$", re.S)
@@ -48,12 +54,20 @@ def _pieces(body: str, width: int) -> list[str]:
     return out
 
 
-def windows(body: str, width: int | None = None) -> list[str]:
+def windows(body: str, width: int | None = None, embed: Embed | None = None) -> list[str]:
     """`body` as consecutive windows of whole sentences of at most about `width` words; one window
-    when it has SPLIT_WORDS words or fewer. No word is lost or repeated."""
+    when it has SPLIT_WORDS words or fewer. No word is lost or repeated. With SPLIT_MODE "topic" and
+    `embed`, the windows are cut where the topic changes (`tasks.topic_split`)."""
     if len(body.split()) <= SPLIT_WORDS:
         return [body]
     width = width or WINDOW_WORDS
+    if SPLIT_MODE == "topic" and embed is not None:
+        from memstage.tasks.topic_split import topic_windows
+
+        pieces = _pieces(body, width)
+        out = topic_windows(pieces, embed(pieces), width)
+        if len(out) <= MAX_PASSAGES:
+            return out
     while True:
         out: list[str] = []
         size = 0
@@ -70,7 +84,7 @@ def windows(body: str, width: int | None = None) -> list[str]:
         width *= 2
 
 
-def split_turn(text: str) -> list[tuple[str, str]]:
+def split_turn(text: str, embed: Embed | None = None) -> list[tuple[str, str]]:
     """A level-0 text (`speaker: body [shared an image: ...]`) as (passage text, its source words),
     one pair per passage; the image caption goes with the first. A short turn: one pair, unchanged."""
     m = _PREFIX.match(text)
@@ -79,7 +93,7 @@ def split_turn(text: str) -> list[tuple[str, str]]:
     caption = image.group(0).strip() if image else ""
     if image:
         body = body[: image.start()]
-    parts = windows(body)
+    parts = windows(body, embed=embed)
     if len(parts) == 1:
         return [(text, text)]
     out = []
@@ -107,12 +121,12 @@ def passage_source(metadata: str | None) -> dict[str, Any] | None:
 # ---- the compress stage's units -------------------------------------------------------------------
 
 
-def units_of(todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def units_of(todo: list[dict[str, Any]], embed: Embed | None = None) -> list[dict[str, Any]]:
     """What gets compressed: each memory, or each passage of a long turn's memory (`tasks.passages`):
     the memory row with the passage's text, id, metadata and `_split` = its turn's passage count."""
     out = []
     for m in todo:
-        parts = split_turn(m["text"])
+        parts = split_turn(m["text"], embed)
         for k, (text, source) in enumerate(parts):
             if len(parts) == 1:
                 out.append({**m, "_split": 1})

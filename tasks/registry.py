@@ -46,7 +46,7 @@ def _compress(store: MemoryStore, namespace: str, tools: StageTools) -> StageRes
         store, namespace, count_tokens=tools.count_tokens, flow_run_id=tools.flow_run_id
     )
     result = compress.run_compress(
-        store, namespace, count_tokens=tools.count_tokens, flow_run_id=tools.flow_run_id
+        store, namespace, count_tokens=tools.count_tokens, flow_run_id=tools.flow_run_id, embed=tools.embed
     )
     result.changed += made.changed
     result.figures["level0_created"] = made.changed

@@ -114,3 +114,52 @@ def test_a_separating_feature_gains_weight_and_unused_features_stay_zero():
     assert not w[others].any()
     pw = fusion_fit.fit_pairwise(samples, use=("dense", "lex", "period"))
     assert pw[FEATURES.index("period")] > hand[FEATURES.index("period")]
+
+
+def _two_files() -> list[fusion_fit.Sample]:
+    """File `a`: evidence marked by `period`; file `b` (twice as many questions): by `speaker`."""
+    a = _synthetic(1, n_questions=20)
+    b = _synthetic(2, n_questions=40)
+    for s in b:
+        s.source = "b"
+        col = s.features.x[:, FEATURES.index("period")].copy()
+        s.features.x[:, FEATURES.index("period")] = 0.0
+        s.features.x[:, FEATURES.index("speaker")] = col
+    return a + b
+
+
+def test_file_weights_give_each_file_its_total_shared_by_its_questions():
+    samples = _two_files()
+    w = fusion_fit.file_weights(samples)
+    src = np.array([s.source for s in samples])
+    assert w[src == "synthetic"].sum() == pytest.approx(1.0)
+    assert w[src == "b"].sum() == pytest.approx(1.0)
+    assert w[src == "b"][0] == pytest.approx(w[src == "synthetic"][0] / 2)
+    w3 = fusion_fit.file_weights(samples, {"b": 3.0})
+    assert w3[src == "b"].sum() == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        fusion_fit.file_weights(samples, {"b": -1.0})
+    with pytest.raises(ValueError):
+        fusion_fit.fit_listwise(samples, weights=np.ones(3))
+
+
+def test_a_file_weighed_higher_pulls_the_fit_towards_its_signal():
+    samples = _two_files()
+    use = ("dense", "lex", "period", "speaker")
+    period, speaker = FEATURES.index("period"), FEATURES.index("speaker")
+    to_a = fusion_fit.fit_listwise(samples, use=use, weights=fusion_fit.file_weights(samples, {"b": 0.1}))
+    to_b = fusion_fit.fit_listwise(samples, use=use, weights=fusion_fit.file_weights(samples, {"b": 10.0}))
+    assert to_a[period] > to_b[period] and to_b[speaker] > to_a[speaker]
+    # unit weights are the unweighted fit
+    plain = fusion_fit.fit_listwise(samples, use=use)
+    np.testing.assert_allclose(fusion_fit.fit_listwise(samples, use=use, weights=np.ones(60)), plain)
+
+
+def test_a_fold_leaves_its_conversation_out_of_every_file():
+    samples = _two_files()
+    assert {s.conversation for s in samples if s.source == "b"} == {s.conversation for s in samples}
+    for held, train in fusion_fit.loco_folds(s.conversation for s in samples):
+        picked = fusion_fit.fold_samples(samples, train, held)
+        assert held not in {s.conversation for s in picked}
+        assert {s.source for s in picked} == {"synthetic", "b"}
+        assert len(picked) == sum(s.conversation != held for s in samples)

@@ -1,0 +1,173 @@
+"""Long turns cut where their topic changes (`passages.SPLIT_MODE = "topic"`, `tasks.topic_split`)
+against today's fixed windows of WINDOW_WORDS words, and against fixed windows of about the topic
+passages' mean size (so a gain from smaller passages is not read as a gain from topic cuts), on the
+robustness files that hold long turns, in one run, with today's hand scoring.
+
+Only a turn of more than SPLIT_WORDS words is split, and no turn of the dev split, `speakers`,
+`padded` or `dated` has that many (checked here: `long_turns` per file), so those files score the
+same under every configuration; each configuration re-prepares `long`, `assistant` and `ontopic`
+(ingest, index, the maintenance chain, in this process, so the module constants set here apply)
+under `--work/split-<config>/`. `fixed` reuses `--work/home-<file>` when present (prepared by
+bench/fusion_cv.py with today's code). Reported per file and configuration: recall at each budget
+(credit per turn, as `memstage eval`), recall with strict credit (bench/robustness.strict_long: the
+packed memory of the turn must hold half the turn's original words, so a packed passage of filler
+earns nothing), the passages made and their mean words, p95 latency.
+
+    python bench/passage_split.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \
+        --out bench/results/passage_split_cpu.json --table bench/results/passage_split_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fusion_cv import BUDGETS, ask, retriever_for  # noqa: E402
+from robustness import strict_long  # noqa: E402
+
+from memstage.tasks import passages  # noqa: E402
+
+FILES = ("long", "assistant", "ontopic")
+TODAY = (passages.SPLIT_MODE, passages.WINDOW_WORDS)  # restored after each preparation
+
+
+def long_turns(path: Path) -> int:
+    """Turns of the file with more than SPLIT_WORDS words (the ones any configuration splits)."""
+    from memstage.tasks.robustness import load_samples, sessions
+
+    return sum(
+        len(str(t.get("text", "")).split()) > passages.SPLIT_WORDS
+        for s in load_samples(path)
+        for n in sessions(s["conversation"])
+        for t in s["conversation"][f"session_{n}"]
+        if isinstance(t, dict)
+    )
+
+
+def passage_stats(home: Path) -> dict[str, Any]:
+    """Passages in the prepared store (level-0 memories with `metadata.passage`) and their mean words."""
+    from memstage.stores.store import MemoryStore
+
+    store = MemoryStore(home)
+    sizes = []
+    for ns in store.namespaces():
+        for m in store.memories(ns, level=0, status="active", current=False).to_pylist():
+            p = passages.passage_source(m["metadata"])
+            if p is not None:
+                sizes.append(len(p["source"].split()))
+    mean = round(sum(sizes) / len(sizes), 1) if sizes else 0.0
+    return {"passages": len(sizes), "mean_words": mean}
+
+
+def configure(mode: str, width: int) -> None:
+    passages.SPLIT_MODE, passages.WINDOW_WORDS = mode, width
+
+
+def home_for(args: argparse.Namespace, config: str, name: str, path: Path) -> Path:
+    from memstage.cli.eval_commands import prepare_store
+
+    reuse = args.work / f"home-{name}"
+    if config == "fixed" and (reuse / "prepared.json").exists():
+        return reuse
+    home = args.work / f"split-{config}" / f"home-{name}"
+    if not (home / "prepared.json").exists():
+        steps = prepare_store(path, home)
+        (home / "prepared.json").write_text(json.dumps({"path": str(path), "steps": steps}))
+    return home
+
+
+def uptime() -> str:
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from memstage.cli.eval_commands import _one_thread
+    from memstage.tasks.evaluate import load_questions
+    from memstage.tasks.robustness import write_variants
+
+    configs = {"fixed": TODAY, "topic": ("topic", TODAY[1]),
+               f"fixed{args.control_width}": ("fixed", args.control_width)}  # fmt: skip
+    result: dict[str, Any] = {
+        "command": "python bench/passage_split.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
+        f"{platform.python_version()}",
+        "uptime_start": uptime(),
+        "configs": {c: {"mode": m, "window_words": w} for c, (m, w) in configs.items()},
+        "split_words": passages.SPLIT_WORDS,
+    }
+    paths = write_variants(args.data, args.work / "variants", ("speakers", "padded", "dated", *FILES), 0)
+    result["long_turns"] = {"dev": long_turns(args.data), **{n: long_turns(p) for n, p in paths.items()}}
+    result["files"] = {name: {} for name in FILES}
+    for config, (mode, width) in configs.items():
+        for name in FILES:
+            configure(mode, width)
+            try:
+                home = home_for(args, config, name, paths[name])
+            finally:
+                configure(*TODAY)
+            _one_thread()
+            retriever = retriever_for(home)
+            got = ask(retriever, load_questions(paths[name]).items, None)
+            got["strict_recall"] = strict_long(home, paths[name], args.data, BUDGETS)
+            got.update(passage_stats(home), home=str(home), uptime=uptime())
+            result["files"][name][config] = got
+            print(name, config, json.dumps(got["recall"]), json.dumps(got["strict_recall"]), got["uptime"],
+                  flush=True)  # fmt: skip
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result["uptime_end"] = uptime()
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Long turns split by topic against fixed windows (`{result['command']}`; {result['machine']}; "
+        f"start: {result['uptime_start']}; end: {result.get('uptime_end', '-')}).",
+        "",
+        f"Turns over {result['split_words']} words per file: " + json.dumps(result["long_turns"]),
+        "",
+        "| file | split | passages | mean words | "
+        + " | ".join(f"@{b}" for b in BUDGETS)
+        + " | strict "
+        + " | strict ".join(f"@{b}" for b in BUDGETS)
+        + " | p95 ms @1000 | load (1/5/15 min) |",
+        "|" + " --- |" * (5 + 2 * len(BUDGETS)),
+    ]
+    for name, per in result["files"].items():
+        for config, r in per.items():
+            load = r["uptime"].split("load average:")[-1].strip()
+            lines.append(
+                f"| {name} | {config} | {r['passages']} | {r['mean_words']} | "
+                + " | ".join(f"{r['recall'][str(b)]:.3f}" for b in BUDGETS)
+                + " | "
+                + " | ".join(f"{r['strict_recall'][str(b)]:.3f}" for b in BUDGETS)
+                + f" | {r['latency_ms']['1000']['p95']:.1f} | {load} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True, help="prepared data directories (kept)")
+    ap.add_argument("--control-width", type=int, default=30, help="fixed windows of about the topic mean")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None)
+    args = ap.parse_args()
+    result = run(args)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    if args.table:
+        args.table.write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
