@@ -113,11 +113,10 @@ class DeviceLevel0:
         self.indices = upload(indices, dev, torch.int32)
         self.indptr = np.asarray(indptr, np.int64)  # slice bounds are read on the host
         self._structure(structure)
-        self._q = torch.zeros(self.dims + len(SCALARS), dtype=dtype, device=dev)
         self._acc = torch.zeros(self.n, dtype=torch.float32, device=dev)
         self._base_out = torch.empty(self.n if self.kernels else 0, dtype=torch.float32, device=dev)
-        self._named = torch.zeros(self.n_speakers + 1, dtype=dtype, device=dev)  # 1.0: named
-        self._in_period = torch.zeros(self.n_days + 1, dtype=torch.bool, device=dev)
+        self._rows_out = torch.empty_like(self._base_out)
+        self._inputs(dtype)
         self._graphs: dict[tuple[Weights, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {}
 
     def _structure(self, structure: dict[str, np.ndarray]) -> None:
@@ -147,36 +146,65 @@ class DeviceLevel0:
         speaker = upload(structure["speaker"], dev, torch.int64)
         self.n_speakers = int(speaker.max()) + 1 if n else 0
         self.speaker_ix = torch.where(speaker >= 0, speaker, self.n_speakers)
-        self.speaker_ix32 = self.speaker_ix.to(torch.int32) if self.runs is not None else None
         days = np.asarray(structure["days"])
         known = days[days != NO_DAY]
         self.day0 = int(known.min()) if len(known) else 0
         self.n_days = int(known.max()) - self.day0 + 1 if len(known) else 0
         ix = np.where(days != NO_DAY, days.astype(np.int64) - self.day0, self.n_days)
         self.day_ix = upload(ix, dev, torch.int64)
+        self.maps = self._row_maps(prev, nxt) if self.runs is not None else None
+
+    def _row_maps(self, prev: torch.Tensor, nxt: torch.Tensor) -> triton_scoring.RowMaps | None:
+        """int32 maps for the row kernels, when every turn is at most PAD_SESSION rows."""
+        size = torch.bincount(self.turn, minlength=self.n_turns)
+        longest = int(size.max()) if self.n else 0
+        if longest > PAD_SESSION:
+            return None
+        start = (torch.cumsum(size, 0) - size)[self.turn]
+        i32 = torch.int32
+        return triton_scoring.RowMaps(
+            *(
+                t.to(i32)
+                for t in (self.session, prev, nxt, start, size[self.turn], self.speaker_ix, self.day_ix)
+            ),
+            turn_width=1 << max(longest - 1, 0).bit_length(),
+        )
+
+    def _inputs(self, dtype: torch.dtype) -> None:
+        """A question's inputs as one buffer on the device, copied from one pinned host buffer in one
+        copy (three pageable copies, each synchronous, before): the query vector and SCALARS (`_q`),
+        1.0 per speaker code named (`_named`), 1.0 per event day in a period (`_in_period`)."""
+        sizes = [self.dims + len(SCALARS), self.n_speakers + 1, self.n_days + 1]
+        self._device_inputs = torch.zeros(sum(sizes), dtype=dtype, device=self.device)
+        self._q, self._named, self._in_period = torch.split(self._device_inputs, sizes)
+        on_card = self.device.type == "cuda"
+        self._staging = torch.zeros(sum(sizes), dtype=dtype, pin_memory=on_card)
+        self._host = self._staging.numpy()
+        self._host_q, self._host_named, self._host_period = np.split(self._host, np.cumsum(sizes)[:-1])
+        self._copied = torch.cuda.Event() if on_card else None  # the last copy out of the staging buffer
 
     # ---- per question -----------------------------------------------------------------------
 
     def _load(self, q: Question, w: Weights) -> None:
         """The question's inputs into the fixed buffers; its BM25 scores into `_acc`."""
-        host = np.zeros(self.dims + len(SCALARS), np.float64)
-        host[: self.dims] = q.qvec
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous question's copy has read the staging buffer
+        self._host[:] = 0.0
+        self._host_q[: self.dims] = q.qvec
         words = 1.0 if q.columns else 0.0  # without a known word the score is the dense z alone
-        host[self.dims :] = [
+        self._host_q[self.dims :] = [
             q.dense_mean,
             1.0 / q.dense_sd if q.dense_sd > 1e-6 else 0.0,
             w.w_dense if words else 1.0,
             (1 - w.w_dense) * words,
             1.0 if len(q.named) == 1 else 0.0,
         ]
-        self._q.copy_(torch.from_numpy(host))
-        named = np.zeros(self.n_speakers + 1)
-        named[[c for c in q.named if 0 <= c < self.n_speakers]] = 1.0
-        self._named.copy_(torch.from_numpy(named))
-        period = np.zeros(self.n_days + 1, bool)
+        self._host_named[[c for c in q.named if 0 <= c < self.n_speakers]] = 1.0
         for lo, hi in q.day_ranges:
-            period[max(lo - self.day0, 0) : max(min(hi - self.day0 + 1, self.n_days), 0)] = True
-        self._in_period.copy_(torch.from_numpy(period))
+            self._host_period[max(lo - self.day0, 0) : max(min(hi - self.day0 + 1, self.n_days), 0)] = 1.0
+        self._device_inputs.copy_(self._staging, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         self._acc.zero_()
         for c in q.columns:  # a column's rows are distinct, so each is added once
             lo, hi = int(self.indptr[c]), int(self.indptr[c + 1])
@@ -252,7 +280,7 @@ class DeviceLevel0:
             try:
                 start, size, longest = self.runs
                 mean, named = triton_scoring.sessions(
-                    scores, start, size, longest, top, self._named, self.speaker_ix32
+                    scores, start, size, longest, top, self._named, self.maps.speaker
                 )
                 return mean[self.session], named[self.session]
             except Exception as exc:  # noqa: BLE001
@@ -260,7 +288,28 @@ class DeviceLevel0:
         named = self._session_any(self._named[self.speaker_ix] > 0).to(self.dtype)
         return self._session_top_mean(scores, top), named
 
+    def _kernel_scores(self, w: Weights) -> torch.Tensor:
+        """`_scores` as four triton kernels: the scan with the base score, the neighbour term, the
+        session statistics, and the remaining terms."""
+        codes, scale, maps = self.vectors.codes, self.vectors.scale, self.maps
+        base = triton_scoring.dense_base(codes, scale, self._q, self._acc, self._base_out)
+        turns = w.turn_neighbour and self.passages
+        with_nb = triton_scoring.neighbours(base, maps, w.neighbour, w.no_neighbour, turns, self._rows_out)
+        start, size, longest = self.runs
+        mean, named = triton_scoring.sessions(
+            with_nb, start, size, longest, w.session_top, self._named, maps.speaker
+        )
+        terms = (w.session, w.speaker_session, w.speaker, w.passage_rest, w.period)
+        rest = bool(w.passage_rest) and self.passages
+        tables = (self._named, self._in_period, self._q)
+        return triton_scoring.finish(with_nb, mean, named, maps, tables, terms, rest, torch.empty_like(base))
+
     def _scores(self, w: Weights) -> torch.Tensor:
+        if self.kernels and self.maps is not None:
+            try:
+                return self._kernel_scores(w)
+            except Exception as exc:  # noqa: BLE001 - a triton that cannot compile here: torch ops
+                self._no_kernels(exc)
         single = self._q[self.dims + SCALARS.index("one_named")]
         base = self._base()
         whole = self._turn_max(base) if w.turn_neighbour else base
@@ -273,7 +322,7 @@ class DeviceLevel0:
         scores = scores + w.speaker * single * self._named[self.speaker_ix]
         if w.passage_rest and self.passages:
             scores = scores + w.passage_rest * (scores < self._turn_max(scores)).to(self.dtype)
-        return scores + w.period * self._in_period[self.day_ix].to(self.dtype)
+        return scores + w.period * self._in_period[self.day_ix]
 
     def _top(self, w: Weights, k: int, out: torch.Tensor) -> None:
         vals, rows = torch.topk(self._scores(w), k)

@@ -17,6 +17,8 @@ host's scoring, and on a card by `tests/gpu/test_device_kernels.py`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:  # an optional dependency: torch's CUDA wheels bring it
@@ -28,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the install
 BM = 64  # rows per program of the scan: the fastest of 16..256 on the H200 (0.998 ms at 10M)
 BK = 128  # embedding dimensions loaded at a time
 BS = 32  # sessions per program of the session statistics
+BR = 256  # rows per program of the row kernels (neighbours, finish)
 
 
 def available() -> bool:
@@ -102,6 +105,91 @@ if triton is not None:
         flag = tl.load(named + who, mask=inside, other=0.0)
         tl.store(any_named + s, tl.max(flag, axis=1), mask=live)
 
+    @triton.jit
+    def _turn_best(values, turn_start, turn_len, at, ok, TURNS: tl.constexpr, TL: tl.constexpr):
+        """Per row of `at` (where `ok`): the best of `values` over that row's turn (TURNS), or its own."""
+        if TURNS:
+            first = tl.load(turn_start + at, mask=ok, other=0).to(tl.int64)
+            count = tl.load(turn_len + at, mask=ok, other=0)
+            offset = tl.arange(0, TL)
+            inside = ok[:, None] & (offset[None, :] < count[:, None])
+            v = tl.load(values + first[:, None] + offset[None, :], mask=inside, other=-float("inf"))
+            return tl.max(v, axis=1)
+        else:
+            return tl.load(values + at, mask=ok, other=0.0)
+
+    @triton.jit
+    def _neighbours(
+        base, prev, nxt, turn_start, turn_len, out, n, neighbour, no_neighbour,
+        TURNS: tl.constexpr, TL: tl.constexpr, BM: tl.constexpr,
+    ):  # fmt: skip
+        """out = base + neighbour * max(best of the previous turn, of the next; no_neighbour if none)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        live = rows < n
+        p = tl.load(prev + rows, mask=live, other=-1)
+        x = tl.load(nxt + rows, mask=live, other=-1)
+        before = tl.where(
+            p >= 0, _turn_best(base, turn_start, turn_len, p, live & (p >= 0), TURNS, TL), no_neighbour
+        )
+        after = tl.where(
+            x >= 0, _turn_best(base, turn_start, turn_len, x, live & (x >= 0), TURNS, TL), no_neighbour
+        )
+        b = tl.load(base + rows, mask=live, other=0.0)
+        tl.store(out + rows, b + neighbour * tl.maximum(before, after), mask=live)
+
+    @triton.jit
+    def _finish(
+        scores, session, top_mean, any_named, speaker, named, turn_start, turn_len, day, in_period, q, out,
+        n, w_session, w_speaker_session, w_speaker, w_rest, w_period,
+        D: tl.constexpr, REST: tl.constexpr, TL: tl.constexpr, BM: tl.constexpr,
+    ):  # fmt: skip
+        """The session, named-speaker, passage-rest and period terms, in `score_rows`' order; a turn's
+        rows are scored together for the rest (a passage below its turn's best), so a row's own score
+        and its turn's best come from the same arithmetic."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        live = rows < n
+        sess = tl.load(session + rows, mask=live, other=0)
+        mean = tl.load(top_mean + sess, mask=live, other=0.0)
+        anyn = tl.load(any_named + sess, mask=live, other=0.0)
+        single = tl.load(q + D + 4).to(tl.float32)
+        if REST:
+            first = tl.load(turn_start + rows, mask=live, other=0).to(tl.int64)
+            count = tl.load(turn_len + rows, mask=live, other=0)
+            offset = tl.arange(0, TL)
+            inside = live[:, None] & (offset[None, :] < count[:, None])
+            at = first[:, None] + offset[None, :]
+            t = tl.load(scores + at, mask=inside, other=0.0)
+            t = t + w_session * mean[:, None]
+            t = t + w_speaker_session * anyn[:, None]
+            t = t + w_speaker * single * tl.load(
+                named + tl.load(speaker + at, mask=inside, other=0), mask=inside, other=0.0
+            )
+            own = tl.sum(tl.where(at == rows[:, None], t, 0.0), axis=1)
+            best = tl.max(tl.where(inside, t, -float("inf")), axis=1)
+            s = own + w_rest * (own < best).to(tl.float32)
+        else:
+            s = tl.load(scores + rows, mask=live, other=0.0)
+            s = s + w_session * mean
+            s = s + w_speaker_session * anyn
+            s = s + w_speaker * single * tl.load(
+                named + tl.load(speaker + rows, mask=live, other=0), mask=live, other=0.0
+            )
+        s = s + w_period * tl.load(in_period + tl.load(day + rows, mask=live, other=0), mask=live, other=0.0)
+        tl.store(out + rows, s, mask=live)
+
+
+class RowMaps(NamedTuple):
+    """Level 0's structure as int32 maps for the row kernels (`gpu.device_scoring` makes them)."""
+
+    session: torch.Tensor  # session code of each row
+    prev: torch.Tensor  # the previous turn's first row, -1 for none
+    next: torch.Tensor
+    turn_start: torch.Tensor  # first row of the row's turn (a long turn's passages are adjacent)
+    turn_len: torch.Tensor
+    speaker: torch.Tensor  # index into the question's named-speaker table (its last entry: none)
+    day: torch.Tensor  # index into the question's in-period table (its last entry: no event day)
+    turn_width: int  # a power of two at least the longest turn
+
 
 def dense_base(
     codes: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, acc: torch.Tensor, out: torch.Tensor
@@ -134,3 +222,37 @@ def sessions(
         scores, start, size, named, speaker_ix, top_mean, any_named, n_sessions, TOP=top, L=width, BS=BS
     )
     return top_mean, any_named
+
+
+def neighbours(
+    base: torch.Tensor, maps: RowMaps, neighbour: float, no_neighbour: float, turns: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """`base` plus the neighbour term (`turns`: a neighbour turn counts by its best passage)."""
+    n = int(base.shape[0])
+    _neighbours[(triton.cdiv(n, BR),)](
+        base, maps.prev, maps.next, maps.turn_start, maps.turn_len, out, n, float(neighbour),
+        float(no_neighbour), TURNS=turns, TL=maps.turn_width, BM=BR,
+    )  # fmt: skip
+    return out
+
+
+def finish(
+    scores: torch.Tensor,
+    top_mean: torch.Tensor,
+    any_named: torch.Tensor,
+    maps: RowMaps,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    terms: tuple[float, float, float, float, float],
+    rest: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The final scores: `tables` are the question's (named, in_period, q) buffers and `terms` the
+    weights (session, speaker_session, speaker, passage_rest, period)."""
+    named, in_period, q = tables
+    n, dims = int(scores.shape[0]), int(q.shape[0]) - 5
+    _finish[(triton.cdiv(n, BR),)](
+        scores, maps.session, top_mean, any_named, maps.speaker, named, maps.turn_start, maps.turn_len,
+        maps.day, in_period, q, out, n, *(float(t) for t in terms), D=dims, REST=rest,
+        TL=maps.turn_width, BM=BR,
+    )  # fmt: skip
+    return out

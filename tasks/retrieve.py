@@ -118,11 +118,14 @@ def pack_sizes(
     packed: list[int] = []
     used, seen, i = 0, set(), 0
     while i < len(sizes):
-        fits = np.flatnonzero(sizes[i : i + PACK_WINDOW] <= budget - used)
-        if len(fits) == 0:
-            i += PACK_WINDOW
-            continue
-        j = i + int(fits[0])
+        if sizes[i] <= budget - used:  # the next row fits: most rows, while the budget is open
+            j = i
+        else:
+            fits = np.flatnonzero(sizes[i + 1 : i + PACK_WINDOW] <= budget - used)
+            if len(fits) == 0:
+                i += PACK_WINDOW
+                continue
+            j = i + 1 + int(fits[0])
         i = j + 1
         k = key(j) if key is not None else None
         if k is not None and k in seen:

@@ -1,5 +1,6 @@
-"""`gpu.triton_scoring`'s kernels score every row as `gpu.device_scoring`'s torch ops do, and the best
-rows come back the same, on a synthetic level 0 (sessions of 1..40 rows, turns split into passages,
+"""`gpu.triton_scoring`'s kernels score every row as `gpu.device_scoring`'s torch ops do (with and
+without the turn terms: a neighbour turn's best passage, a passage below its turn's best), and the
+best rows come back the same, on a synthetic level 0 (sessions of 1..40 rows, turns split into passages,
 speakers, event days). The torch ops themselves are checked against the host's `score_rows` by
 tests/tasks/test_retrieve_index.py.
 
@@ -80,32 +81,33 @@ def questions(seed: int = 1) -> list[Question]:
     return out
 
 
-def weights(top: int = 3) -> device_scoring.Weights:
+def weights(top: int = 3, turns: bool = True) -> device_scoring.Weights:
     return device_scoring.Weights(
         w_dense=0.7,
         neighbour=0.5,
         no_neighbour=-1.0,
         session=0.4,
         session_top=top,
-        turn_neighbour=True,
-        passage_rest=-0.2,
+        turn_neighbour=turns,
+        passage_rest=-0.2 if turns else 0.0,
         speaker=0.6,
         speaker_session=0.3,
         period=0.8,
     )
 
 
-@pytest.mark.parametrize("top", [3, 2])
-def test_kernels_score_every_row_as_the_torch_ops_do(top):
+@pytest.mark.parametrize(("top", "turns"), [(3, True), (2, True), (3, False)])
+def test_kernels_score_every_row_as_the_torch_ops_do(top, turns):
     dev = torch.device("cuda" if ON_CARD else "cpu")
     codes, scale, lexical, structure = level()
     kernels = DeviceLevel0(
         Int8Rows(torch.from_numpy(codes).to(dev), torch.from_numpy(scale).to(dev)), lexical, structure
     )
-    assert kernels.kernels and kernels.runs is not None and kernels.passages
+    assert kernels.kernels and kernels.runs is not None and kernels.maps is not None and kernels.passages
+    assert kernels.maps.turn_width == 4  # turns of up to 3 passages
     ops = DeviceLevel0(device_vectors(codes, scale, dev, torch.float64), lexical, structure, torch.float64)
     assert not ops.kernels and ops.pad is not None
-    w = weights(top)
+    w = weights(top, turns)
     for q in questions():
         got = kernels.score(q, w).double().cpu().numpy()
         want = ops.score(q, w).cpu().numpy()
