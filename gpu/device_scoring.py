@@ -1,14 +1,14 @@
 """Exhaustive scoring of a namespace's level 0 on a torch device: every row scored, per question.
 
-On a CUDA host the level's vectors already sit on the card for the exact dense scan (2 ms for
-10M x 384 fp16 on an H200: bench/results/gpu_search_h200.json). Running the rest of
-`tasks.scoring.score_rows` there too, over all n rows (BM25 as an `index_add_` of the question
-words' posting lists; the neighbour, session, speaker and period passes as elementwise and segment
-ops), leaves the host only the packing of the best rows. The candidate set, its session closure
-and their numpy passes, most of a question's host time at 1M memories (issue 16), go away, and
-the result is the exhaustive scan's. The formulas are `score_rows`' (the reference: a test
-compares both on one namespace with CPU tensors). Its weights come in as `Weights`, so this module
-imports nothing of the project.
+On a CUDA host the level sits on the card and all of `tasks.scoring.score_rows` runs there over
+all n rows: BM25 as an `index_add_` of the question words' posting lists, then the dense scan and
+the neighbour, session, speaker and period passes, as `gpu.triton_scoring`'s four kernels where
+triton is (the int8 codes as stored, int32 maps), else as torch elementwise and segment ops over
+dequantised vectors. The host keeps only the packing of the best rows: the candidate set, its
+session closure and their numpy passes (most of a question's host time at 1M memories, issue 16) go
+away, and the result is the exhaustive scan's. The formulas are `score_rows`' (the reference: a
+test compares the torch ops with it on CPU tensors, another the kernels with the torch ops). Its
+weights come in as `Weights`, so this module imports nothing of the project but `gpu`.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ def device_vectors(
 class DeviceLevel0:
     """One level 0 on a device: vectors, the BM25 matrix (CSC), structure arrays as gather maps, and
     the per-question inputs in fixed buffers. On a card the scoring is one CUDA graph: a question is
-    its inputs copied in and one replay. Launched op by op, its ~60 small kernels cost the H200
-    host 4.8 ms a question at any size (bench/results/scale_h200.json, run 1)."""
+    its inputs copied in and one replay. Launched op by op, its ~60 small torch kernels cost the
+    H200 host 4.8 ms a question at any size (bench/results/scale_h200_opbyop.json)."""
 
     def __init__(
         self,

@@ -1,18 +1,24 @@
-"""Triton kernels for scoring level 0 on a card (`gpu.device_scoring`): the int8 dense scan fused
-with the hybrid base score, and each session's statistics read straight from its rows.
+"""Triton kernels that score level 0 on a card (`gpu.device_scoring`), four a question:
+- `dense_base`: the int8 dense scan fused with the hybrid base score (dense z mixed with BM25 z);
+- `neighbours`: plus the neighbour term, a neighbour turn counted by its best passage;
+- `sessions`: per session, the mean of its best scores and whether a speaker of it is named, read
+  straight from the session's run of rows;
+- `finish`: the session, named-speaker, passage-rest and period terms, a turn's rows together.
+The formulas are `tasks.scoring.score_rows`' (through the torch ops of `gpu.device_scoring`, which
+`tests/gpu/test_device_kernels.py` compares them with).
 
-Measured on an H200 at 10M x 384 (bench/results/device_kernels_h200.json, `.gpu` probe, one query):
-- the dense scan over the stored int8 codes and their per-row scale, 1.0 ms, against 1.77 ms for a
-  cuBLAS fp16 matvec over the dequantised vectors (3.8 GB read instead of 7.7 GB, and half the card
-  memory); `torch._int_mm` took 2.0 ms and needs the question quantised too;
-- a session's best three scores by three max passes over a [sessions x longest] grid, 0.8 ms, against
-  1.58 ms for `torch.topk` along rows (the grid itself cost a gather of every row besides).
-Here a program takes BS sessions, loads each one's rows (sessions are runs of adjacent rows) and
-takes the `top` best by max passes in registers: one read of the scores, no grid in memory.
+Why kernels (H200, 10M x 384, one query; `bench/device_kernels.py`, bench/results/device_kernels_h200.json):
+- the scan reads the stored int8 codes and their per-row scale: 1.09 ms in a CUDA graph, against
+  1.77 ms for a cuBLAS fp16 matvec over dequantised vectors (3.8 GB read instead of 7.7 GB, and half
+  the card memory); `torch._int_mm` took 2.0 ms and needs the question quantised too;
+- a session's best three by max passes, 0.79 ms over a padded grid against 1.61 ms for `torch.topk`
+  along rows; the kernel takes them in registers from the rows themselves, with no grid;
+- the torch passes were ~40 launches over every row; the row kernels read each map once.
+Together a 10M-memory question went from 10.3 to 5.7 ms p95 (bench/results/scale_h200.json).
 
 Without triton (CPU hosts, CI) `available()` is False and `gpu.device_scoring` runs its torch ops.
-Under TRITON_INTERPRET=1 the kernels run on CPU tensors: tests check them that way against the
-host's scoring, and on a card by `tests/gpu/test_device_kernels.py`.
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors: the test checks them that way here, and on
+a card in a lease.
 """
 
 from __future__ import annotations
