@@ -7,6 +7,7 @@ per temporary data directory, so tests that make many stores stay fast.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import pytest
 os.environ.setdefault("MEMSTAGE_MODELS", str(Path.home() / ".cache" / "memstage-models"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a CUDA card, triton's kernels (gpu/triton_scoring.py) run on CPU tensors under its interpreter,
+# which is chosen when a kernel is defined: before anything imports memstage.gpu.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 LOCOMO = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"

@@ -4,9 +4,8 @@ best rows come back the same, on a synthetic level 0 (sessions of 1..40 rows, tu
 speakers, event days). The torch ops themselves are checked against the host's `score_rows` by
 tests/tasks/test_retrieve_index.py.
 
-Runs on a CUDA card with triton, or on the CPU under triton's interpreter:
-    TRITON_INTERPRET=1 python -m pytest tests/gpu/test_device_kernels.py
-Skipped elsewhere (CI installs no triton: it is a CUDA-only dependency of torch's GPU wheels).
+Runs on a CUDA card with triton, or on the CPU under triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 where no card is; the test extras install triton). Skipped without triton.
 """
 
 from __future__ import annotations
