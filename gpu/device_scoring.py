@@ -102,7 +102,8 @@ class DeviceLevel0:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         """`vectors`: float rows, scanned by a matmul; or `Int8Rows`, scanned by `triton_scoring`'s
-        kernels (which then take the session pass too) when triton is there, else chunk by chunk."""
+        kernel when triton is there (with every pass, when sessions are at most PAD_SESSION rows),
+        else chunk by chunk."""
         rows = vectors.codes if isinstance(vectors, Int8Rows) else vectors
         dev = rows.device
         self.device, self.dtype, self.vectors = dev, dtype, vectors
@@ -154,12 +155,11 @@ class DeviceLevel0:
         self.day_ix = upload(ix, dev, torch.int64)
         self.maps = self._row_maps(prev, nxt) if self.runs is not None else None
 
-    def _row_maps(self, prev: torch.Tensor, nxt: torch.Tensor) -> triton_scoring.RowMaps | None:
-        """int32 maps for the row kernels, when every turn is at most PAD_SESSION rows."""
+    def _row_maps(self, prev: torch.Tensor, nxt: torch.Tensor) -> triton_scoring.RowMaps:
+        """int32 maps for the row kernels (a turn lies in one session, so it is at most PAD_SESSION
+        rows where sessions are)."""
         size = torch.bincount(self.turn, minlength=self.n_turns)
         longest = int(size.max()) if self.n else 0
-        if longest > PAD_SESSION:
-            return None
         start = (torch.cumsum(size, 0) - size)[self.turn]
         i32 = torch.int32
         return triton_scoring.RowMaps(
@@ -275,16 +275,7 @@ class DeviceLevel0:
 
     def _session_passes(self, scores: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the mean of its session's `top` best scores, and 1.0 where a speaker of its
-        session is named by the question."""
-        if self.runs is not None and self.kernels:
-            try:
-                start, size, longest = self.runs
-                mean, named = triton_scoring.sessions(
-                    scores, start, size, longest, top, self._named, self.maps.speaker
-                )
-                return mean[self.session], named[self.session]
-            except Exception as exc:  # noqa: BLE001
-                self._no_kernels(exc)
+        session is named by the question (torch ops: `_kernel_scores` has its own kernel)."""
         named = self._session_any(self._named[self.speaker_ix] > 0).to(self.dtype)
         return self._session_top_mean(scores, top), named
 
