@@ -8,7 +8,9 @@ of 30): a cuBLAS fp16 matvec over the dequantised vectors (the baseline: what de
 before), `torch._int_mm` with the query quantised (two layouts), and `gpu.triton_scoring`'s scan
 kernel at several block shapes, alone and inside a CUDA graph, with its largest error against
 float32; then a session's best three of a [rows/21 x 43] grid by `torch.topk`, by three max passes
-and by a sort. Prints JSON.
+and by a sort. With --level: a synthetic level 0 of that many rows (shaped like bench/scale.py's 10M
+replica) scored whole, each kernel's card time per question (torch.profiler) and a whole question's
+time at k = 4096 and 1024. Prints JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -103,20 +106,173 @@ def session_top3(n: int) -> dict[str, object]:
     }
 
 
+def synthetic_level(n: int, seed: int = 0):
+    """A level 0 of n rows shaped like bench/scale.py's 10M replica: sessions of 1..43 one-row turns,
+    2,400 speakers, event days over three years, a BM25 matrix of 5,000 words and ~2 words a row."""
+    import numpy as np
+
+    from memstage.gpu.device_scoring import DeviceLevel0, Int8Rows
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 44, n // 20 + 1)
+    session = np.repeat(np.arange(len(sizes)), sizes)[:n]
+    first = np.r_[True, session[1:] != session[:-1]]
+    last = np.r_[session[1:] != session[:-1], True]
+    rows = np.arange(n)
+    prev, nxt = np.where(first, -1, rows - 1), np.where(last, -1, rows + 1)
+    speaker = rng.integers(0, 2400, n)
+    days = (19000 + rng.integers(0, 1100, len(sizes)))[session].astype(np.int32)
+    cols = np.sort(rng.zipf(1.3, 2 * n) % 5000)
+    hits = rng.integers(0, n, 2 * n)
+    order = np.lexsort((hits, cols))
+    cols, hits = cols[order], hits[order]
+    keep = np.r_[True, (cols[1:] != cols[:-1]) | (hits[1:] != hits[:-1])]
+    cols, hits = cols[keep], hits[keep]
+    indptr = np.r_[0, np.cumsum(np.bincount(cols, minlength=5000))]
+    data = rng.random(len(hits)).astype(np.float32) * 3
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: under TRITON_INTERPRET
+    codes = torch.randint(-127, 128, (n, DIMS), dtype=torch.int8, device=dev)
+    scale = torch.rand(n, device=dev) * 0.01 + 0.001
+    structure = {"prev": prev, "next": nxt, "session": session, "speaker": speaker, "days": days}
+    return DeviceLevel0(Int8Rows(codes, scale), (data, hits.astype(np.int32), indptr), structure)
+
+
+def session_forms(level, w) -> dict[str, object]:
+    """The session kernel (argmax per pass) at several block shapes, against the same statistics by
+    max, count and mask per pass (no argmax: the sum of the best `top` is the same)."""
+    import triton
+    import triton.language as tl
+
+    from memstage.gpu import triton_scoring as ts
+
+    @triton.jit
+    def by_counts(
+        scores, start, size, top_mean, n_sessions, TOP: tl.constexpr, L: tl.constexpr, BS: tl.constexpr
+    ):
+        s = tl.program_id(0) * BS + tl.arange(0, BS)
+        live = s < n_sessions
+        first = tl.load(start + s, mask=live, other=0).to(tl.int64)
+        count = tl.load(size + s, mask=live, other=0)
+        offset = tl.arange(0, L)
+        inside = offset[None, :] < count[:, None]
+        v = tl.load(scores + first[:, None] + offset[None, :], mask=inside, other=-float("inf"))
+        total = tl.zeros((BS,), dtype=tl.float32)
+        need = tl.zeros((BS,), dtype=tl.float32) + TOP
+        for _ in tl.static_range(TOP):
+            best = tl.max(v, axis=1)
+            ties = tl.sum((v == best[:, None]).to(tl.float32), axis=1)
+            took = tl.minimum(ties, need)
+            total += tl.where(best > -float("inf"), took * best, 0.0)
+            need -= took
+            v = tl.where(v == best[:, None], -float("inf"), v)
+        kept = tl.maximum(tl.minimum(count, TOP), 1).to(tl.float32)
+        tl.store(top_mean + s, total / kept, mask=live)
+
+    start, size, longest = level.runs
+    scores = torch.randn(level.n, device=level.device)
+    out: dict[str, object] = {}
+    for bs in (8, 16, 32, 64):
+        for warps in (1, 4):
+            mean = torch.empty(level.n_sessions, device=level.device)
+            anyn = torch.empty_like(mean)
+            grid = (triton.cdiv(level.n_sessions, bs),)
+
+            def argmax_form(bs=bs, warps=warps, grid=grid, mean=mean, anyn=anyn):
+                ts._sessions[grid](
+                    scores, start, size, level._named, level.maps.speaker, mean, anyn, level.n_sessions,
+                    TOP=w.session_top, L=64, BS=bs, num_warps=warps,
+                )  # fmt: skip
+
+            def count_form(bs=bs, warps=warps, grid=grid, mean=mean):
+                by_counts[grid](
+                    scores,
+                    start,
+                    size,
+                    mean,
+                    level.n_sessions,
+                    TOP=w.session_top,
+                    L=64,
+                    BS=bs,
+                    num_warps=warps,
+                )
+
+            out[f"argmax_bs{bs}_w{warps}"] = timed(argmax_form)
+            out[f"counts_bs{bs}_w{warps}"] = timed(count_form)
+    want, _ = ts.sessions(scores, start, size, longest, w.session_top, level._named, level.maps.speaker)
+    got = torch.empty_like(want)
+    by_counts[(triton.cdiv(level.n_sessions, 32),)](
+        scores, start, size, got, level.n_sessions, TOP=w.session_top, L=64, BS=32
+    )
+    out["counts_max_diff"] = float((got - want).abs().max())
+    return out
+
+
+def level_breakdown(n: int) -> dict[str, object]:
+    """Each kernel's card time in one question's scoring (torch.profiler over op-by-op calls), and
+    a whole question (`top`: inputs in, graph replay, best rows back) at k = 4096 and 1024."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from memstage.gpu.device_scoring import Question, Weights
+
+    level = synthetic_level(n)
+    rng = np.random.default_rng(1)
+    w = Weights(0.7, 0.5, -1.0, 0.4, 3, True, -0.2, 0.6, 0.3, 0.8)
+    questions = []
+    for i in range(40):
+        v = rng.normal(size=DIMS)
+        words = tuple(int(c) for c in rng.choice(200, 6, replace=False))
+        q = Question(v / np.linalg.norm(v), 0.01, 0.05, words, (i % 2400,), ((19100, 19130),))
+        questions.append(q)
+    out: dict[str, object] = {"rows": n, "sessions": level.n_sessions, "kernels": level.kernels}
+    for k in (4096, 2048, 1024, 512):
+        for q in questions[:3]:
+            level.top(q, w, k)
+        torch.cuda.synchronize()
+        times = []
+        for q in questions:
+            start = time.perf_counter()
+            level.top(q, w, k)
+            times.append((time.perf_counter() - start) * 1000)
+        out[f"top_k{k}_ms"] = {
+            "p50": round(float(np.median(times)), 3),
+            "p95": round(float(np.percentile(times, 95)), 3),
+        }
+    buf = torch.empty((2, 4096), dtype=torch.float64, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for q in questions[:20]:
+            level._load(q, w)
+            level._top(w, 4096, buf)
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+            kernels[e.key[:90]] = round(e.self_device_time_total / 20 / 1000, 4)
+    out["card_ms_per_question"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:20])
+    out["card_ms_total"] = round(sum(kernels.values()), 3)
+    for k in (4096, 1024):  # the graph alone, without the inputs' copy in and the rows' copy back
+        graph, _ = level._graphs[(w, k)]
+        out[f"graph_replay_k{k}"] = timed(graph.replay)
+    out["sessions"] = session_forms(level, w)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--level", action="store_true", help="a synthetic level 0 scored whole: each kernel's card time"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA card here: nothing to measure", file=sys.stderr)
         return 2
-    report = {
-        "rows": args.rows,
-        "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
-        **scans(args.rows),
-        **session_top3(args.rows),
-    }
+    report = {"rows": args.rows, "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}"}
+    if args.level:
+        report["level"] = level_breakdown(args.rows)
+    else:
+        report.update(**scans(args.rows), **session_top3(args.rows))
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.write_text(text)

@@ -57,7 +57,7 @@ def host_steps(retriever, ns, name: str, questions: list, qvecs, inputs: list) -
     from memstage.tasks.retrieve import pack_sizes, search_text
     from memstage.tasks.scoring import scored_words
 
-    w, k, level = scoring_device.weights(), min(scoring_device.K_DEVICE, ns.n), ns.levels[0]
+    w, k, level = scoring_device.weights(), min(scoring_device.rows_for(1000), ns.n), ns.levels[0]
     texts = level.column("text")
     one = [(q,) for q in questions]
     tops = [ns.device.top(i, w, k) for i in inputs]
@@ -123,7 +123,7 @@ def main() -> int:
     if ns.device is None:
         print("level 0 is not on a device here (no CUDA, or MEMSTAGE_DEVICE_SCORING=off)", file=sys.stderr)
         return 2
-    dl, w, k = ns.device, scoring_device.weights(), min(scoring_device.K_DEVICE, ns.n)
+    dl, w, k = ns.device, scoring_device.weights(), min(scoring_device.rows_for(1000), ns.n)
     questions = [q.question for q in load_questions(args.data).items if q.namespace == args.planted]
     searched = [search_text(ns, q) for q in questions]
     qvecs = encoder.encode(searched)

@@ -12,7 +12,8 @@ Why kernels (H200, 10M x 384, one query; `bench/device_kernels.py`, bench/result
   1.77 ms for a cuBLAS fp16 matvec over dequantised vectors (3.8 GB read instead of 7.7 GB, and half
   the card memory); `torch._int_mm` took 2.0 ms and needs the question quantised too;
 - a session's best three by max passes, 0.79 ms over a padded grid against 1.61 ms for `torch.topk`
-  along rows; the kernel takes them in registers from the rows themselves, with no grid;
+  along rows; the kernel takes them in registers from the rows themselves, with no grid, by max,
+  count and mask per pass (0.10 ms at 10M rows; an argmax per pass took 0.17-0.72 ms);
 - the torch passes were ~40 launches over every row; the row kernels read each map once.
 Together a 10M-memory question went from 10.3 to 5.7 ms p95 (bench/results/scale_h200.json).
 
@@ -35,7 +36,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BM = 64  # rows per program of the scan: the fastest of 16..256 on the H200 (0.998 ms at 10M)
 BK = 128  # embedding dimensions loaded at a time
-BS = 32  # sessions per program of the session statistics
+# sessions per program of the session statistics (one warp): at 10M rows, 0.10 ms against 0.67 for
+# 32 sessions on four warps taking an argmax per pass (bench/results/device_level_h200.json)
+BS = 16
 BR = 256  # rows per program of the row kernels (neighbours, finish)
 
 
@@ -89,8 +92,8 @@ if triton is not None:
         L: tl.constexpr,
         BS: tl.constexpr,
     ):
-        """Per session: the mean of its TOP best scores (of fewer when shorter; a tie taken once per
-        pass, so the sum is numpy's) and whether any of its rows' speakers is named."""
+        """Per session: the mean of its TOP best scores (of fewer when shorter; equal scores counted
+        one by one, as numpy's sort does) and whether any of its rows' speakers is named."""
         s = tl.program_id(0) * BS + tl.arange(0, BS)
         live = s < n_sessions
         first = tl.load(start + s, mask=live, other=0).to(tl.int64)
@@ -100,11 +103,13 @@ if triton is not None:
         rows = first[:, None] + offset[None, :]
         v = tl.load(scores + rows, mask=inside, other=-float("inf"))
         total = tl.zeros((BS,), dtype=tl.float32)
-        for _ in tl.static_range(TOP):
+        need = tl.zeros((BS,), dtype=tl.float32) + TOP
+        for _ in tl.static_range(TOP):  # the best left, as many times as it occurs and is still needed
             best = tl.max(v, axis=1)
-            total += tl.where(best > -float("inf"), best, 0.0)
-            at = tl.argmax(v, axis=1)
-            v = tl.where(offset[None, :] == at[:, None], -float("inf"), v)
+            took = tl.minimum(tl.sum((v == best[:, None]).to(tl.float32), axis=1), need)
+            total += took * tl.where(best > -float("inf"), best, 0.0)  # a short session's -inf adds 0
+            need -= took
+            v = tl.where(v == best[:, None], -float("inf"), v)
         kept = tl.maximum(tl.minimum(count, TOP), 1).to(tl.float32)
         tl.store(top_mean + s, total / kept, mask=live)
         who = tl.load(speaker_ix + rows, mask=inside, other=0)
@@ -225,8 +230,9 @@ def sessions(
     any_named = torch.empty(n_sessions, dtype=torch.float32, device=scores.device)
     width = max(triton.next_power_of_2(max(longest, 1)), 2)
     _sessions[(triton.cdiv(n_sessions, BS),)](
-        scores, start, size, named, speaker_ix, top_mean, any_named, n_sessions, TOP=top, L=width, BS=BS
-    )
+        scores, start, size, named, speaker_ix, top_mean, any_named, n_sessions, TOP=top, L=width, BS=BS,
+        num_warps=1,
+    )  # fmt: skip
     return top_mean, any_named
 
 

@@ -8,7 +8,7 @@ hierarchy indexes and closes them under sessions; `tasks.scoring` scores them (h
 z-normalised over the whole namespace, neighbour and session passes, question cues). Memories are
 then packed in score order while they fit the budget (counted with the generator's tokenizer); exact
 duplicates are skipped. Where level 0 sits on a CUDA card (`tasks.scoring_device`), every level-0
-row is scored there instead, and the best K_DEVICE come back for packing. `exhaustive=True` scores
+row is scored there instead, and the best `rows_for(budget)` come back for packing. `exhaustive=True` scores
 every level-0 row instead (the reference the index path is measured against: `memstage eval locomo`
 reports both). With `levels` asking for levels >= 1, the consolidate stage's nodes compete for the
 budget too, by their hybrid score. `as_of` (when the question is asked): memories whose event time
@@ -206,10 +206,13 @@ class Retriever:
         levels: tuple[int, ...] | None = None,
         as_of: datetime | None = None,
         qvec: np.ndarray | None = None,
+        budget: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(levels, rows, scores), best first: scored level-0 rows, and nodes of `levels` >= 1 when
         asked; with `as_of`, only memories known then. `qvec`: the embedding of
-        `search_text(ns, question)` (`searched`), when the caller already made it (serve's batches do)."""
+        `search_text(ns, question)` (`searched`), when the caller already made it (serve's batches do).
+        `budget`: the tokens the rows will be packed into (level 0 scored on a device sends back
+        `scoring_device.rows_for(budget)` rows)."""
         if ns.n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         searched = search_text(ns, question)
@@ -229,7 +232,7 @@ class Retriever:
         }
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []
         if levels is None or 0 in levels:
-            parts.append((0, *self._level0(ns, queries, qvec, (words, scored), question, as_of)))
+            parts.append((0, *self._level0(ns, queries, qvec, (words, scored), question, as_of, budget)))
         for lvl in sorted(set(levels or ()) - {0}):
             if lvl in ns.levels:
                 level = ns.levels[lvl]
@@ -262,12 +265,14 @@ class Retriever:
         words: tuple[list[str], list[str]],
         question: str,
         as_of: datetime | None,
+        budget: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Level-0 rows and their scores: every row on the device, when level 0 is there; else every
         row (`exhaustive`) or the indexes' candidates, scored on the host. `words`: (all, scored)."""
         if ns.device is not None:
             self.last_figures = {"scored": ns.n, "device": 1}
-            return scoring_device.top_rows(ns, qvec, words[1], question, as_of_day(as_of))
+            k = scoring_device.rows_for(budget)
+            return scoring_device.top_rows(ns, qvec, words[1], question, as_of_day(as_of), k)
         if self.exhaustive:
             rows, self.last_figures = np.arange(ns.n), {"scored": ns.n}
         else:
@@ -311,7 +316,7 @@ class Retriever:
         start = time.perf_counter()
         ns = self.load(namespace)
         texts = {lvl: level.column("text") for lvl, level in ns.levels.items()}
-        lv, rows, scores = self.ranked(ns, question, levels, as_of, qvec)
+        lv, rows, scores = self.ranked(ns, question, levels, as_of, qvec, budget)
         sizes = np.zeros(len(rows), np.int64)
         for lvl in np.unique(lv).tolist():
             sizes[lv == lvl] = ns.levels[lvl].tokens[rows[lv == lvl]]

@@ -116,3 +116,21 @@ def test_kernels_score_every_row_as_the_torch_ops_do(top, turns):
         assert len(set(rows.tolist())) == 25 and np.all(np.diff(vals) <= 0)
         assert want[rows].min() >= np.sort(want)[-25] - 2e-4
         np.testing.assert_allclose(vals, want[rows], rtol=0, atol=2e-4)
+
+
+def test_session_kernel_counts_equal_scores_as_a_sort_does():
+    """Ties and short sessions: the mean of the best `top` is what sorting each session gives."""
+    dev = torch.device("cuda" if ON_CARD else "cpu")
+    sessions = [[5.0, 5.0, 5.0, 1.0], [2.0, 2.0], [7.0, 3.0, 3.0, 3.0, 1.0], [4.0], [-1.0, -1.0, 0.5, 0.5]]
+    scores = torch.tensor([x for s in sessions for x in s], device=dev)
+    size = torch.tensor([len(s) for s in sessions], dtype=torch.int32, device=dev)
+    start = torch.cumsum(size.long(), 0) - size.long()
+    speakers = [[0, 1, 1, 0], [2, 2], [2, 2, 1, 0, 2], [2], [2, 2, 2, 1]]
+    speaker = torch.tensor([x for s in speakers for x in s], dtype=torch.int32, device=dev)
+    assert speaker.shape == scores.shape
+    named = torch.tensor([0.0, 1.0, 0.0], device=dev)  # speaker 1 is named
+    for top in (1, 2, 3, 4):
+        mean, any_named = triton_scoring.sessions(scores, start, size, 5, top, named, speaker)
+        want = [np.mean(sorted(s, reverse=True)[:top]) for s in sessions]
+        np.testing.assert_allclose(mean.cpu().numpy(), want, rtol=0, atol=1e-6)
+        assert any_named.cpu().tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
