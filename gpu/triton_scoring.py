@@ -36,8 +36,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BM = 64  # rows per program of the scan: the fastest of 16..256 on the H200 (0.998 ms at 10M)
 BK = 128  # embedding dimensions loaded at a time
-# sessions per program of the session statistics (one warp): at 10M rows, 0.10 ms against 0.67 for
-# 32 sessions on four warps taking an argmax per pass (bench/results/device_level_h200.json)
+# sessions per program of the session statistics, on one warp: 0.14 ms of card time at 10M rows
+# against 0.65 ms for 32 sessions on four warps taking an argmax per pass (max, count and mask alone:
+# 0.10 ms at 16 on one warp, 0.25 ms at 32 on four; bench/results/device_level_h200.json)
 BS = 16
 BR = 256  # rows per program of the row kernels (neighbours, finish)
 
