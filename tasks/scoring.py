@@ -28,7 +28,8 @@ they are, and lower recall@1000 on the `speakers` and `assistant` variants: not 
 (`bench/fusion_cv.py`, `bench/fusion_hand_grid.py`, results in bench/results/fusion_*_cpu.json).
 Fitted on dev and every variant pooled, each file one weight (`bench/fusion_weighted.py`), LOCO
 recall@1000 minus these constants: dev -0.004, speakers -0.011 (the user/assistant files weighed 3x:
--0.007, -0.010): not kept either (bench/results/fusion_weighted_cpu.md).
+-0.007, -0.010; `speakers` weighed 3x: -0.004, -0.010): not kept either
+(bench/results/fusion_weighted_cpu.md, fusion_weighted_speakers_cpu.md).
 """
 
 from __future__ import annotations
