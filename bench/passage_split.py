@@ -70,14 +70,27 @@ def configure(mode: str, width: int) -> None:
 
 
 def home_for(args: argparse.Namespace, config: str, name: str, path: Path) -> Path:
+    """The prepared data directory of `config` on file `name` (prepared now when missing). With
+    `args.no_merge` the consolidate stage merges no near-duplicates (its threshold set above any
+    cosine): the variants reuse filler text, so passages that repeat each other are merged, fewer
+    distractors are left, and the survivor credits every turn it merged; this shows how much of a
+    configuration's figure comes from that."""
     from memstage.cli.eval_commands import prepare_store
+    from memstage.tasks import consolidate
 
+    no_merge = getattr(args, "no_merge", False)
     reuse = args.work / f"home-{name}"
-    if config == "fixed" and (reuse / "prepared.json").exists():
+    if config == "fixed" and not no_merge and (reuse / "prepared.json").exists():
         return reuse
-    home = args.work / f"split-{config}" / f"home-{name}"
+    home = args.work / f"split-{config}{'-nomerge' if no_merge else ''}" / f"home-{name}"
     if not (home / "prepared.json").exists():
-        steps = prepare_store(path, home)
+        defaults = dict(consolidate.run_consolidate.__kwdefaults__)
+        if no_merge:
+            consolidate.run_consolidate.__kwdefaults__["dup_threshold"] = 2.0
+        try:
+            steps = prepare_store(path, home)
+        finally:
+            consolidate.run_consolidate.__kwdefaults__.update(defaults)
         (home / "prepared.json").write_text(json.dumps({"path": str(path), "steps": steps}))
     return home
 
@@ -95,19 +108,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     configs = {"fixed": TODAY, "topic": ("topic", TODAY[1]),
                f"fixed{args.control_width}": ("fixed", args.control_width)}  # fmt: skip
+    files_of = {c: tuple(args.files) for c in configs}
+    files_of[f"fixed{args.control_width}"] = tuple(args.control_files)
+    if args.configs:  # a run of some configurations only (recall is deterministic; latency is per run)
+        configs = {c: v for c, v in configs.items() if c in args.configs}
     result: dict[str, Any] = {
         "command": "python bench/passage_split.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
         f"{platform.python_version()}",
         "uptime_start": uptime(),
-        "configs": {c: {"mode": m, "window_words": w} for c, (m, w) in configs.items()},
+        "configs": {c: {"mode": m, "window_words": w, "files": files_of[c]} for c, (m, w) in configs.items()},
         "split_words": passages.SPLIT_WORDS,
     }
     paths = write_variants(args.data, args.work / "variants", ("speakers", "padded", "dated", *FILES), 0)
     result["long_turns"] = {"dev": long_turns(args.data), **{n: long_turns(p) for n, p in paths.items()}}
-    result["files"] = {name: {} for name in FILES}
+    result["files"] = {name: {} for name in args.files}
+    result["no_merge"] = args.no_merge
     for config, (mode, width) in configs.items():
-        for name in FILES:
+        for name in files_of[config]:
             configure(mode, width)
             try:
                 home = home_for(args, config, name, paths[name])
@@ -138,7 +156,7 @@ def markdown(result: dict[str, Any]) -> str:
         + " | strict "
         + " | strict ".join(f"@{b}" for b in BUDGETS)
         + " | p95 ms @1000 | load (1/5/15 min) |",
-        "|" + " --- |" * (5 + 2 * len(BUDGETS)),
+        "|" + " --- |" * (6 + 2 * len(BUDGETS)),
     ]
     for name, per in result["files"].items():
         for config, r in per.items():
@@ -158,6 +176,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True, help="prepared data directories (kept)")
     ap.add_argument("--control-width", type=int, default=30, help="fixed windows of about the topic mean")
+    ap.add_argument("--configs", nargs="+", default=None, help="run only these (fixed, topic, fixedW)")
+    ap.add_argument("--files", nargs="+", default=list(FILES), choices=FILES)
+    ap.add_argument("--no-merge", action="store_true", help="consolidate merges no near-duplicates")
+    ap.add_argument("--control-files", nargs="+", default=list(FILES), choices=FILES)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--table", type=Path, default=None)
     args = ap.parse_args()
