@@ -1,20 +1,27 @@
-"""Long turns cut where their topic changes (`passages.SPLIT_MODE = "topic"`, `tasks.topic_split`)
-against today's fixed windows of WINDOW_WORDS words, and against fixed windows of about the topic
-passages' mean size (so a gain from smaller passages is not read as a gain from topic cuts), on the
-robustness files that hold long turns, in one run, with today's hand scoring.
+"""Long turns cut where their topic changes (`passages.SPLIT_MODE = "topic"`, `tasks.topic_split`,
+the default since this bench) against fixed windows of WINDOW_WORDS words (the default before) and
+fixed windows of about the topic passages' mean size (so a gain from smaller passages is not read as
+a gain from topic cuts), on the robustness files that hold long turns, with today's hand scoring.
 
 Only a turn of more than SPLIT_WORDS words is split, and no turn of the dev split, `speakers`,
 `padded` or `dated` has that many (checked here: `long_turns` per file), so those files score the
 same under every configuration; each configuration re-prepares `long`, `assistant` and `ontopic`
 (ingest, index, the maintenance chain, in this process, so the module constants set here apply)
-under `--work/split-<config>/`. `fixed` reuses `--work/home-<file>` when present (prepared by
-bench/fusion_cv.py with today's code). Reported per file and configuration: recall at each budget
-(credit per turn, as `memstage eval`), recall with strict credit (bench/robustness.strict_long: the
-packed memory of the turn must hold half the turn's original words, so a packed passage of filler
-earns nothing), the passages made and their mean words, p95 latency.
+under `--work/split-<config>/`. (The run in passage_split_cpu.json, made before "topic" became the
+default, took `fixed` from `--work/home-<file>`, prepared by bench/fusion_weighted.py with the fixed
+windows of the time; each entry names its `home`.) Reported per file and configuration: recall at
+each budget (credit per turn, as `memstage eval`), recall with strict credit
+(bench/robustness.strict_long: the packed memory of the turn must hold half the turn's original
+words, so a packed passage of filler earns nothing), the active passages and their mean words, p95.
 
     python bench/passage_split.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \
+        --control-width 45 --control-files long \
         --out bench/results/passage_split_cpu.json --table bench/results/passage_split_cpu.md
+    # the same-size control on the other two files, and the runs without near-duplicate merging:
+    python bench/passage_split.py ... --configs fixed45 --control-width 45 \
+        --control-files assistant ontopic --out bench/results/passage_split_control_cpu.json ...
+    python bench/passage_split.py ... --no-merge --files long --configs fixed topic \
+        --out bench/results/passage_split_nomerge_cpu.json ...
 """
 
 from __future__ import annotations
@@ -79,9 +86,6 @@ def home_for(args: argparse.Namespace, config: str, name: str, path: Path) -> Pa
     from memstage.tasks import consolidate
 
     no_merge = getattr(args, "no_merge", False)
-    reuse = args.work / f"home-{name}"
-    if config == "fixed" and not no_merge and (reuse / "prepared.json").exists():
-        return reuse
     home = args.work / f"split-{config}{'-nomerge' if no_merge else ''}" / f"home-{name}"
     if not (home / "prepared.json").exists():
         defaults = dict(consolidate.run_consolidate.__kwdefaults__)
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from memstage.tasks.evaluate import load_questions
     from memstage.tasks.robustness import write_variants
 
-    configs = {"fixed": TODAY, "topic": ("topic", TODAY[1]),
+    configs = {"fixed": ("fixed", TODAY[1]), "topic": ("topic", TODAY[1]),
                f"fixed{args.control_width}": ("fixed", args.control_width)}  # fmt: skip
     files_of = {c: tuple(args.files) for c in configs}
     files_of[f"fixed{args.control_width}"] = tuple(args.control_files)

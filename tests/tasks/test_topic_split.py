@@ -1,6 +1,6 @@
 """Topic windows: cuts fall where consecutive sentences' topic changes (a real MiniLM encoder), no word
 is lost or repeated, passages keep to the size bounds, and the compress stage splits a long turn by
-topic only when `passages.SPLIT_MODE` is "topic" and it is given the encoder."""
+topic (the default) with the encoder the maintain flow gives it, and by fixed windows without one."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from stage_data import load
 
 from memstage.tasks import passages
-from memstage.tasks.compress import run_compress
 from memstage.tasks.passages import _pieces, turn_of, windows
+from memstage.tasks.registry import StageTools, get_stage
 from memstage.tasks.topic_split import cuts, gap_similarity, topic_windows
 
 GARDEN = [
@@ -63,18 +63,21 @@ def test_topic_windows_cut_where_the_topic_changes(encoder):
     assert " ".join(CHESS) not in fixed
 
 
-def test_compress_splits_by_topic_only_when_asked(store, encoder, token_counter, monkeypatch):
+def test_the_compress_stage_splits_by_topic_with_its_encoder(store, encoder, token_counter, monkeypatch):
     body = " ".join(GARDEN + CHESS + SAILING)
     assert len(body.split()) > passages.SPLIT_WORDS
     turns = [("s1", "user", "How was your week?", "2023-05-01T10:00:00Z")]
     turns += [("s1", "assistant", body, "2023-05-01T10:01:00Z")]
     load(store, "t", turns, token_counter.count_many)
-    monkeypatch.setattr(passages, "SPLIT_MODE", "topic")
-    run_compress(store, "t", count_tokens=token_counter.count_many, embed=encoder.encode)
+    assert passages.SPLIT_MODE == "topic"  # the default
+    tools = StageTools(embed=encoder.encode, count_tokens=token_counter.count_many)
+    result = get_stage("compress").run(store, "t", tools)  # as the maintain flow runs it
+    assert result.figures["turns_split"] == 1
     turn = next(m for m in store.memories("t", level=0).to_pylist() if m["speaker"] == "assistant")
     mem = [m for m in store.memories("t", level=0).to_pylist() if turn_of(m["id"]) == turn_of(turn["id"])]
     sources = [passages.passage_source(m["metadata"])["source"] for m in sorted(mem, key=lambda m: m["id"])]
     assert sources == topic_windows(_pieces(body, 80), encoder.encode(_pieces(body, 80)), 80)
     assert " ".join(CHESS) in sources
+    assert windows(body) != sources  # without an encoder: fixed windows
     monkeypatch.setattr(passages, "SPLIT_MODE", "fixed")
     assert windows(body, embed=encoder.encode) == windows(body)  # fixed mode ignores the encoder
