@@ -81,3 +81,28 @@ def test_the_compress_stage_splits_by_topic_with_its_encoder(store, encoder, tok
     assert windows(body) != sources  # without an encoder: fixed windows
     monkeypatch.setattr(passages, "SPLIT_MODE", "fixed")
     assert windows(body, embed=encoder.encode) == windows(body)  # fixed mode ignores the encoder
+
+
+def test_the_sentences_of_every_long_turn_are_embedded_in_one_call(encoder):
+    calls = []
+
+    def counted(texts):
+        calls.append(len(texts))
+        return encoder.encode(texts)
+
+    turns = [
+        f"assistant: {' '.join(GARDEN + CHESS + SAILING)}",
+        f"user: {' '.join(SAILING + GARDEN + CHESS)}",
+    ]
+    turns.append("user: a short turn is not split")
+    units = passages.units_of(
+        [{"id": f"m{i}", "text": t, "metadata": None} for i, t in enumerate(turns)], counted
+    )
+    assert calls == [len(GARDEN + CHESS + SAILING)]  # one call, each distinct sentence once
+    assert [u["_split"] for u in units].count(1) == 1 and len(units) > 3
+    pieces = _pieces(" ".join(GARDEN + CHESS + SAILING), 80)
+    one_by_one = topic_windows(pieces, encoder.encode(pieces), 80)
+    assert [
+        u["metadata"] and passages.passage_source(u["metadata"])["source"] for u in units[: len(one_by_one)]
+    ] == one_by_one
+    assert passages.batched(turns, None) is None
