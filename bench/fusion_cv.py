@@ -192,23 +192,34 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every study over prepared data directories takes (this bench, fusion_weighted,
+    passage_split): --data, --work, --out, --table."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True, help="prepared data directories (kept)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None)
+    return ap
+
+
+def write_report(result: dict[str, Any], args: argparse.Namespace, table: str) -> None:
+    """The JSON to --out, the markdown table to --table when given, and the table printed."""
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.table:
+        args.table.write_text(table)
+    print(table)
+
+
 def main() -> None:
     from memstage.tasks.robustness import VARIANTS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True, help="prepared data directories (kept)")
+    ap = study_parser(__doc__)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--table", type=Path, default=None)
     args = ap.parse_args()
     result = run(args)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    if args.table:
-        args.table.write_text(table)
     print(json.dumps({k: result[k] for k in ("kept", "uptime_start", "uptime_end")}))
-    print(table)
+    write_report(result, args, markdown(result))
 
 
 if __name__ == "__main__":

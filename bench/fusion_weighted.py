@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion_cv import ask, named, prepare, retriever_for  # noqa: E402
+from fusion_cv import ask, named, prepare, retriever_for, study_parser, write_report  # noqa: E402
 
 BUDGETS = (250, 500, 1000, 2000)
 WEAK = ("long", "assistant", "ontopic")
@@ -178,20 +178,12 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     from memstage.tasks.robustness import VARIANTS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True, help="prepared data directories (kept)")
+    ap = study_parser(__doc__)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--mix", nargs="+", default=list(DEFAULT_MIXES), help="NAME=FILE:W,... (see docstring)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--table", type=Path, default=None)
     args = ap.parse_args()
     result = run(args)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    if args.table:
-        args.table.write_text(table)
-    print(table)
+    write_report(result, args, markdown(result))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion_cv import BUDGETS, ask, retriever_for  # noqa: E402
+from fusion_cv import BUDGETS, ask, retriever_for, study_parser, write_report  # noqa: E402
 from robustness import strict_long  # noqa: E402
 
 from memstage.tasks import passages  # noqa: E402
@@ -176,23 +176,15 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True, help="prepared data directories (kept)")
+    ap = study_parser(__doc__)
     ap.add_argument("--control-width", type=int, default=30, help="fixed windows of about the topic mean")
     ap.add_argument("--configs", nargs="+", default=None, help="run only these (fixed, topic, fixedW)")
     ap.add_argument("--files", nargs="+", default=list(FILES), choices=FILES)
     ap.add_argument("--no-merge", action="store_true", help="consolidate merges no near-duplicates")
     ap.add_argument("--control-files", nargs="+", default=list(FILES), choices=FILES)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--table", type=Path, default=None)
     args = ap.parse_args()
     result = run(args)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    if args.table:
-        args.table.write_text(table)
-    print(table)
+    write_report(result, args, markdown(result))
 
 
 if __name__ == "__main__":
