@@ -52,6 +52,15 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def card_mb() -> float | None:
+    """Memory torch holds on the card (the loaded namespace's copies), or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return round(torch.cuda.memory_allocated() / 2**20) if torch.cuda.is_available() else None
+
+
 def models():
     from memstage.gpu.encoder import Encoder
     from memstage.gpu.tokenizer import TokenCounter
@@ -211,6 +220,7 @@ def _query_main(home: Path, args) -> dict[str, Any]:
     out: dict[str, Any] = {"load_s": load_s, "rss_before_load_mb": round(base_rss), "memories": loaded.n}
     out["dense_kind"] = loaded.levels[0].dense.kind
     out["backend"] = loaded.levels[0].dense.backend
+    out["card_mb"] = card_mb()
     for q in questions[:5]:
         retriever.retrieve(ns, q.question, 1000)  # warm
     cpu: list[float] = []

@@ -220,10 +220,12 @@ class DenseIndex:
         path: Path,
         vectors: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
         backend: str | None = None,
+        mmap: bool = False,
     ) -> DenseIndex:
         # on a GPU the CPU form is not searched: its IVF lists stay on disk, mapped, not in the RSS
+        # (`mmap`: the caller searches the rows another way and keeps this form only as a fallback)
         on_gpu = vectors is not None and pick_backend(backend) != "faiss-cpu"
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if on_gpu else 0)
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if on_gpu or mmap else 0)
         if isinstance(index, faiss.IndexIVF):
             index.nprobe = NPROBE
         return cls(index, vectors, backend)

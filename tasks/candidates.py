@@ -109,14 +109,21 @@ class LoadedNamespace:
         return len(self.levels[0]) if 0 in self.levels else 0
 
 
-def load_level(folder: Path, level: int, backend: str | None = None) -> Level:
+def load_level(folder: Path, level: int, backend: str | None = None, *, card_scored: bool = False) -> Level:
+    """One level's artifacts, memory-mapped. `card_scored`: the level is scored whole on a card from
+    its int8 codes (`tasks.scoring_device`), so its dense index is never searched there and gets no
+    fp16 copy on the card (7.7 GB at 10M rows); its CPU form stays mapped, not read."""
     codes = artifacts.load_array(folder / f"L{level}.emb_i8.npy")
     scale = artifacts.load_array(folder / f"L{level}.emb_scale.npy")
     rows = artifacts.load_rows(folder / f"L{level}.rows.arrow")
     # A GPU searches every row exactly, from the float32 vectors; the CPU needs only the FAISS file.
-    on_gpu = len(codes) > 0 and pick_backend(backend) != "faiss-cpu"
+    on_gpu = len(codes) > 0 and not card_scored and pick_backend(backend) != "faiss-cpu"
     vectors = (codes, scale) if on_gpu else None  # dequantised chunk by chunk on the way to the card
-    dense = DenseIndex.load(folder / f"L{level}.dense.faiss", vectors=vectors, backend=backend)
+    path = folder / f"L{level}.dense.faiss"
+    if card_scored:
+        dense = DenseIndex.load(path, backend="faiss-cpu", mmap=True)
+    else:
+        dense = DenseIndex.load(path, vectors=vectors, backend=backend)
     out = Level(
         rows=rows,
         codes=codes,
@@ -137,8 +144,10 @@ def load_namespace(folder: Path, stamp: tuple, backend: str | None = None) -> Lo
     """Memory-map one artifact version (no per-memory Python objects)."""
     manifest = artifacts.load_manifest(folder)
     ns = LoadedNamespace(stamp=stamp, version=int(manifest["version"]))
+    device = scoring_device.wanted(backend)
     for key, info in sorted(manifest["levels"].items(), key=lambda kv: int(kv[0])):
-        ns.levels[int(key)] = load_level(folder, int(key), backend)
+        card_scored = int(key) == 0 and scoring_device.scans_codes(device)
+        ns.levels[int(key)] = load_level(folder, int(key), backend, card_scored=card_scored)
         if int(key) == 0:
             ns.speakers = {name.lower(): code for code, name in enumerate(info.get("speakers", []))}
             codes = {name: code for code, name in enumerate(info.get("speakers", []))}
@@ -150,7 +159,6 @@ def load_namespace(folder: Path, stamp: tuple, backend: str | None = None) -> Lo
     if 0 in ns.levels:
         for name in ("session", "session_start", "prev", "next", "speaker", "days"):
             setattr(ns, name, artifacts.load_array(folder / f"L0.{name}.npy"))
-        device = scoring_device.wanted(backend)
         if device is not None and ns.n:
             ns.years = years_of(ns.days)
             ns.device = scoring_device.device_level(ns, device)

@@ -45,19 +45,26 @@ def wanted(backend: str | None = None) -> str | None:
     return None
 
 
+def scans_codes(device: str | None) -> bool:
+    """Whether level 0 is scored on a card by the triton kernels straight from its int8 codes (no
+    float copy of the vectors needed there)."""
+    from memstage.gpu import triton_scoring
+
+    return device is not None and device != "cpu" and triton_scoring.available()
+
+
 def device_level(ns: Any, device: str) -> Any:
     """Level 0 of a loaded namespace, uploaded: on a card with triton, the int8 codes as stored
     (`gpu.triton_scoring` scans them); else vectors dequantised on the device (fp16 on a card, float64
     on the CPU, where the check against numpy wants its precision); BM25 and structure."""
     import torch
 
-    from memstage.gpu import triton_scoring
     from memstage.gpu.device_scoring import DeviceLevel0, Int8Rows, device_vectors, upload
 
     level = ns.levels[0]
     on_card = device != "cpu"
     vectors = level.dense.device_rows if on_card else None  # the dense backend's copy, when it has one
-    if on_card and triton_scoring.available():
+    if scans_codes(device):
         dev = torch.device(device)
         vectors = Int8Rows(upload(level.codes, dev, torch.int8), upload(level.scale, dev, torch.float32))
     elif vectors is None:

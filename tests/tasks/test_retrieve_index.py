@@ -164,6 +164,20 @@ def test_device_scoring_scores_every_row_as_the_host_does(small, monkeypatch):
         assert got == want and scan.last_figures == {"scored": ns.n, "device": 1}
 
 
+def test_a_level_scored_on_a_card_keeps_only_its_mapped_cpu_index(small):
+    """A level the triton kernels score from its int8 codes (`card_scored`) gets no GPU copy of its
+    dense index: the CPU form, memory-mapped, which still finds what the plain load finds."""
+    index, _, questions = small
+    ns = index.load("small")
+    folder = next(p.parent for p in (index.store.home / "indexes").rglob("L0.dense.faiss"))
+    mapped = cand.load_level(folder, 0, card_scored=True)
+    assert mapped.dense.backend == "faiss-cpu" and mapped.dense.device_rows is None
+    qvec = np.asarray(index.encoder.encode([questions[0]])[0], np.float32)
+    got, want = mapped.dense.search(qvec, 20), ns.levels[0].dense.search(qvec, 20)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
 def test_hard_forget_leaves_no_byte_in_the_artifacts(small, encoder, token_counter):
     index, _, _ = small
     store = index.store
