@@ -74,6 +74,10 @@ class Settings:
     # is scored there: tasks/scoring_device.py) | off (candidates from the indexes, scored on the host)
     # | cpu (the device path with torch on the CPU: O(n) a question, for checking it without a card)
     device_scoring: str = "auto"
+    # MEMSTAGE_SESSION_SPREAD: z units a ranked memory's score drops for every better-ranked memory of
+    # its own session before packing (tasks/diversity.py; default there, SESSION_SPREAD; 0 = packing
+    # in the scorer's order)
+    session_spread: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -117,6 +121,7 @@ class Settings:
             else None,
             encoder_pretokenise=env.get("MEMSTAGE_ENCODER_PRETOKENISE", "1") not in ("0", "false", "no"),
             device_scoring=device_scoring,
+            session_spread=_non_negative(env, "MEMSTAGE_SESSION_SPREAD"),
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -161,6 +166,19 @@ def _positive(env: Mapping[str, str], var: str, default: int) -> int:
     value = _int(env, var, default)
     if value is None or value < 1:
         raise ValueError(f"{var}={env.get(var)!r} must be a positive integer")
+    return value
+
+
+def _non_negative(env: Mapping[str, str], var: str) -> float | None:
+    raw = (env.get(var) or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{var}={raw!r} must be a finite number >= 0")
     return value
 
 

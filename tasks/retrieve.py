@@ -30,7 +30,7 @@ import numpy as np
 from memstage.defaults import DEFAULT_BUDGET
 from memstage.gpu.lexical_index import analyse
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
-from memstage.tasks import scoring, scoring_device
+from memstage.tasks import diversity, scoring, scoring_device
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.scoring import (
@@ -317,6 +317,7 @@ class Retriever:
         ns = self.load(namespace)
         texts = {lvl: level.column("text") for lvl, level in ns.levels.items()}
         lv, rows, scores = self.ranked(ns, question, levels, as_of, qvec, budget)
+        lv, rows, scores = diversity.diverse(lv, rows, scores, ns.session)  # packing order
         sizes = np.zeros(len(rows), np.int64)
         for lvl in np.unique(lv).tolist():
             sizes[lv == lvl] = ns.levels[lvl].tokens[rows[lv == lvl]]
