@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diversity_forms as forms  # noqa: E402
 from diversity_forms import BUDGET_DEPENDENT, FORMS  # noqa: E402
+from diversity_report import markdown  # noqa: E402
 from fusion_cv import BUDGETS, retriever_for, study_parser, write_report  # noqa: E402
 
 from memstage.tasks import diversity  # noqa: E402
@@ -51,8 +52,6 @@ HOMES = {
     "ontopic": "split-topic/home-ontopic",
 }
 BUDGETS_S = tuple(str(b) for b in BUDGETS)
-CATS = ("multi-hop", "temporal", "open-domain", "single-hop")
-VARIANT_NAMES = tuple(n for n in HOMES if n != "dev")
 
 
 @dataclass
@@ -339,71 +338,15 @@ def run(args: Any) -> dict[str, Any]:
     return result
 
 
-def cells(r: dict[str, Any]) -> str:
-    cats = r["by_category"]["1000"]
-    return (
-        " | ".join(f"{r['recall'][b]:.4f}" for b in BUDGETS_S)
-        + " | "
-        + " | ".join(f"{cats.get(c, float('nan')):.3f}" for c in CATS)
-        + f" | {r['latency_ms']['1000']['p95']:.1f} |"
-    )
-
-
-def markdown(result: dict[str, Any]) -> str:
-    lines = [
-        f"Session-diverse packing (`{result['command']}`; {result['machine']}; start: {result['uptime_start']}; "
-        f"end: {result.get('uptime_end', '-')}).",
-        "",
-        "Real path (`Retriever.retrieve`), recall per budget, per category at 1000, p95 ms at 1000:",
-        "",
-        "| file | packing | " + " | ".join(BUDGETS_S) + " | " + " | ".join(CATS) + " | p95 |",
-        "|" + " --- |" * (3 + len(BUDGETS) + len(CATS)),
-    ]
-    for name, per in result.get("real", {}).items():
-        for k, v in per.items():
-            if isinstance(v, dict) and "recall" in v:
-                lines.append(f"| {name} | {k} | " + cells(v))
-    lines += ["", "Replayed packing, each conversation at the parameter chosen on dev's other conversations "
-              "(LOCO), minus today's order (recall at 250/500/1000/2000; multi-hop at 1000):", "",
-              "| form | LOCO choices | on all dev | dev | dev multi-hop | variants' mean @1000 | "
-              + " | ".join(VARIANT_NAMES) + " | kept |", "|" + " --- |" * (7 + len(VARIANT_NAMES))]  # fmt: skip
-    for form, f in result["replayed"].items():
-        per = f["files"]
-        dev = per["dev"]
-        mh = dev["loco"]["by_category_1000"]["multi-hop"] - dev["today"]["by_category_1000"]["multi-hop"]
-        var = [per[n]["loco_minus_today"]["1000"] for n in VARIANT_NAMES if n in per]
-        lines.append(
-            f"| {form} | {sorted(set(map(str, f['loco_choice'].values())))} | {f['full_dev_choice']} | "
-            + " ".join(f"{dev['loco_minus_today'][b]:+.4f}" for b in BUDGETS_S)
-            + f" | {mh:+.4f} | {np.mean(var) if var else 0:+.4f} | "
-            + " | ".join(
-                f"{per[n]['loco_minus_today']['1000']:+.4f}" if n in per else "-" for n in VARIANT_NAMES
-            )
-            + " |"
-        )
-    lines += ["", "Today's packing at 1000 tokens: sessions and rows packed per question; missed evidence "
-              "turns, their best rank, share in a session that has packed rows:", "",
-              "| file | sessions | rows | " + " | ".join(f"{c} missed / rank / in packed" for c in CATS) + " |",
-              "|" + " --- |" * (3 + len(CATS))]  # fmt: skip
-    for name, d in result["diagnostics_today_1000"].items():
-        m = d["missed"]
-        lines.append(
-            f"| {name} | {d['sessions_packed_mean']} | {d['rows_packed_mean']} | "
-            + " | ".join(
-                f"{m[c]['turns']} / {m[c]['median_rank']} / {m[c]['in_a_packed_session']}" for c in CATS
-            )
-            + " |"
-        )
-    lines += ["", f"kept (dev within 0.002 at every budget, multi-hop up, variants' mean not down, p95 < 50 ms): "
-              f"{result.get('kept')}"]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     ap = study_parser(__doc__)
+    ap.add_argument("--table-only", action="store_true", help="rewrite --table from the JSON at --out")
     ap.add_argument("--files", nargs="+", default=list(HOMES), choices=list(HOMES))
     ap.add_argument("--spread", type=float, default=0.1, help="a fixed spread also run on the real path")
     args = ap.parse_args()
+    if args.table_only:
+        write_report(json.loads(args.out.read_text()), args, markdown(json.loads(args.out.read_text())))
+        return
     if args.files[0] != "dev":
         ap.error("--files must start with dev (the parameters are chosen there)")
     result = run(args)

@@ -1,15 +1,22 @@
 """Session-diverse packing: the ranked rows re-ordered before packing so the budget spreads over sessions.
 
 The scorer (`tasks.scoring.score_rows`, the same formulas on a card) gives every turn of a good session
-part of that session's score and part of its neighbour's, so a question's best rows cluster in one or
-two sessions and the greedy packing (`tasks.retrieve.pack_sizes`) spends the budget there; evidence of
-a question that spans sessions (LoCoMo's multi-hop) sits lower. Here a level-0 row's score is lowered
+part of that session's score and part of its neighbour's, so a question's best rows can cluster in a
+few sessions and the greedy packing (`tasks.retrieve.pack_sizes`) spend the budget there, while
+evidence of a question that spans sessions (LoCoMo's multi-hop) sits lower: the hypothesis measured. Here a level-0 row's score is lowered
 by SESSION_SPREAD for every better-ranked row of its own session (`session_ranks`), and the rows are
 packed in the order of these lowered scores (ties keep the scorer's order). The penalty depends only
 on a session's own rows, which the index path scores whole (`tasks.candidates.close_sessions`), and
 on their order, which the best rows a card sends back keep: the host, device and exhaustive paths
 re-order alike. Rows of levels >= 1 are never lowered (they belong to no one session).
-SESSION_SPREAD 0 is the scorer's order; the value is chosen by bench/session_diversity.py.
+SESSION_SPREAD 0 (the default) is the scorer's order: off. Measured (bench/session_diversity.py,
+bench/results/session_diversity_cpu.md), chosen leave-one-conversation-out on the dev split, every
+fold chose 0; at a fixed 0.1 the dev split's recall at 250/500/1000/2000 falls 0.007/0.018/0.005/0.003
+and multi-hop at 1000 from 0.661 to 0.645, while the `ontopic` variant gains 0.018 at 1000. Today's
+packing already reaches ~10 sessions a question at 1000 tokens on dev (36 rows); the multi-hop
+evidence it misses ranks ~110th (median), below what any re-order of the packed rows reaches. Other
+re-orders (a per-session quota, a first pass of one row a session, token shares, MMR by dense
+similarity) did no better under the same choice.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import numpy as np
 
 from memstage.settings import get_settings
 
-SESSION_SPREAD = 0.0  # z units per better row of the same session; MEMSTAGE_SESSION_SPREAD overrides
+SESSION_SPREAD = 0.0  # z units per better row of the same session (0: off); MEMSTAGE_SESSION_SPREAD overrides
 
 
 def session_spread() -> float:
