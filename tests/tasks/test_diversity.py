@@ -60,7 +60,9 @@ def small(tmp_path_factory, encoder, token_counter):
     rows = [
         {"namespace": "small", "session": f"session_{n}", "time": f"2023-0{n}-10T10:00:00Z", **t}
         for n in range(1, SESSIONS + 1)
-        for t in ({"speaker": x["speaker"], "text": x["text"]} for x in sample["conversation"][f"session_{n}"])
+        for t in (
+            {"speaker": x["speaker"], "text": x["text"]} for x in sample["conversation"][f"session_{n}"]
+        )
     ]
     folder = tmp_path_factory.mktemp("diversity")
     (folder / "turns.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -89,10 +91,14 @@ def test_the_spread_packs_more_sessions_out_of_score_order(small, monkeypatch):
         scores = [m["score"] for m in today[q]]
         assert scores == sorted(scores, reverse=True)  # spread 0: the scorer's order
         assert sum(m["tokens"] for m in spread[q]) <= 400
-    sessions = {k: [len({m["session"] for m in got[q]}) for q in questions] for k, got in (("0", today), ("s", spread))}
+    sessions = {
+        k: [len({m["session"] for m in got[q]}) for q in questions]
+        for k, got in (("0", today), ("s", spread))
+    }
     assert sum(sessions["s"]) > sum(sessions["0"])  # the budget reaches more sessions
     assert any(
-        [m["score"] for m in spread[q]] != sorted((m["score"] for m in spread[q]), reverse=True) for q in questions
+        [m["score"] for m in spread[q]] != sorted((m["score"] for m in spread[q]), reverse=True)
+        for q in questions
     )  # packed out of score order: the re-rank ran
 
 
@@ -111,7 +117,9 @@ def test_index_scan_and_device_pack_alike_under_the_spread(small, monkeypatch):
     scan._loaded["small"] = on_cpu  # the scan's retriever now scores on the (CPU) device
     try:
         for q in questions[:6]:
-            assert [m["memory_id"] for m in packed(scan, q, 500)] == [m["memory_id"] for m in packed(index, q, 500)]
+            assert [m["memory_id"] for m in packed(scan, q, 500)] == [
+                m["memory_id"] for m in packed(index, q, 500)
+            ]
             assert scan.last_figures == {"scored": ns.n, "device": 1}
     finally:
         scan._loaded.pop("small")
