@@ -37,6 +37,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _stop(proc: subprocess.Popen, grace: float = 240) -> None:
+    """SIGINT, as a user's Ctrl-C; the whole group killed if it has not stopped within `grace` s (no
+    worker outlives the test), and the test failed then."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        raise AssertionError(
+            f"serve did not stop within {grace:.0f} s of SIGINT; its group was killed"
+        ) from None
+
+
 def _ask(url: str, question: str) -> dict:
     body = json.dumps({"question": question, "namespace": "demo", "answer": False}).encode()
     req = urllib.request.Request(url + "/memstage/query", body, {"Content-Type": "application/json"})
@@ -52,7 +66,9 @@ def test_two_workers_share_the_port_and_record_every_access(indexed_sample):
     env = {**os.environ, "MEMSTAGE_RUNNER": "local", "MEMSTAGE_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "memstage.cli.main", "serve", "--insecure-local", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--home", str(home), "--workers", "2"], env=env)
+    # its own process group: a test that fails or times out still ends the supervisor and its workers
+    proc = subprocess.Popen([*cmd, "--home", str(home), "--workers", "2"], env=env, start_new_session=True)
+    workers: list[int] = []
     try:
         deadline = time.monotonic() + 300
         while not (home / "serve.json").exists():
@@ -68,8 +84,7 @@ def test_two_workers_share_the_port_and_record_every_access(indexed_sample):
         assert {r["served"]["pid"] for r in replies} <= set(workers)
         sent = sum(len(r["memories"]) for r in replies)
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(180)
+        _stop(proc)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)  # every worker stopped
     assert not (home / "serve.json").exists()
     recorded = MemoryStore(home).query("SELECT sum(access_count) AS n FROM memories").column("n")[0].as_py()
