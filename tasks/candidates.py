@@ -90,6 +90,7 @@ class LoadedNamespace:
     stamp: tuple
     version: int
     levels: dict[int, Level] = field(default_factory=dict)
+    model: str | None = None  # the embedding model that indexed it (the manifest's)
     session: np.ndarray | None = None  # session code per level-0 row (rows of a session are adjacent)
     session_start: np.ndarray | None = None  # first row of each session code
     prev: np.ndarray | None = None  # the previous turn of the same session, or -1
@@ -143,7 +144,7 @@ def load_level(folder: Path, level: int, backend: str | None = None, *, card_sco
 def load_namespace(folder: Path, stamp: tuple, backend: str | None = None) -> LoadedNamespace:
     """Memory-map one artifact version (no per-memory Python objects)."""
     manifest = artifacts.load_manifest(folder)
-    ns = LoadedNamespace(stamp=stamp, version=int(manifest["version"]))
+    ns = LoadedNamespace(stamp=stamp, version=int(manifest["version"]), model=manifest.get("model"))
     device = scoring_device.wanted(backend)
     for key, info in sorted(manifest["levels"].items(), key=lambda kv: int(kv[0])):
         card_scored = int(key) == 0 and scoring_device.scans_codes(device)

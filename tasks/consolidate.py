@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memstage.gpu.encoder import DIMS
+from memstage.gpu.encoder import model_info
 from memstage.stores import queries
 from memstage.stores.store import MemoryStore, now_utc
 from memstage.tasks.contract import (
@@ -47,6 +47,7 @@ from memstage.tasks.hierarchy import (
     split_episodes,
 )
 from memstage.tasks.index import embed_missing, level0_event_id
+from memstage.tasks.index_build import embedding_matrix
 from memstage.tasks.injection import node_flag
 
 __all__ = ["cluster_topics", "extractive_summary", "find_duplicates", "run_consolidate", "split_episodes"]
@@ -294,14 +295,13 @@ def _load_memories(store: MemoryStore, namespace: str) -> dict[str, dict[str, An
     Python list of floats (which at 1M memories would take ~15 GB)."""
     table = store.memories(namespace, status=None, current=False)
     has = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
-    vectors = np.zeros((table.num_rows, DIMS), np.float32)
+    dims = model_info().dims
+    vectors = np.zeros((table.num_rows, dims), np.float32)
     lo = 0
     for chunk in table.column("embedding").chunks:  # chunk by chunk: no second copy of the whole column
         hi = lo + len(chunk)
         if chunk.null_count < len(chunk):
-            vectors[lo:hi][has[lo:hi]] = (
-                pc.list_flatten(chunk).to_numpy(zero_copy_only=False).reshape(-1, DIMS)
-            )
+            vectors[lo:hi][has[lo:hi]] = embedding_matrix(chunk.drop_null(), dims)
         lo = hi
     table = table.drop_columns(["embedding"])
     out: dict[str, dict[str, Any]] = {}

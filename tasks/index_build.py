@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memstage.gpu.encoder import DIMS, MODEL_NAME
+from memstage.gpu.encoder import model_info
 from memstage.gpu.lexical_index import LexicalIndex
 from memstage.gpu.vector_index import DenseIndex, build_cpu_index
 from memstage.stores import artifacts, index_reads
@@ -93,9 +93,19 @@ def fingerprint(rows: pa.Table, found_by: dict[int, list[str]], names: dict[str,
     return h.hexdigest()
 
 
-def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
+def embedding_matrix(column: pa.ChunkedArray, dims: int | None = None) -> np.ndarray:
+    """The embeddings as one float32 matrix of `dims` columns (the model in use, by default); a clear
+    error when they were made by a model of other dimensions."""
+    dims = dims or model_info().dims
+    lengths = pc.list_value_length(column)
+    if len(column) and (pc.min(lengths).as_py() != dims or pc.max(lengths).as_py() != dims):
+        raise ValueError(
+            f"stored embeddings have {pc.min(lengths).as_py()}-{pc.max(lengths).as_py()} dimensions, the "
+            f"embedding model in use {dims} (MEMSTAGE_ENCODER_MODEL): a namespace is indexed with the "
+            "model that embedded it; ingest it again into a new data directory to change models"
+        )
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, DIMS)
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, dims)
 
 
 def quantize(emb: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -148,14 +158,14 @@ def moments(
     score mean and sd over the level, exactly. Up to EXACT_ROWS rows in float64 by one BLAS thread
     (`gram`: the same bits in the pool or inline). Above, BLAS in float32 chunks (a million rows would take einsum about 25 s). With
     `scale`, `emb` holds int8 codes, dequantised a chunk at a time (as `dequantize`)."""
-    n = len(emb)
+    n, dims = len(emb), (emb.shape[1] if emb.ndim == 2 and emb.shape[1] else model_info().dims)
     if n == 0:
-        return np.zeros(DIMS), np.zeros((DIMS, DIMS))
+        return np.zeros(dims), np.zeros((dims, dims))
     if n <= EXACT_ROWS:
         x = np.asarray(emb if scale is None else dequantize(emb, scale), dtype=np.float64)
         mean = x.sum(0) / n
         return mean, gram(x) / n - np.outer(mean, mean)
-    total, outer = np.zeros(DIMS), np.zeros((DIMS, DIMS))
+    total, outer = np.zeros(dims), np.zeros((dims, dims))
     for lo in range(0, n, chunk):
         x = np.asarray(emb[lo : lo + chunk], dtype=np.float32)
         if scale is not None:
@@ -238,7 +248,11 @@ def write_level(
     kids: Any,
     names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    emb = embedding_matrix(part.column("embedding")) if part.num_rows else np.zeros((0, DIMS), np.float32)
+    emb = (
+        embedding_matrix(part.column("embedding"))
+        if part.num_rows
+        else np.zeros((0, model_info().dims), np.float32)
+    )
     codes, scale = quantize(emb)
     rows = pa.table(
         {
@@ -327,12 +341,13 @@ def write_artifacts(job: BuildJob) -> dict[int, Any]:
     """Write the job's version folder (files only: runs in a pool process as well as here)."""
     kids = members(job.levels)
     infos: dict[int, Any] = {}
+    model = model_info()
 
     def write(folder: Path) -> None:
         for lvl, part in job.levels.items():
             infos[lvl] = write_level(folder, lvl, part, job.found_by[lvl], kids.get(lvl), job.names)
         artifacts.save_manifest(
-            folder, {"version": job.version, "model": MODEL_NAME, "dims": DIMS, "levels": infos}
+            folder, {"version": job.version, "model": model.name, "dims": model.dims, "levels": infos}
         )
 
     artifacts.write_version(job.index_dir, job.version, write)

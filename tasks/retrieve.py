@@ -186,6 +186,13 @@ class Retriever:
             )
         folder = (self.store.home / manifest[0]["path"]).parent
         loaded = load_namespace(folder, stamp, self.backend)
+        asking = getattr(self.encoder, "name", None)
+        if loaded.model and asking and loaded.model != asking:
+            raise NamespaceError(
+                f"namespace {namespace!r} was indexed with the embedding model {loaded.model!r}, and "
+                f"questions here are embedded with {asking!r}: set MEMSTAGE_ENCODER_MODEL as when it was "
+                "indexed"
+            )
         self._loaded[namespace] = loaded
         return loaded
 
