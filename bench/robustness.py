@@ -72,45 +72,60 @@ def ablations(home: Path, path: Path, budget: int = 1000) -> dict[str, Any]:
     return out
 
 
+WORDS = re.compile(r"[a-z0-9']{4,}")
+
+
+def original_words(dev_path: Path) -> dict[tuple[str, str], set[str]]:
+    """(conversation, dia_id) -> the content words (4+ letters) of that turn in the dev file: what an
+    evidence turn said before a variant set it among other text."""
+    from memstage.tasks.robustness import load_samples, sessions
+
+    return {
+        (s["sample_id"], t["dia_id"]): set(WORDS.findall(str(t.get("text", "")).lower()))
+        for s in load_samples(dev_path)
+        for n in sessions(s["conversation"])
+        for t in s["conversation"][f"session_{n}"]
+        if isinstance(t, dict)
+    }
+
+
+def strict_credit(
+    result: dict[str, Any], q: Any, owns: dict[str, set[str]], original: dict[tuple[str, str], set[str]]
+) -> float:
+    """Share of `q`'s evidence turns of which a packed memory (the turn, one of its passages or an
+    excerpt of either: the text as packed) holds at least half the turn's original content words."""
+    packed = {m["memory_id"]: m["text"] for m in result["memories"]}
+    hits = 0
+    for d in q.evidence:
+        want = original.get((q.namespace, d), set())
+        held = owns.get(d, set()) & set(packed)
+        hits += any(len(want & set(WORDS.findall(packed[m].lower()))) >= len(want) / 2 for m in held)
+    return hits / len(q.evidence)
+
+
 def strict_long(home: Path, path: Path, dev_path: Path, budgets: tuple[int, ...]) -> dict[str, float]:
-    """memstage's recall on the `long` file with strict credit: an evidence turn counts only when a
-    packed memory of it (the turn or one of its passages) holds at least half of the turn's original
-    content words (words of 4+ letters of the dev file's text), so a packed passage of filler around
-    the evidence earns nothing. The eval's credit is per turn (any of its level-0 memories)."""
+    """memstage's recall on the `long` file with strict credit (`strict_credit`): an evidence turn
+    counts only when a packed memory of it holds at least half of the turn's original content words
+    (words of 4+ letters of the dev file's text), so a packed passage of filler around the evidence
+    earns nothing. The eval's credit is per turn (any of its level-0 memories)."""
     from memstage.cli.eval_commands import _encoder
     from memstage.gpu.tokenizer import TokenCounter
     from memstage.settings import get_settings
     from memstage.stores.store import MemoryStore
     from memstage.tasks.evaluate import load_questions, own_memories
     from memstage.tasks.retrieve import Retriever
-    from memstage.tasks.robustness import load_samples, sessions
 
-    words = re.compile(r"[a-z0-9']{4,}")
-    original = {
-        (s["sample_id"], t["dia_id"]): set(words.findall(str(t.get("text", "")).lower()))
-        for s in load_samples(dev_path)
-        for n in sessions(s["conversation"])
-        for t in s["conversation"][f"session_{n}"]
-        if isinstance(t, dict)
-    }
+    original = original_words(dev_path)
     store = MemoryStore(home)
     questions = load_questions(path).items
     owns = {ns: own_memories(store, ns) for ns in {q.namespace for q in questions}}
     retriever = Retriever(store, _encoder(), TokenCounter(get_settings().models or store.models_dir()))
     out = {}
     for budget in budgets:
-        total = 0.0
-        for q in questions:
-            packed = {
-                m["memory_id"]: m["text"]
-                for m in retriever.retrieve(q.namespace, q.question, budget)["memories"]
-            }
-            hits = 0
-            for d in q.evidence:
-                want = original.get((q.namespace, d), set())
-                held = owns[q.namespace].get(d, set()) & set(packed)
-                hits += any(len(want & set(words.findall(packed[m].lower()))) >= len(want) / 2 for m in held)
-            total += hits / len(q.evidence)
+        total = sum(
+            strict_credit(retriever.retrieve(q.namespace, q.question, budget), q, owns[q.namespace], original)
+            for q in questions
+        )
         out[str(budget)] = round(total / max(len(questions), 1), 4)
     return out
 

@@ -26,6 +26,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 # budget (which stays large, for recall). Chosen on LoCoMo dev by answer F1 and latency together:
 # bench/results/answer_f1_cpu.json and query_latency_cpu.json.
 DEFAULT_ANSWER_BUDGET = 100
+DEFAULT_EXCERPT_WORDS = 0  # packed memories whole: excerpts lost strict credit (bench/excerpt_packing.py)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class Settings:
     # packaged all-MiniLM-L6-v2 (gpu/encoder.model_info); a namespace indexed with one model is not
     # searched with another (tasks/retrieve.py says so)
     encoder_model: Path | None = None
+    # MEMSTAGE_EXCERPT_WORDS: a packed level-0 memory of more than this many words is cut, at retrieval,
+    # to its run of sentences nearest the question, within this many words (tasks/excerpt.py; 0 = off,
+    # every memory packed whole). Measured in bench/results/excerpt_packing_cpu.md.
+    excerpt_words: int = DEFAULT_EXCERPT_WORDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +134,7 @@ class Settings:
             encoder_model=Path(env["MEMSTAGE_ENCODER_MODEL"]).expanduser()
             if env.get("MEMSTAGE_ENCODER_MODEL")
             else None,
+            excerpt_words=_non_negative_int(env, "MEMSTAGE_EXCERPT_WORDS", DEFAULT_EXCERPT_WORDS),
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -186,6 +192,13 @@ def _non_negative(env: Mapping[str, str], var: str) -> float | None:
         raise ValueError(f"{var}={raw!r} is not a number") from None
     if not 0 <= value < float("inf"):
         raise ValueError(f"{var}={raw!r} must be a finite number >= 0")
+    return value
+
+
+def _non_negative_int(env: Mapping[str, str], var: str, default: int) -> int:
+    value = _int(env, var, default)
+    if value is None or value < 0:
+        raise ValueError(f"{var}={env.get(var)!r} must be 0 or a positive integer")
     return value
 
 

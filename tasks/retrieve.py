@@ -29,10 +29,12 @@ import numpy as np
 
 from memstage.defaults import DEFAULT_BUDGET
 from memstage.gpu.lexical_index import analyse
+from memstage.settings import get_settings
 from memstage.stores.store import MemoryStore, NamespaceError, validate_namespace
 from memstage.tasks import diversity, scoring, scoring_device
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
+from memstage.tasks.excerpt import Excerpts, density_order
 from memstage.tasks.scoring import (
     LevelQuery,
     hybrid,
@@ -110,17 +112,26 @@ def pack_within_budget(
 
 
 def pack_sizes(
-    sizes: np.ndarray, budget: int, key: Callable[[int], str] | None = None
+    sizes: np.ndarray,
+    budget: int,
+    key: Callable[[int], str] | None = None,
+    settle: Callable[[int, int], None] | None = None,
 ) -> tuple[list[int], int]:
     """`pack_within_budget` over positions 0..len(sizes)-1: the positions packed, and the tokens. The
     next position that fits is found by numpy, PACK_WINDOW at a time (a Python step per ranked row
-    was ~3 ms of a question scored on a card, whose 4096 best rows rarely fill a budget exactly)."""
+    was ~3 ms of a question scored on a card, whose 4096 best rows rarely fill a budget exactly).
+    `settle(lo, hi)`, when given, makes `sizes[lo:hi]` final in place before they are read (excerpts:
+    `tasks.excerpt.Excerpts`)."""
     packed: list[int] = []
     used, seen, i = 0, set(), 0
     while i < len(sizes):
+        if settle is not None:
+            settle(i, i + 1)
         if sizes[i] <= budget - used:  # the next row fits: most rows, while the budget is open
             j = i
         else:
+            if settle is not None:
+                settle(i + 1, i + PACK_WINDOW)
             fits = np.flatnonzero(sizes[i + 1 : i + PACK_WINDOW] <= budget - used)
             if len(fits) == 0:
                 i += PACK_WINDOW
@@ -150,8 +161,15 @@ class Retriever:
         exhaustive: bool = False,
         hierarchy: bool = True,
         backend: str | None = None,
+        excerpt_words: int | None = None,
+        density: float = 0.0,
     ) -> None:
         self.store = store
+        # a packed level-0 memory of more than this many words is cut to its sentences nearest the
+        # question (`tasks.excerpt`); 0: packed whole; None: MEMSTAGE_EXCERPT_WORDS. Needs
+        # `token_counter` (the excerpt's tokens are counted with it).
+        self.excerpt_words = get_settings().excerpt_words if excerpt_words is None else excerpt_words
+        self.density = density  # > 0: near-ties broken by score per token (`tasks.excerpt.density_order`)
         self.encoder = encoder
         self.token_counter = token_counter
         self.exhaustive = exhaustive
@@ -332,17 +350,35 @@ class Retriever:
         def text_key(j: int) -> str:  # a copy of a packed memory adds nothing
             return " ".join((texts[int(lv[j])][int(rows[j])].as_py() or "").lower().split())
 
-        picked, used = pack_sizes(sizes, budget, text_key)
+        if self.density > 0 and len(rows):
+            order = density_order(scores, sizes, self.density)
+            lv, rows, scores, sizes = lv[order], rows[order], scores[order], sizes[order]
+        cuts = self._excerpts(ns, question, lv, rows, sizes)
+        picked, used = pack_sizes(sizes, budget, text_key, None if cuts is None else cuts.settle)
         chosen = [(int(lv[j]), int(rows[j]), float(scores[j])) for j in picked]
+        memories = self._memories(ns, chosen)
+        for j, m in zip(picked, memories, strict=True):
+            if cuts is not None and j in cuts.made:
+                text, n = cuts.made[j]
+                m.update(text=text, tokens=n, excerpt=True, full_tokens=m["tokens"])
         return {
             "namespace": namespace,
             "question": question,
             "budget": budget,
             "tokens": used,
-            "memories": self._memories(ns, chosen),
+            "memories": memories,
             **({"as_of": as_of.isoformat()} if as_of is not None else {}),
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
+
+    def _excerpts(
+        self, ns: LoadedNamespace, question: str, lv: np.ndarray, rows: np.ndarray, sizes: np.ndarray
+    ) -> Excerpts | None:
+        """The packing sizes settled with excerpts (`tasks.excerpt`), when they are on."""
+        if not self.excerpt_words or self.token_counter is None or len(rows) == 0:
+            return None
+        scored = scored_words(ns, analyse([search_text(ns, question)])[0], question)
+        return Excerpts(ns, lv, rows, sizes, scored, self.token_counter, self.excerpt_words)
 
     @staticmethod
     def _memories(ns: LoadedNamespace, chosen: list[tuple[int, int, float]]) -> list[dict[str, Any]]:

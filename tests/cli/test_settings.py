@@ -17,7 +17,13 @@ from conftest import run_json, serve_in_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from memstage.settings import DEFAULT_ANSWER_BUDGET, Settings, get_settings, reload_settings
+from memstage.settings import (
+    DEFAULT_ANSWER_BUDGET,
+    DEFAULT_EXCERPT_WORDS,
+    Settings,
+    get_settings,
+    reload_settings,
+)
 
 
 def test_settings_read_every_variable_with_defaults_and_checks(tmp_path: Path) -> None:
@@ -46,6 +52,11 @@ def test_settings_read_every_variable_with_defaults_and_checks(tmp_path: Path) -
         Settings.from_env({"MEMSTAGE_ANSWER_BUDGET": "0"})
     with pytest.raises(ValueError, match="MEMSTAGE_GENERATOR_DTYPE='fp8' is not one of"):
         Settings.from_env({"MEMSTAGE_GENERATOR_DTYPE": "fp8"})
+    assert Settings.from_env({}).excerpt_words == DEFAULT_EXCERPT_WORDS
+    assert Settings.from_env({"MEMSTAGE_EXCERPT_WORDS": "0"}).excerpt_words == 0
+    assert Settings.from_env({"MEMSTAGE_EXCERPT_WORDS": "60"}).worker_env()["MEMSTAGE_EXCERPT_WORDS"] == "60"
+    with pytest.raises(ValueError, match="MEMSTAGE_EXCERPT_WORDS='-1' must be 0 or a positive integer"):
+        Settings.from_env({"MEMSTAGE_EXCERPT_WORDS": "-1"})
 
 
 def test_generator_dtype_follows_the_setting_and_the_cpu(tmp_path: Path, monkeypatch) -> None:
