@@ -169,7 +169,8 @@ class Retriever:
         # question (`tasks.excerpt`); 0: packed whole; None: MEMSTAGE_EXCERPT_WORDS. Needs
         # `token_counter` (the excerpt's tokens are counted with it).
         self.excerpt_words = get_settings().excerpt_words if excerpt_words is None else excerpt_words
-        self.density = density  # > 0: near-ties broken by score per token (`tasks.excerpt.density_order`)
+        # > 0: near-ties broken by score per token (`tasks.excerpt.density_order`; lost on dev, a bench option)
+        self.density = density
         self.encoder = encoder
         self.token_counter = token_counter
         self.exhaustive = exhaustive
