@@ -137,6 +137,14 @@ class Excerpts:
             self._shrink(self.done + j)
         self.done = hi
 
+    def mark(self, picked: list[int], memories: list[dict[str, Any]]) -> None:
+        """The packed memories (`picked` positions, in order) that went in as excerpts get the
+        excerpt's text and tokens, `excerpt`, and their whole memory's tokens as `full_tokens`."""
+        for j, m in zip(picked, memories, strict=True):
+            if j in self.made:
+                text, n = self.made[j]
+                m.update(text=text, tokens=n, excerpt=True, full_tokens=m["tokens"])
+
     def _shrink(self, j: int) -> None:
         s = self._sentences(int(self.rows[j]))
         if s.words <= self.words:
@@ -163,9 +171,12 @@ class Excerpts:
 DENSITY_REF = 32  # tokens of a short turn: a memory this long or shorter pays no density cost
 
 
-def density_order(scores: np.ndarray, sizes: np.ndarray, per_doubling: float) -> np.ndarray:
-    """The packing order of ranked rows when score per token breaks near-ties: by score less
-    `per_doubling` for each doubling of a memory's tokens over DENSITY_REF (stable: equal keys keep
-    the ranking's order), so a long memory yields to a short one scored within that margin."""
+def density_order(*ranked: np.ndarray, per_doubling: float = 0.0) -> tuple[np.ndarray, ...]:
+    """Ranked (levels, rows, scores, sizes) in the packing order where score per token breaks
+    near-ties: by score less `per_doubling` for each doubling of a memory's tokens over DENSITY_REF
+    (stable: equal keys keep the ranking's order), so a long memory yields to a short one scored
+    within that margin."""
+    scores, sizes = ranked[2], ranked[3]
     cost = per_doubling * np.log2(np.maximum(sizes, DENSITY_REF) / DENSITY_REF)
-    return np.argsort(-(scores - cost), kind="stable")
+    order = np.argsort(-(scores - cost), kind="stable")
+    return tuple(a[order] for a in ranked)

@@ -352,16 +352,16 @@ class Retriever:
             return " ".join((texts[int(lv[j])][int(rows[j])].as_py() or "").lower().split())
 
         if self.density > 0 and len(rows):
-            order = density_order(scores, sizes, self.density)
-            lv, rows, scores, sizes = lv[order], rows[order], scores[order], sizes[order]
-        cuts = self._excerpts(ns, question, lv, rows, sizes)
+            lv, rows, scores, sizes = density_order(lv, rows, scores, sizes, per_doubling=self.density)
+        cuts = None  # long memories cut to the run of sentences nearest the question (`tasks.excerpt`)
+        if self.excerpt_words and self.token_counter is not None and len(rows):
+            words = scored_words(ns, analyse([search_text(ns, question)])[0], question)
+            cuts = Excerpts(ns, lv, rows, sizes, words, self.token_counter, self.excerpt_words)
         picked, used = pack_sizes(sizes, budget, text_key, None if cuts is None else cuts.settle)
         chosen = [(int(lv[j]), int(rows[j]), float(scores[j])) for j in picked]
         memories = self._memories(ns, chosen)
-        for j, m in zip(picked, memories, strict=True):
-            if cuts is not None and j in cuts.made:
-                text, n = cuts.made[j]
-                m.update(text=text, tokens=n, excerpt=True, full_tokens=m["tokens"])
+        if cuts is not None:
+            cuts.mark(picked, memories)
         return {
             "namespace": namespace,
             "question": question,
@@ -371,15 +371,6 @@ class Retriever:
             **({"as_of": as_of.isoformat()} if as_of is not None else {}),
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
         }
-
-    def _excerpts(
-        self, ns: LoadedNamespace, question: str, lv: np.ndarray, rows: np.ndarray, sizes: np.ndarray
-    ) -> Excerpts | None:
-        """The packing sizes settled with excerpts (`tasks.excerpt`), when they are on."""
-        if not self.excerpt_words or self.token_counter is None or len(rows) == 0:
-            return None
-        scored = scored_words(ns, analyse([search_text(ns, question)])[0], question)
-        return Excerpts(ns, lv, rows, sizes, scored, self.token_counter, self.excerpt_words)
 
     @staticmethod
     def _memories(ns: LoadedNamespace, chosen: list[tuple[int, int, float]]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from stage_data import load
 
 from memstage.settings import get_settings
 from memstage.tasks import scoring, scoring_device
-from memstage.tasks.excerpt import cut, sentences
+from memstage.tasks.excerpt import cut, density_order, sentences
 from memstage.tasks.index import run_index
 from memstage.tasks.retrieve import Retriever, pack_sizes
 
@@ -84,3 +84,12 @@ def test_retrieve_packs_the_excerpt_with_its_real_tokens(store, encoder, token_c
     assert [(m["memory_id"], m["text"], m["tokens"]) for m in again["memories"]] == [
         (m["memory_id"], m["text"], m["tokens"]) for m in out["memories"]
     ]
+
+
+def test_density_order_lets_a_short_memory_pass_a_long_one_scored_just_above():
+    levels, rows = np.zeros(3, np.int64), np.array([7, 8, 9])
+    scores, sizes = np.array([10.0, 9.9, 9.0]), np.array([128, 20, 20])
+    _, got, _, _ = density_order(levels, rows, scores, sizes, per_doubling=0.25)  # 128 tokens: -0.5
+    assert got.tolist() == [8, 7, 9]
+    _, same, _, _ = density_order(levels, rows, scores, sizes, per_doubling=0.0)
+    assert same.tolist() == [7, 8, 9]
