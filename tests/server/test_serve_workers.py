@@ -5,6 +5,7 @@ models, store and HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,18 +38,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _stop(proc: subprocess.Popen, grace: float = 240) -> None:
-    """SIGINT, as a user's Ctrl-C; the whole group killed if it has not stopped within `grace` s (no
-    worker outlives the test), and the test failed then."""
+def _stop(proc: subprocess.Popen, grace: float = 180) -> None:
+    """SIGINT, as a user's Ctrl-C; the supervisor and its workers killed if it has not stopped within
+    `grace` s (no worker outlives the test), and the test failed then. (Started in a process group of
+    its own instead, serve did not stop within 240 s in two of three clean-clone CI runs: not kept.)"""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [*_children(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(30)
-        raise AssertionError(
-            f"serve did not stop within {grace:.0f} s of SIGINT; its group was killed"
-        ) from None
+        raise AssertionError(f"serve did not stop within {grace:.0f} s of SIGINT; it was killed") from None
 
 
 def _ask(url: str, question: str) -> dict:
@@ -66,8 +68,7 @@ def test_two_workers_share_the_port_and_record_every_access(indexed_sample):
     env = {**os.environ, "MEMSTAGE_RUNNER": "local", "MEMSTAGE_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "memstage.cli.main", "serve", "--insecure-local", "--port", str(port)]
-    # its own process group: a test that fails or times out still ends the supervisor and its workers
-    proc = subprocess.Popen([*cmd, "--home", str(home), "--workers", "2"], env=env, start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--home", str(home), "--workers", "2"], env=env)
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 300
