@@ -90,6 +90,10 @@ class Supervisor:
     def watch(self) -> None:
         """Until a signal: start again a worker that died."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        # Python raises KeyboardInterrupt on SIGINT only if SIGINT was not ignored when it started; a
+        # serve launched from a background job inherits it ignored (POSIX shells do that to `cmd &`) and
+        # then never stopped on SIGINT (a clean-clone CI run started in the background hung 240 s here)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while not self._stopping:
                 time.sleep(0.5)
