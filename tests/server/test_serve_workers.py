@@ -40,8 +40,8 @@ def _children(pid: int) -> list[int]:
 
 def _stop(proc: subprocess.Popen, grace: float = 180) -> None:
     """SIGINT, as a user's Ctrl-C; the supervisor and its workers killed if it has not stopped within
-    `grace` s (no worker outlives the test), and the test failed then. (Started in a process group of
-    its own instead, serve did not stop within 240 s in two of three clean-clone CI runs: not kept.)"""
+    `grace` s (no worker outlives the test), and the test failed then. By pid: the workers run in
+    sessions of their own, so a kill of the supervisor's process group would not reach them."""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(grace)
