@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from memstage.stores.store import MemoryStore
-from memstage.tasks.index import materialise_level0
+from memstage.tasks.index import materialise_level0, run_index
 from memstage.tasks.ingest import commit_events, parse_file
 
 # Alice's facts change between the sessions (city, employer); one turn is pure filler; two turns
@@ -50,6 +50,21 @@ def load(
     commit_events(store, *parse_file(path, "jsonl"))
     path.unlink()  # the input file is not part of the store (and would hold text a hard forget removes)
     materialise_level0(store, namespace, count_tokens=count_tokens)
+
+
+def answered_session(
+    store: MemoryStore, namespace: str, answer: str, encoder: Any, counter: Any
+) -> dict[str, Any]:
+    """One session (a user's question, the assistant's `answer`, a thanks) ingested and indexed, as
+    ingest leaves it; returns the answer's level-0 memory."""
+    turns = [
+        ("s1", "user", "What did your cousin buy on the trip?", "2023-05-01T10:00:00Z"),
+        ("s1", "assistant", answer, "2023-05-01T10:01:00Z"),
+        ("s1", "user", "Nice, thanks!", "2023-05-01T10:02:00Z"),
+    ]
+    load(store, namespace, turns, counter.count_many)
+    run_index(store, namespace, embed=encoder.encode, count_tokens=counter.count_many)
+    return next(m for m in store.memories(namespace, level=0).to_pylist() if m["speaker"] == "assistant")
 
 
 def by_text(store: MemoryStore, namespace: str, needle: str, **kw: Any) -> list[dict[str, Any]]:

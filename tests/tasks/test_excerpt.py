@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from stage_data import load
+from stage_data import answered_session
 
 from memstage.settings import get_settings
 from memstage.tasks import scoring, scoring_device
 from memstage.tasks.excerpt import cut, density_order, sentences
-from memstage.tasks.index import run_index
 from memstage.tasks.retrieve import Retriever, pack_sizes
 
 FILLER = [
@@ -49,14 +48,7 @@ def test_pack_sizes_settles_a_range_before_reading_it():
 
 
 def test_retrieve_packs_the_excerpt_with_its_real_tokens(store, encoder, token_counter):
-    turns = [
-        ("s1", "user", "What did your cousin buy on the trip?", "2023-05-01T10:00:00Z"),
-        ("s1", "assistant", TURN, "2023-05-01T10:01:00Z"),
-        ("s1", "user", "Nice, thanks!", "2023-05-01T10:02:00Z"),
-    ]
-    load(store, "x", turns, token_counter.count_many)
-    run_index(store, "x", embed=encoder.encode, count_tokens=token_counter.count_many)
-    whole = next(m for m in store.memories("x", level=0).to_pylist() if m["speaker"] == "assistant")
+    whole = answered_session(store, "x", TURN, encoder, token_counter)
     question = "Where did Ingrid buy the accordion?"
     budget = whole["tokens"] - 5  # the whole memory cannot fit; its excerpt can
     today = Retriever(store, encoder, token_counter, excerpt_words=0).retrieve("x", question, budget)

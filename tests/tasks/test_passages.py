@@ -7,7 +7,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
-from stage_data import load
+from stage_data import answered_session
 
 from memstage.tasks import scoring
 from memstage.tasks.compress import run_compress
@@ -74,14 +74,7 @@ def test_a_turns_passages_are_scored_as_one_turn(monkeypatch):
 
 
 def test_long_turn_is_passages_found_and_packed_alone(store, encoder, token_counter):
-    turns = [
-        ("s1", "user", "What did your cousin buy on the trip?", "2023-05-01T10:00:00Z"),
-        ("s1", "assistant", LONG, "2023-05-01T10:01:00Z"),
-        ("s1", "user", "Nice, thanks!", "2023-05-01T10:02:00Z"),
-    ]
-    load(store, "p", turns, token_counter.count_many)
-    run_index(store, "p", embed=encoder.encode, count_tokens=token_counter.count_many)  # as ingest leaves it
-    turn = next(m for m in store.memories("p", level=0).to_pylist() if m["speaker"] == "assistant")
+    turn = answered_session(store, "p", LONG, encoder, token_counter)
     assert turn["embedding"] is not None  # the whole turn's vector: no passage may inherit it
     first = run_compress(store, "p", count_tokens=token_counter.count_many, flow_run_id="run-1")
     assert first.figures["turns_split"] == 1
