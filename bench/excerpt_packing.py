@@ -1,6 +1,6 @@
-"""Query-focused extractive packing (`tasks.excerpt`): today's packing (every memory whole) against
-packing that cuts each long level-0 memory to its sentences nearest the question, on the same
-prepared stores in the same run, loose and strict credit.
+"""Packing modes: every memory packed whole against packing that leaves out the sentences already
+packed (`tasks.repeats`) and packing that cuts each long level-0 memory to its sentences nearest the
+question (`tasks.excerpt`), on the same prepared stores in the same run, loose and strict credit.
 
 Files: the dev split and the robustness variants of `tasks/robustness.py` (seed 0), as prepared
 before by bench/fusion_cv.py (`--work/home-<file>`) and, for the files with long turns (`long`,
@@ -12,7 +12,9 @@ packed text, excerpt or whole, holds at least half the evidence turn's original 
 from the dev file), mean tokens packed, retrieve latency p50/p95. One `Retriever.retrieve` call per
 question and budget feeds both credits.
 
-Modes: `whole` (today), `excerptW` (a memory of more than W words cut to its best run of sentences
+Modes: `whole` (every memory whole; exact copies of a packed memory skipped, as before
+`tasks.repeats`), `repeats` (with `--repeats`: the sentences already packed left out, today's
+default), `excerptW` (a memory of more than W words cut to its best run of sentences
 within W words), `densityD` (packing order by score less D per doubling of a memory's tokens over
 DENSITY_REF: score per token breaks near-ties; no text is cut). Neither parameter is tuned on the
 variants: on the dev split (`--files dev`), `loco` gives, for each dev conversation, the mode run
@@ -24,6 +26,10 @@ choice's figures on the held-out conversation; `chosen_on_all_dev` is the choice
         --files dev --words 20 30 40 60 --out /tmp/excerpt_dev.json      # the choice of W on dev
     python bench/excerpt_packing.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \\
         --words 40 --out bench/results/excerpt_packing_cpu.json --table bench/results/excerpt_packing_cpu.md
+    python bench/excerpt_packing.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \
+        --words --repeats --out bench/results/repeats_cpu.json --table bench/results/repeats_cpu.md
+Every mode but `repeats` packs with `drop_repeats` off, so the figures of the modes measured before
+it stay comparable.
 """
 
 from __future__ import annotations
@@ -148,8 +154,9 @@ def run(args: Any) -> dict[str, Any]:
     from memstage.tasks.evaluate import load_questions
 
     original = original_words(args.data)
-    modes = {"whole": (0, 0.0), **{f"excerpt{w}": (w, 0.0) for w in sorted(args.words, reverse=True)}}
-    modes.update({f"density{d:g}": (0, d) for d in sorted(args.density)})
+    modes = {"whole": (0, 0.0, False), **({"repeats": (0, 0.0, True)} if args.repeats else {})}
+    modes.update({f"excerpt{w}": (w, 0.0, False) for w in sorted(args.words, reverse=True)})
+    modes.update({f"density{d:g}": (0, d, False) for d in sorted(args.density)})
     result: dict[str, Any] = {
         "command": "python bench/excerpt_packing.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
@@ -163,8 +170,8 @@ def run(args: Any) -> dict[str, Any]:
         retriever = retriever_for(home)
         questions = load_questions(path or args.data).items
         per_mode = {}
-        for mode, (words, density) in modes.items():
-            retriever.excerpt_words, retriever.density = words, density
+        for mode, (words, density, repeats) in modes.items():
+            retriever.excerpt_words, retriever.density, retriever.drop_repeats = words, density, repeats
             per_mode[mode] = ask(retriever, questions, original)
         got = {mode: summary(r) for mode, r in per_mode.items()}
         if name == "dev" and len(modes) > 1:
@@ -180,7 +187,7 @@ def run(args: Any) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     cols = [(k, b) for k in ("loose", "strict", "answer") for b in BUDGETS]
     lines = [
-        f"Query-focused extractive packing (`{result['command']}`; {result['machine']}; "
+        f"Packing modes (`{result['command']}`; {result['machine']}; "
         f"start: {result['uptime_start']}; end: {result.get('uptime_end', '-')}).",
         "",
         "Recall per budget with the eval's credit (loose: any memory of the turn packed), strict credit "
@@ -212,6 +219,9 @@ def main() -> None:
     ap.add_argument("--files", nargs="+", default=list(FILES), choices=FILES)
     ap.add_argument("--words", type=int, nargs="*", default=[40], help="excerpt modes: cut over W words")
     ap.add_argument("--density", type=float, nargs="*", default=[], help="density modes: cost per doubling")
+    ap.add_argument(
+        "--repeats", action="store_true", help="the mode that leaves out sentences already packed"
+    )
     args = ap.parse_args()
     result = run(args)
     write_report(result, args, markdown(result))

@@ -91,6 +91,10 @@ class Settings:
     # to its run of sentences nearest the question, within this many words (tasks/excerpt.py; 0 = off,
     # every memory packed whole). Measured in bench/results/excerpt_packing_cpu.md.
     excerpt_words: int = DEFAULT_EXCERPT_WORDS
+    # MEMSTAGE_DROP_REPEATS: a sentence already packed for a question is not packed again
+    # (tasks/repeats.py; 0 = off: only exact copies of a packed memory are skipped). Measured in
+    # bench/results/repeats_cpu.md.
+    drop_repeats: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -139,6 +143,7 @@ class Settings:
             if env.get("MEMSTAGE_ENCODER_MODEL")
             else None,
             excerpt_words=_non_negative_int(env, "MEMSTAGE_EXCERPT_WORDS", DEFAULT_EXCERPT_WORDS),
+            drop_repeats=_switch(env, "MEMSTAGE_DROP_REPEATS", True),
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -197,6 +202,15 @@ def _non_negative(env: Mapping[str, str], var: str) -> float | None:
     if not 0 <= value < float("inf"):
         raise ValueError(f"{var}={raw!r} must be a finite number >= 0")
     return value
+
+
+def _switch(env: Mapping[str, str], var: str, default: bool) -> bool:
+    raw = (env.get(var) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"{var}={raw!r} is not one of 1, 0, true, false, yes, no, on, off")
+    return raw in ("1", "true", "yes", "on")
 
 
 def _non_negative_int(env: Mapping[str, str], var: str, default: int) -> int:

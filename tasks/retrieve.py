@@ -6,8 +6,8 @@ it (a name the turns call a speaker by, "Caroline" for `user`, said as the speak
 `search_text`); `tasks.candidates` picks the level-0 rows worth scoring from the dense, lexical and
 hierarchy indexes and closes them under sessions; `tasks.scoring` scores them (hybrid relevance
 z-normalised over the whole namespace, neighbour and session passes, question cues). Memories are
-then packed in score order while they fit the budget (counted with the generator's tokenizer); exact
-duplicates are skipped. Where level 0 sits on a CUDA card (`tasks.scoring_device`), every level-0
+then packed in score order while they fit the budget (counted with the generator's tokenizer); a
+sentence already packed is not packed again (`tasks.repeats`). Where level 0 sits on a CUDA card (`tasks.scoring_device`), every level-0
 row is scored there instead, and the best `rows_for(budget)` come back for packing. `exhaustive=True` scores
 every level-0 row instead (the reference the index path is measured against: `memstage eval locomo`
 reports both). With `levels` asking for levels >= 1, the consolidate stage's nodes compete for the
@@ -21,9 +21,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +34,7 @@ from memstage.tasks import diversity, scoring, scoring_device
 from memstage.tasks.as_of import as_of_day, known_mask
 from memstage.tasks.candidates import LoadedNamespace, best_nodes, candidates, load_namespace
 from memstage.tasks.excerpt import Excerpts, density_order
+from memstage.tasks.packing import MIN_LEFT, PACK_WINDOW, pack_ranked, pack_sizes, pack_within_budget
 from memstage.tasks.scoring import (
     LevelQuery,
     hybrid,
@@ -49,17 +49,15 @@ __all__ = [
     "DEFAULT_BUDGET",
     "Retriever",
     "analyse",
+    "MIN_LEFT",
+    "PACK_WINDOW",
     "in_periods",
+    "pack_sizes",
     "pack_within_budget",
     "question_periods",
 ]
 
-MIN_LEFT = 5  # stop packing once fewer tokens than this are left
-PACK_WINDOW = 256
 K_LEVEL_NODES = 200  # nodes per level >= 1 that compete for the budget when `levels` asks for them
-
-
-T = TypeVar("T")
 
 
 def search_text(ns: LoadedNamespace, question: str) -> str:
@@ -95,60 +93,6 @@ def lexical_finder(ns: LoadedNamespace, q: LevelQuery, words: list[str], scored:
     return dataclasses.replace(q, lex_rows=rows, lex_vals=vals)
 
 
-def pack_within_budget(
-    ranked: Iterable[T],
-    tokens: Callable[[T], int],
-    budget: int,
-    *,
-    key: Callable[[T], str] | None = None,
-) -> tuple[list[T], int]:
-    """Greedy packing in rank order: what does not fit is skipped (a shorter item further down may
-    still fit), items with an already packed `key` are skipped, and packing stops once fewer than
-    MIN_LEFT tokens are left. Returns (packed items, tokens used)."""
-    items = list(ranked)
-    sizes = np.fromiter((tokens(item) for item in items), np.int64, count=len(items))
-    picked, used = pack_sizes(sizes, budget, None if key is None else lambda j: key(items[j]))
-    return [items[j] for j in picked], used
-
-
-def pack_sizes(
-    sizes: np.ndarray,
-    budget: int,
-    key: Callable[[int], str] | None = None,
-    settle: Callable[[int, int], None] | None = None,
-) -> tuple[list[int], int]:
-    """`pack_within_budget` over positions 0..len(sizes)-1: the positions packed, and the tokens. The
-    next position that fits is found by numpy, PACK_WINDOW at a time (a Python step per ranked row
-    was ~3 ms of a question scored on a card, whose 4096 best rows rarely fill a budget exactly).
-    `settle(lo, hi)`, when given, makes `sizes[lo:hi]` final in place before they are read (excerpts:
-    `tasks.excerpt.Excerpts`)."""
-    packed: list[int] = []
-    used, seen, i = 0, set(), 0
-    while i < len(sizes):
-        if settle is not None:
-            settle(i, i + 1)
-        if sizes[i] <= budget - used:  # the next row fits: most rows, while the budget is open
-            j = i
-        else:
-            if settle is not None:
-                settle(i + 1, i + PACK_WINDOW)
-            fits = np.flatnonzero(sizes[i + 1 : i + PACK_WINDOW] <= budget - used)
-            if len(fits) == 0:
-                i += PACK_WINDOW
-                continue
-            j = i + 1 + int(fits[0])
-        i = j + 1
-        k = key(j) if key is not None else None
-        if k is not None and k in seen:
-            continue
-        used += int(sizes[j])
-        seen.add(k)
-        packed.append(j)
-        if budget - used < MIN_LEFT:
-            break
-    return packed, used
-
-
 class Retriever:
     """Index-backed hybrid retrieval over one store; holds memory-mapped artifacts per namespace."""
 
@@ -163,8 +107,11 @@ class Retriever:
         backend: str | None = None,
         excerpt_words: int | None = None,
         density: float = 0.0,
+        drop_repeats: bool | None = None,
     ) -> None:
         self.store = store
+        # a sentence already packed is not packed again (`tasks.repeats`); None: MEMSTAGE_DROP_REPEATS
+        self.drop_repeats = get_settings().drop_repeats if drop_repeats is None else drop_repeats
         # a packed level-0 memory of more than this many words is cut to its sentences nearest the
         # question (`tasks.excerpt`); 0: packed whole; None: MEMSTAGE_EXCERPT_WORDS. Needs
         # `token_counter` (the excerpt's tokens are counted with it).
@@ -348,20 +295,24 @@ class Retriever:
         for lvl in np.unique(lv).tolist():
             sizes[lv == lvl] = ns.levels[lvl].tokens[rows[lv == lvl]]
 
-        def text_key(j: int) -> str:  # a copy of a packed memory adds nothing
-            return " ".join((texts[int(lv[j])][int(rows[j])].as_py() or "").lower().split())
-
         if self.density > 0 and len(rows):
             lv, rows, scores, sizes = density_order(lv, rows, scores, sizes, per_doubling=self.density)
         cuts = None  # long memories cut to the run of sentences nearest the question (`tasks.excerpt`)
         if self.excerpt_words and self.token_counter is not None and len(rows):
             words = scored_words(ns, analyse([search_text(ns, question)])[0], question)
             cuts = Excerpts(ns, lv, rows, sizes, words, self.token_counter, self.excerpt_words)
-        picked, used = pack_sizes(sizes, budget, text_key, None if cuts is None else cuts.settle)
+        picked, used, marks = pack_ranked(
+            lambda j: texts[int(lv[j])][int(rows[j])].as_py() or "",
+            sizes,
+            budget,
+            cuts=cuts,
+            drop_repeats=self.drop_repeats,
+            counter=self.token_counter,
+        )
         chosen = [(int(lv[j]), int(rows[j]), float(scores[j])) for j in picked]
         memories = self._memories(ns, chosen)
-        if cuts is not None:
-            cuts.mark(picked, memories)
+        for shortened in marks:
+            shortened.mark(picked, memories)
         return {
             "namespace": namespace,
             "question": question,
