@@ -26,7 +26,7 @@ choice's figures on the held-out conversation; `chosen_on_all_dev` is the choice
         --files dev --words 20 30 40 60 --out /tmp/excerpt_dev.json      # the choice of W on dev
     python bench/excerpt_packing.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \\
         --words 40 --out bench/results/excerpt_packing_cpu.json --table bench/results/excerpt_packing_cpu.md
-    python bench/excerpt_packing.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \
+    python bench/excerpt_packing.py --data ../shared/data/locomo/locomo-dev.json --work /tmp/fusion2 \\
         --words --repeats --out bench/results/repeats_cpu.json --table bench/results/repeats_cpu.md
 Every mode but `repeats` packs with `drop_repeats` off, so the figures of the modes measured before
 it stay comparable.

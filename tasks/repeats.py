@@ -3,7 +3,7 @@
 An assistant's long answer restates what was just said; quoted replies, retried messages and pasted
 text repeat a history's sentences verbatim. Packed whole, each copy spends the budget again on
 sentences the reader already has. `Repeats` admits the ranked memories as the greedy packing
-(`tasks.retrieve.pack_sizes`, its `admit`) reaches them, keeping the sentences packed so far (lower-
+(`tasks.packing.pack_sizes`, its `admit`) reaches them, keeping the sentences packed so far (lower-
 cased words, the speaker label and punctuation set aside):
 - a memory none of whose sentences of MIN_WORDS words or more is new is skipped (it adds nothing),
   and so is an exact copy of a packed memory (the rule packing had before);
@@ -22,11 +22,12 @@ its long turns repeat their session's other turns word for word); assistant 0.78
 0.816 -> 0.819, padded 0.843 -> 0.843 at 1000; dev and dated unchanged at every budget; speakers
 0.869 -> 0.868 at 1000 (at the budget's edge: one question's evidence, 40th in the ranking, no
 longer fit once the rows above it were shortened, and another question gained half; +0.001 at 500
-and 2000). Retrieval p95 at 1000 tokens +1.0 ms on dev, +2.2 ms
-on ontopic (bench/results/repeats_latency_cpu.md).
+and 2000). Retrieval p95 at 1000 tokens +1.0 ms on dev, +2.2 ms on ontopic
+(bench/results/repeats_latency_cpu.md).
 
-Only the packing changes; `memstage eval`'s exhaustive reference (`tasks.evaluate`) packs whole
-memories as before.
+Only the packing changes. `memstage eval`'s exhaustive reference packs as the index path does (the
+same `Retriever.retrieve`), so the two stay comparable; its raw-turn baselines (dense, BM25, RRF)
+pack whole turns as before.
 """
 
 from __future__ import annotations

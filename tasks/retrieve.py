@@ -6,11 +6,11 @@ it (a name the turns call a speaker by, "Caroline" for `user`, said as the speak
 `search_text`); `tasks.candidates` picks the level-0 rows worth scoring from the dense, lexical and
 hierarchy indexes and closes them under sessions; `tasks.scoring` scores them (hybrid relevance
 z-normalised over the whole namespace, neighbour and session passes, question cues). Memories are
-then packed in score order while they fit the budget (counted with the generator's tokenizer); a
-sentence already packed is not packed again (`tasks.repeats`). Where level 0 sits on a CUDA card (`tasks.scoring_device`), every level-0
-row is scored there instead, and the best `rows_for(budget)` come back for packing. `exhaustive=True` scores
-every level-0 row instead (the reference the index path is measured against: `memstage eval locomo`
-reports both). With `levels` asking for levels >= 1, the consolidate stage's nodes compete for the
+then packed in score order while they fit the budget (counted with the generator's tokenizer;
+`tasks.packing`), no sentence packed twice (`tasks.repeats`). Where level 0 sits on a CUDA card
+(`tasks.scoring_device`), every level-0 row is scored there instead, and the best
+`rows_for(budget)` come back for packing. `exhaustive=True` scores every level-0 row instead (the
+reference the index path is measured against: `memstage eval locomo` reports both). With `levels` asking for levels >= 1, the consolidate stage's nodes compete for the
 budget too, by their hybrid score. `as_of` (when the question is asked): memories whose event time
 is after it are not packed, and its day reaches the scorer (relative periods: "last month", "two
 weeks ago").
