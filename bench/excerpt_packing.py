@@ -35,8 +35,6 @@ it stay comparable.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -46,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion_cv import BUDGETS, retriever_for, study_parser, write_report  # noqa: E402
+from fusion_cv import BUDGETS, retriever_for, study_header, study_parser, write_report  # noqa: E402
 from passage_split import uptime  # noqa: E402
 from robustness import original_words, strict_credit  # noqa: E402
 
@@ -157,13 +155,7 @@ def run(args: Any) -> dict[str, Any]:
     modes = {"whole": (0, 0.0, False), **({"repeats": (0, 0.0, True)} if args.repeats else {})}
     modes.update({f"excerpt{w}": (w, 0.0, False) for w in sorted(args.words, reverse=True)})
     modes.update({f"density{d:g}": (0, d, False) for d in sorted(args.density)})
-    result: dict[str, Any] = {
-        "command": "python bench/excerpt_packing.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
-        f"{platform.python_version()}",
-        "uptime_start": uptime(),
-        "files": {},
-    }
+    result: dict[str, Any] = {**study_header("excerpt_packing.py"), "files": {}}
     _one_thread()
     for name in args.files:
         home, path = home_of(args.work, name)

@@ -133,10 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from memstage.tasks.fusion_fit import collect
 
     result: dict[str, Any] = {
-        "command": "python bench/fusion_cv.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
-        f"{platform.python_version()}",
-        "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        **study_header("fusion_cv.py"),
         "tried_before_run_recall_1000": {"files": ["dev", "speakers", "dated", "padded", "long"], **TRIED},
     }
     files = prepare(args.data, args.work, tuple(args.variants))
@@ -201,6 +198,16 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--table", type=Path, default=None)
     return ap
+
+
+def study_header(script: str) -> dict[str, Any]:
+    """The fields a study's result starts with: its command line, the machine, the load at the start."""
+    return {
+        "command": f"python bench/{script} " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
+        f"{platform.python_version()}",
+        "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
 
 
 def write_report(result: dict[str, Any], args: argparse.Namespace, table: str) -> None:

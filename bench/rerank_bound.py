@@ -26,8 +26,6 @@ D in --depths, median of --repeats runs over --latency-questions dev questions, 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from excerpt_packing import FILES, home_of  # noqa: E402
-from fusion_cv import retriever_for, study_parser, write_report  # noqa: E402
+from fusion_cv import retriever_for, study_header, study_parser, write_report  # noqa: E402
 from passage_split import uptime  # noqa: E402
 
 BUDGET = 1000
@@ -190,13 +188,7 @@ def main() -> None:
     ap.add_argument("--latency-questions", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    result: dict[str, Any] = {
-        "command": "python bench/rerank_bound.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.node()}: {os.cpu_count()} CPUs (shared with other agents), "
-        f"{platform.python_version()}",
-        "uptime_start": uptime(),
-        "files": {},
-    }
+    result: dict[str, Any] = {**study_header("rerank_bound.py"), "files": {}}
     result["rerank_cost"] = rerank_cost(args)
     for name in args.files:
         result["files"][name] = file_figures(name, args)

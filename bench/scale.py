@@ -20,7 +20,9 @@ search backend (FAISS CPU/GPU or torch), so the same command measures a CUDA hos
 scored on the card (`scoring`: device; MEMSTAGE_DEVICE_SCORING), and the host's candidate path on
 the same namespace is measured beside it (`host_*`). `--replicate F` also queries each size's
 namespace with its synthetic part copied F times (bench/scale_replicate.py: 10M memories in
-minutes, not the hours the stages take).
+minutes, not the hours the stages take). `--whole-packing` also queries each size, before the
+figures above, with MEMSTAGE_DROP_REPEATS=0 (`whole_packing`: the packing of before tasks/repeats.py,
+the same-run baseline for what leaving out repeated sentences costs).
 """
 
 from __future__ import annotations
@@ -43,22 +45,10 @@ from memstage.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+from process_figures import PeakRss, card_mb, rss_mb, timed  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "locomo" / "locomo-dev.json"
 NS = "scale"
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def card_mb() -> float | None:
-    """Memory torch holds on the card (the loaded namespace's copies), or None without CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return round(torch.cuda.memory_allocated() / 2**20) if torch.cuda.is_available() else None
 
 
 def models():
@@ -67,35 +57,6 @@ def models():
 
     root = get_settings().models or Path.home() / ".cache" / "memstage-models"
     return Encoder(), TokenCounter(root)
-
-
-def timed(fn, *a, **kw) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn(*a, **kw)
-    return out, round(time.perf_counter() - start, 2)
-
-
-class PeakRss:
-    """This process's peak RSS within a phase, sampled every 0.2 s on a thread (ru_maxrss never
-    goes back down, so it cannot tell phases apart)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak = rss_mb()
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.2)
-
-    def phase(self, figures: dict[str, float], name: str, fn, *a, **kw) -> Any:
-        """Run `fn`; record `{name}_s` and `{name}_peak_mb` in `figures`."""
-        self.peak = rss_mb()
-        out, figures[f"{name}_s"] = timed(fn, *a, **kw)
-        figures[f"{name}_peak_mb"] = round(max(self.peak, rss_mb()))
-        return out
 
 
 def planted_events(path: Path, conv: str, namespace: str):
@@ -174,8 +135,9 @@ def write_tables(store, events, memories, chunk: int = 100_000) -> None:
             w.insert("memories", memories.slice(lo, chunk))
 
 
-def query_side(home: Path, args) -> dict[str, Any]:
-    """In a new process: load the namespace, ask the planted questions (warm), report figures."""
+def query_side(home: Path, args, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """In a new process (with `env` added to its environment): load the namespace, ask the planted
+    questions (warm), report figures."""
     cmd = [
         sys.executable,
         __file__,
@@ -190,7 +152,7 @@ def query_side(home: Path, args) -> dict[str, Any]:
         "--questions",
         str(args.questions),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"query process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -289,6 +251,17 @@ def without_encoding(retriever, ns: str, questions) -> dict[str, float]:
     }
 
 
+WHOLE_KEYS = (
+    "p50_ms",
+    "p95_ms",
+    "p50_ms_no_encoding",
+    "p95_ms_no_encoding",
+    "cpu_p95_ms",
+    "recall",
+    "load_average",
+)
+
+
 def record(report: dict, key: str, q: dict, alone: dict, figures: dict, start: float) -> None:
     """One size's line of the report: the query side's figures beside the build's."""
     report["backend"] = q["backend"]
@@ -324,6 +297,11 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "memstage-scale")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "memstage-bench")
     ap.add_argument("--keep", action="store_true", help="keep the data directories")
+    ap.add_argument(
+        "--whole-packing",
+        action="store_true",
+        help="also query each size with MEMSTAGE_DROP_REPEATS=0 (packing before tasks/repeats.py)",
+    )
     ap.add_argument(
         "--replicate",
         type=int,
@@ -361,6 +339,9 @@ def main() -> int:
         home = args.work / f"n{size}"
         start = time.perf_counter()
         figures = build(home, args, size, encoder, counter, turns, emb)
+        if args.whole_packing:  # the same namespace, packed with exact copies skipped only
+            whole = query_side(home, args, {"MEMSTAGE_DROP_REPEATS": "0"})
+            figures["whole_packing"] = {k: whole[k] for k in WHOLE_KEYS if k in whole}
         record(report, str(size), query_side(home, args), alone, figures, start)
         for factor in args.replicate:  # the bench shortcut past what the stages build in minutes
             from scale_replicate import replicate
