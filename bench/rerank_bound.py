@@ -45,16 +45,20 @@ DEPTHS = (0, 5, 10, 30, 100, 300)
 def question_figures(r: Any, ns: Any, q: Any, credit: dict[str, list[int]], signals: Any) -> dict[str, Any]:
     """One question's recall with a perfect reranker per depth, and its missed turns' signal ranks."""
     from memstage.tasks.packing import pack_ranked
+    from memstage.tasks.retrieve import search_text
 
-    _, rows, _ = r.ranked(ns, q.question, None, q.as_of)
+    qvec = r.encoder.encode([search_text(ns, q.question)])[0]  # once, for the ranking and the signals
+    _, rows, _ = r.ranked(ns, q.question, None, q.as_of, qvec)
     text = ns.levels[0].column("text")
     sizes = np.asarray(ns.levels[0].tokens)[rows].astype(np.int64)
     at = {int(x): i for i, x in enumerate(rows.tolist())}
     evidence = [[at[x] for x in credit.get(d, ()) if x in at] for d in q.evidence]
     out: dict[str, Any] = {"perfect": {}}
     for depth in DEPTHS:
-        front = sorted({p for ps in evidence for p in ps if p < depth})
-        order = np.array(front + [i for i in range(len(rows)) if i not in set(front)], np.int64)
+        front = np.array(sorted({p for ps in evidence for p in ps if p < depth}), np.int64)
+        rest = np.ones(len(rows), bool)
+        rest[front] = False
+        order = np.concatenate([front, np.flatnonzero(rest)])
         picked, _, _ = pack_ranked(
             lambda j, o=order: text[int(rows[o[j]])].as_py() or "", sizes[order].copy(), BUDGET,
             counter=r.token_counter,
@@ -63,7 +67,7 @@ def question_figures(r: Any, ns: Any, q: Any, credit: dict[str, list[int]], sign
         out["perfect"][depth] = float(np.mean([bool(packed & set(ps)) for ps in evidence]))
         if depth == 0:
             missed = [d for d, ps in zip(q.evidence, evidence, strict=True) if not packed & set(ps)]
-    dense_rank, bm25_rank = signals(ns, q.question)
+    dense_rank, bm25_rank = signals(ns, q.question, qvec)
     out["missed"] = [
         (int(dense_rank[credit[d]].min()), int(bm25_rank[credit[d]].min())) for d in missed if credit.get(d)
     ]
@@ -71,19 +75,20 @@ def question_figures(r: Any, ns: Any, q: Any, credit: dict[str, list[int]], sign
 
 
 def signal_ranks(r: Any) -> Any:
-    """(ns, question) -> each level-0 row's rank by the dense score alone and by BM25 alone."""
+    """(ns, question, its embedding) -> each level-0 row's rank by the dense score alone and by BM25
+    alone."""
     from memstage.gpu.lexical_index import analyse
     from memstage.tasks.retrieve import search_text
 
     vectors: dict[int, np.ndarray] = {}
 
-    def ranks(ns: Any, question: str) -> tuple[np.ndarray, np.ndarray]:
+    def ranks(ns: Any, question: str, qvec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         level = ns.levels[0]
         n = len(level.tokens)
         if id(ns) not in vectors:
             vectors[id(ns)] = np.asarray(level.vectors(np.arange(n)), np.float32)
         said = search_text(ns, question)
-        dense = vectors[id(ns)] @ r.encoder.encode([said])[0]
+        dense = vectors[id(ns)] @ np.asarray(qvec, np.float32)
         rows, vals, _, _ = level.lexical.sparse_scores(analyse([said])[0])
         lex = np.zeros(n)
         lex[rows] = vals
